@@ -1,0 +1,108 @@
+"""Head2Toe's per-layer aggregation: strided average pooling to about T features, then unit norm.
+
+`plan_tap_pool` is the single place where the pool size of a tap is decided. The torch reference
+(`TapPool`), the exported backbone and the compiled task graph all use it, so the three cannot drift.
+
+The rule follows the paper (Section 3.3) and the official code:
+- conv map C x H x W: global average when C >= T; otherwise n = floor(sqrt(T // C)) pooled cells per
+  side and a non-overlapping window of H // n x W // n (floor mode, so edge remainders are dropped,
+  like TensorFlow's VALID pooling);
+- tokens N x D: global average when D >= T; otherwise windows of floor(N / (T / D)) tokens;
+- vectors are kept as they are.
+One deliberate difference: where the official code falls back to a *global* pool because the layer
+is smaller than T (window 0), we keep the layer unpooled (window 1), which keeps more information.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+TAP_KINDS = ("conv", "tokens", "vector")
+
+# Zero-aware normalisation: an all-zero vector stays zero instead of becoming NaN.
+NORM_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class TapPool:
+    """How one tap is pooled. `window` is (kh, kw) for conv maps, (k,) for tokens, () for vectors;
+    `global_pool` means the mean over all positions; `features` is the flattened size per image."""
+
+    kind: str
+    shape: tuple[int, ...]
+    window: tuple[int, ...]
+    global_pool: bool
+    features: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TapPool":
+        return cls(
+            kind=d["kind"],
+            shape=tuple(d["shape"]),
+            window=tuple(d["window"]),
+            global_pool=bool(d["global_pool"]),
+            features=int(d["features"]),
+        )
+
+
+def plan_tap_pool(kind: str, shape: tuple[int, ...], target_size: int) -> TapPool:
+    """Choose the pooling of one tap so that it yields about `target_size` features.
+
+    shape: per-image shape, (C, H, W) for 'conv', (N, D) for 'tokens', (D,) for 'vector'.
+    """
+    if target_size < 1:
+        raise ValueError(f"target size must be >= 1, got {target_size}")
+    if kind == "conv":
+        c, h, w = shape
+        if c >= target_size:
+            return TapPool(kind, tuple(shape), (h, w), True, c)
+        cells_per_side = max(1, math.isqrt(target_size // c))
+        kh, kw = max(1, h // cells_per_side), max(1, w // cells_per_side)
+        return TapPool(kind, tuple(shape), (kh, kw), False, c * (h // kh) * (w // kw))
+    if kind == "tokens":
+        n, d = shape
+        if d >= target_size:
+            return TapPool(kind, tuple(shape), (n,), True, d)
+        k = max(1, int(n / (target_size / d)))
+        return TapPool(kind, tuple(shape), (k,), False, d * (n // k))
+    if kind == "vector":
+        (d,) = shape
+        return TapPool(kind, tuple(shape), (), False, d)
+    raise ValueError(f"unknown tap kind {kind!r}; expected one of {TAP_KINDS}")
+
+
+class PoolNormalize(nn.Module):
+    """Pool one tap as planned, flatten and unit-normalise: [B, *shape] -> float32[B, features].
+
+    Conv maps flatten in (C, h', w') order and tokens in (window, D) order; the feature indices
+    that selection stores refer to this order.
+    """
+
+    def __init__(self, plan: TapPool):
+        super().__init__()
+        self.plan = plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if plan.kind == "conv":
+            if plan.global_pool:
+                x = x.mean(dim=(2, 3))
+            elif plan.window != (1, 1):
+                x = nn.functional.avg_pool2d(x, plan.window, plan.window)
+        elif plan.kind == "tokens":
+            if plan.global_pool:
+                x = x.mean(dim=1)
+            elif plan.window != (1,):
+                # [B, N, D] -> [B, D, N] for 1-D pooling over tokens, then back.
+                x = nn.functional.avg_pool1d(x.transpose(1, 2), plan.window, plan.window)
+                x = x.transpose(1, 2)
+        x = x.flatten(1)
+        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        return x / norm.clamp_min(NORM_EPS)

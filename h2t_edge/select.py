@@ -1,0 +1,535 @@
+"""Head2Toe feature selection and linear heads on cached features (Evci et al., ICML'22, Sec. 3.3).
+
+A head is trained with Adam, a cosine learning-rate decay to 0, batches of `batch_size` rows and
+mean cross-entropy plus an optional penalty on the weight W: [D, C]:
+
+- ``l21``: lambda * sum_i ||W_i,:||_2 (group lasso; relevance s_i = ||W_i,:||_2),
+- ``l2``:  lambda * ||W||_F^2,
+- ``l1``:  lambda * ||W||_1.
+
+Head2Toe trains an ``l21`` head on all D features, keeps the top fraction F of features by
+relevance and retrains an unregularized head on them with the same lr and steps. All
+hyperparameters are chosen by stratified k-fold cross-validation on the training rows.
+
+Speed: the CV heads of one (steps, lr) share one weight tensor W: [D, models, C] and one batch of
+rows per step (one GEMM); each model masks out its validation rows. Models are grouped by lr
+because the fused Adam kernel takes one scalar lr. The retraining of every (model, F) head is
+batched with bmm over models, on the model's top-k_max columns gathered once (top-k sets are
+prefixes of one ranking, so every F reuses the same gathered block).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.optim.adam import adam as _adam
+
+from .errors import FitError
+
+Progress = Callable[[str, int, int], None]
+
+PENALTIES = ("l21", "l2", "l1")
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+_NORM_EPS = 1e-12  # group-lasso subgradient W_i/||W_i||: avoids 0/0 for rows still at zero
+_PROGRESS_EVERY = 25  # steps between progress callbacks
+_GATHER_BUDGET_BYTES = 1 << 30  # per chunk of retrained models: [n, models, k_max] float32
+
+
+@dataclass(frozen=True)
+class SearchGrid:
+    """Hyperparameter grid and CV protocol (paper Appendix A)."""
+
+    lrs: tuple[float, ...] = (0.1, 0.01)
+    steps: tuple[int, ...] = (500, 5000)
+    l21s: tuple[float, ...] = (1e-3, 1e-5)  # Head2Toe group-lasso coefficients
+    penalties: tuple[float, ...] = (1e-5, 1e-4, 1e-3)  # +ALL baselines (l2 / l1 / l21)
+    fractions: tuple[float, ...] = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    folds: int = 5
+    batch_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("lrs", "steps", "l21s", "penalties", "fractions"):
+            values = getattr(self, name)
+            object.__setattr__(self, name, tuple(values))
+            if not values:
+                raise FitError(f"SearchGrid.{name} is empty; give at least one value")
+        if self.folds < 2:
+            raise FitError(f"SearchGrid.folds={self.folds}; cross-validation needs folds >= 2")
+        if self.batch_size < 1 or any(s < 1 for s in self.steps):
+            raise FitError("SearchGrid.batch_size and SearchGrid.steps must be positive")
+        if any(not 0.0 < f <= 1.0 for f in self.fractions):
+            raise FitError(f"SearchGrid.fractions={self.fractions}; each must lie in (0, 1]")
+
+    @classmethod
+    def paper(cls) -> "SearchGrid":
+        """The paper's protocol: 5 folds, lr {0.1, 0.01}, steps {500, 5000}, l21 {1e-3, 1e-5}."""
+        return cls()
+
+    @classmethod
+    def quick(cls) -> "SearchGrid":
+        """A cheaper protocol for demos and tests: 500 steps, 3 folds."""
+        return cls(steps=(500,), folds=3)
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+
+@dataclass
+class LinearHead:
+    """logits = features[:, self.features] @ weight + bias."""
+
+    weight: np.ndarray  # float32[k, C]
+    bias: np.ndarray  # float32[C]
+    features: np.ndarray  # int64[k], sorted unique column indices into the input D
+
+
+@dataclass
+class FitResult:
+    method: str  # 'HEAD2TOE' | 'LINEAR' | 'ALL-L2' | 'ALL-L1' | 'ALL-L21'
+    head: LinearHead
+    config: dict  # chosen hyperparameters
+    cv_table: list[dict]  # one row per grid point
+    scores: np.ndarray | None  # float32[D] relevance of the final selection run (HEAD2TOE)
+    fit_seconds: float
+
+
+def predict_logits(head: LinearHead, features: np.ndarray) -> np.ndarray:
+    """features: float[n, D] -> float32[n, C]."""
+    x = np.asarray(features[:, head.features], dtype=np.float32)
+    return x @ head.weight + head.bias
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _prepare(features, labels, n_classes: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and convert once: float32 torch [n, D] (shares memory when possible), int64 [n]."""
+    if getattr(features, "ndim", None) != 2:
+        raise FitError(f"features must be a 2-D array [n, D], got shape "
+                       f"{getattr(features, 'shape', None)}; flatten the taps per image first")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.shape[0] != features.shape[0]:
+        raise FitError(f"labels shape {labels.shape} does not match features shape "
+                       f"{features.shape}; pass one label per feature row")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise FitError(f"labels have dtype {labels.dtype}; pass integer class ids")
+    if n_classes < 2:
+        raise FitError(f"n_classes={n_classes}; a classifier needs at least 2 classes")
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = labels[(labels < 0) | (labels >= n_classes)][0]
+        raise FitError(f"label {bad} is outside [0, {n_classes}); fix the labels or n_classes")
+    counts = np.bincount(labels, minlength=n_classes)
+    if counts.min() < folds:
+        c = int(np.argmin(counts))
+        raise FitError(f"class {c} has {counts[c]} training examples, fewer than the {folds} CV "
+                       f"folds; add examples or lower SearchGrid.folds")
+    array = np.asarray(features, dtype=np.float32)  # one conversion (float16 memmap -> float32)
+    with warnings.catch_warnings():  # read-only memmaps: we never write into x
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(np.ascontiguousarray(array))
+    if not bool(torch.isfinite(x).all()):
+        row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
+        raise FitError(f"features contain NaN or inf (first in row {row}); re-extract the "
+                       f"feature cache or drop the row")
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """int64[n] fold id per row; every class is spread evenly over the folds."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        fold[rows] = (offset + np.arange(len(rows))) % folds
+        offset += len(rows)  # continue the round-robin so fold sizes stay balanced
+    return fold
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, seed: int) -> torch.Tensor:
+    """int64[steps, b] row indices: shuffled epochs, remainder dropped, b = min(batch_size, n)."""
+    b = min(batch_size, n)
+    per_epoch = n // b
+    gen = torch.Generator().manual_seed(seed)
+    epochs = -(-steps // per_epoch)
+    perms = torch.stack([torch.randperm(n, generator=gen)[: per_epoch * b] for _ in range(epochs)])
+    return perms.reshape(-1, b)[:steps]
+
+
+def cosine_lr(lr: float, step: int, steps: int) -> float:
+    """Learning rate of step `step` (0-based): lr at step 0, decaying to 0 at step `steps`."""
+    return lr * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
+def _n_selected(dim: int, fraction: float) -> int:
+    return max(1, int(dim * fraction))
+
+
+# ----------------------------------------------------------------------------- batched trainers
+
+
+def _lr_groups(lrs: Sequence[float]) -> list[tuple[float, np.ndarray]]:
+    """Model indices per distinct lr (the fused Adam kernel takes one scalar lr per call)."""
+    lrs = np.asarray(lrs, dtype=np.float64)
+    return [(float(lr), np.flatnonzero(lrs == lr)) for lr in dict.fromkeys(lrs.tolist())]
+
+
+class _Adam:
+    """Adam over a list of tensors with one lr, using torch's fused CPU kernel in place."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.exp_avg = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in params]
+        self.step_count = [torch.zeros((), dtype=torch.float32) for _ in params]
+
+    def step(self, grads: list[torch.Tensor], lr: float) -> None:
+        _adam(self.params, grads, self.exp_avg, self.exp_avg_sq, [], self.step_count,
+              foreach=False, fused=True, capturable=False, differentiable=False,
+              grad_scale=None, found_inf=None, has_complex=False, amsgrad=False,
+              beta1=_ADAM_BETAS[0], beta2=_ADAM_BETAS[1], lr=lr, weight_decay=0.0,
+              eps=_ADAM_EPS, maximize=False)
+
+
+def _ce_grad_(logits: torch.Tensor, onehot: torch.Tensor, row_weight: torch.Tensor) -> None:
+    """In place: logits[..., C] -> d(weighted mean CE)/d logits = (softmax - onehot) * weight."""
+    logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    logits.div_(logits.sum(dim=-1, keepdim=True)).sub_(onehot).mul_(row_weight)
+
+
+def _row_weights(train_mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """float32[b, M]: 1/(own rows in batch) for a model's training rows in the batch, else 0."""
+    w = train_mask.index_select(1, idx).t()  # [b, M]
+    return w / w.sum(0).clamp_(min=1.0)
+
+
+def _add_penalty_grad_(grad: torch.Tensor, weight: torch.Tensor, penalty: str | None,
+                       coef: torch.Tensor) -> None:
+    """grad, weight: [D, M, C]; coef: float32[M] -> grad += d penalty / d weight."""
+    if penalty is None:
+        return
+    coef = coef.view(1, -1, 1)
+    if penalty == "l21":
+        scale = torch.linalg.vector_norm(weight, dim=2, keepdim=True).add_(_NORM_EPS)
+        grad.addcmul_(weight, torch.div(coef, scale, out=scale))
+    elif penalty == "l2":
+        grad.addcmul_(weight, 2.0 * coef)
+    elif penalty == "l1":
+        grad.addcmul_(torch.sign(weight), coef)
+    else:
+        raise FitError(f"penalty {penalty!r} is unknown; use one of {PENALTIES}")
+
+
+def _train_wide_group(x, onehot, mask, lr, coef, penalty, batches, progress, stage, done, total):
+    """One lr group of models sharing the columns of x. Returns weight [D, M, C], bias [M, C]."""
+    dim, n_models, n_classes = x.shape[1], mask.shape[0], onehot.shape[1]
+    weight = torch.zeros(dim, n_models, n_classes)
+    bias = torch.zeros(n_models, n_classes)
+    grad_w, grad_b = torch.empty_like(weight), torch.empty_like(bias)
+    adam = _Adam([weight, bias])
+    xb = torch.empty(batches.shape[1], dim)
+    logits = torch.empty(batches.shape[1], n_models * n_classes)
+    steps = batches.shape[0]
+    for step in range(steps):
+        idx = batches[step]
+        torch.index_select(x, 0, idx, out=xb)
+        torch.addmm(bias.view(1, -1), xb, weight.view(dim, -1), out=logits)
+        g = logits.view(-1, n_models, n_classes)
+        _ce_grad_(g, onehot[idx].unsqueeze(1), _row_weights(mask, idx).unsqueeze(2))
+        torch.mm(xb.t(), logits, out=grad_w.view(dim, -1))
+        torch.sum(g, dim=0, out=grad_b)
+        _add_penalty_grad_(grad_w, weight, penalty, coef)
+        adam.step([grad_w, grad_b], cosine_lr(lr, step, steps))
+        if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
+            progress(stage, done + step + 1, total)
+    return weight, bias
+
+
+def _wide_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[n, D] x [D, M, C] -> [n, M, C]."""
+    out = torch.addmm(bias.view(1, -1), x, weight.view(x.shape[1], -1))
+    return out.view(x.shape[0], *bias.shape)
+
+
+def train_heads(features, labels, n_classes: int, train_mask, lrs: Sequence[float], steps: int,
+                *, penalty: str | None = None, coefs: Sequence[float] | None = None,
+                batch_size: int = 128, seed: int = 0, progress: Progress | None = None,
+                stage: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Train M linear heads at once on the same batches (batch b: `batch_schedule(n, b, steps, seed)`).
+
+    features: float32[n, D]; labels: int64[n]; train_mask: bool[M, n] (rows each model trains
+    on: its loss is the mean CE over its own rows of the batch); lrs, coefs: float[M].
+    Returns weight float32[M, D, C], bias float32[M, C].
+    """
+    x, y = (features if isinstance(features, torch.Tensor) else torch.from_numpy(
+        np.ascontiguousarray(features, dtype=np.float32))), torch.as_tensor(labels)
+    mask = torch.as_tensor(np.asarray(train_mask), dtype=torch.float32)
+    coefs = torch.as_tensor(np.zeros(len(lrs)) if coefs is None else np.asarray(coefs),
+                            dtype=torch.float32)
+    onehot = torch.nn.functional.one_hot(y, n_classes).float()
+    batches = batch_schedule(x.shape[0], batch_size, steps, seed)
+    weight = torch.empty(mask.shape[0], x.shape[1], n_classes)
+    bias = torch.empty(mask.shape[0], n_classes)
+    groups = _lr_groups(lrs)
+    for i, (lr, models) in enumerate(groups):
+        w, b = _train_wide_group(x, onehot, mask[models], lr, coefs[models], penalty, batches,
+                                 progress, stage, i * steps, len(groups) * steps)
+        weight[models], bias[models] = w.permute(1, 0, 2), b
+    return weight, bias
+
+
+def _top_columns(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [D, M, C] -> relevance [M, D], columns int64[M, k] by decreasing relevance.
+
+    Ties go to the lower column index (stable sort), so the selection is deterministic.
+    """
+    scores = torch.linalg.vector_norm(weight, dim=2).t().contiguous()
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return scores, order[:, :k].contiguous()
+
+
+def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, stage, done, total):
+    """Unregularized heads on nested column prefixes, one lr.
+
+    columns: int64[M, k_max] ranked columns per model; head f of model m uses columns[m, :ks[f]].
+    Returns per f: weight [M, ks[f], C], bias [M, C]; and the gathered block [n, M, k_max].
+    """
+    n_models, k_max = columns.shape
+    n_classes = onehot.shape[1]
+    block = x.index_select(1, columns.reshape(-1)).view(x.shape[0], n_models, k_max)
+    weights = [torch.zeros(n_models, k, n_classes) for k in ks]
+    biases = [torch.zeros(n_models, n_classes) for _ in ks]
+    grads = [torch.empty_like(p) for p in weights + biases]
+    adam = _Adam(weights + biases)
+    b = batches.shape[1]
+    xb = torch.empty(b, n_models * k_max)
+    steps = batches.shape[0]
+    nf = len(ks)
+    for step in range(steps):
+        idx = batches[step]
+        torch.index_select(block.view(x.shape[0], -1), 0, idx, out=xb)
+        xg = xb.view(b, n_models, k_max).transpose(0, 1)  # [M, b, k_max]
+        row_weight = _row_weights(mask, idx).t().unsqueeze(2)  # [M, b, 1]
+        target = onehot[idx].unsqueeze(0)
+        for f, k in enumerate(ks):
+            logits = torch.baddbmm(biases[f].unsqueeze(1), xg[:, :, :k], weights[f])
+            _ce_grad_(logits, target, row_weight)
+            torch.bmm(xg[:, :, :k].transpose(1, 2), logits, out=grads[f])
+            torch.sum(logits, dim=1, out=grads[nf + f])
+        adam.step(grads, cosine_lr(lr, step, steps))
+        if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
+            progress(stage, done + step + 1, total)
+    return weights, biases, block
+
+
+def _nested_chunks(models: np.ndarray, n: int, k_max: int) -> list[np.ndarray]:
+    per_model = max(1, n * k_max * 4)
+    size = max(1, _GATHER_BUDGET_BYTES // per_model)
+    return [models[i:i + size] for i in range(0, len(models), size)]
+
+
+def _nested_val_accuracy(block, weights, biases, labels, val_mask, ks) -> torch.Tensor:
+    """float64[M, F]: accuracy of every nested head on its model's validation rows."""
+    xg = block.transpose(0, 1)  # [M, n, k_max]
+    acc = torch.empty(block.shape[1], len(ks), dtype=torch.float64)
+    for f, k in enumerate(ks):
+        pred = torch.baddbmm(biases[f].unsqueeze(1), xg[:, :, :k], weights[f]).argmax(-1)
+        acc[:, f] = _masked_mean((pred == labels).double(), val_mask)
+    return acc
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.double()
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- protocols
+
+
+@dataclass
+class _Data:
+    x: torch.Tensor  # float32[n, D]
+    y: torch.Tensor  # int64[n]
+    n_classes: int
+    onehot: torch.Tensor  # float32[n, C]
+    fold: torch.Tensor  # int64[n]
+
+
+def _setup(features, labels, n_classes, grid: SearchGrid) -> _Data:
+    torch.set_num_threads(os.cpu_count() or 1)
+    x, y = _prepare(features, labels, n_classes, grid.folds)
+    fold = torch.from_numpy(stratified_folds(y.numpy(), grid.folds, grid.seed))
+    return _Data(x, y, n_classes, torch.nn.functional.one_hot(y, n_classes).float(), fold)
+
+
+def _cv_batch_size(grid: SearchGrid) -> int:
+    # each fold model trains on (folds-1)/folds of a batch: ~batch_size own rows per step
+    return round(grid.batch_size * grid.folds / (grid.folds - 1))
+
+
+def _cv_models(data: _Data, grid: SearchGrid, coefs: Sequence[float | None]):
+    """Model axis of a CV run: (coef, lr, fold) for every combination."""
+    models = [(c, lr, f) for lr in grid.lrs for c in coefs for f in range(grid.folds)]
+    folds = torch.tensor([m[2] for m in models])
+    val_mask = data.fold.unsqueeze(0) == folds.unsqueeze(1)  # [M, n]
+    return models, val_mask
+
+
+def _run_wide(data, mask, lrs, coefs, penalty, steps, batch_size, seed, progress, stage):
+    """Yields (models, weight [D, Mg, C], bias [Mg, C]) per lr group."""
+    batches = batch_schedule(data.x.shape[0], batch_size, steps, seed)
+    coefs = torch.tensor([0.0 if c is None else c for c in coefs], dtype=torch.float32)
+    groups = _lr_groups(lrs)
+    for i, (lr, models) in enumerate(groups):
+        w, b = _train_wide_group(data.x, data.onehot, mask[models], lr, coefs[models], penalty,
+                                 batches, progress, stage, i * steps, len(groups) * steps)
+        yield models, w, b
+
+
+def _summarize(rows_acc: dict, base: dict) -> list[dict]:
+    table = []
+    for key, accs in rows_acc.items():
+        accs = np.asarray(accs, dtype=np.float64)
+        table.append({**base, **dict(key), "val_acc_mean": float(accs.mean()),
+                      "val_acc_std": float(accs.std())})
+    return table
+
+
+def _best(table: list[dict]) -> dict:
+    """Best mean validation accuracy; ties -> fewer features, then fewer steps, then grid order."""
+    return min(table, key=lambda r: (-round(r["val_acc_mean"], 9), r["n_features"], r["steps"]))
+
+
+def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> list[dict]:
+    models, val_mask = _cv_models(data, grid, coefs)
+    lrs = [m[1] for m in models]
+    accs: dict = {}
+    dim = data.x.shape[1]
+    for steps in grid.steps:
+        for idx, w, b in _run_wide(data, (~val_mask).float(), lrs, [m[0] for m in models],
+                                   penalty, steps, _cv_batch_size(grid), grid.seed, progress,
+                                   f"cv {method} steps={steps}"):
+            pred = _wide_logits(data.x, w, b).argmax(-1).t()  # [Mg, n]
+            acc = _masked_mean((pred == data.y).double(), val_mask[idx])
+            for j, m in enumerate(idx):
+                coef, lr, _ = models[m]
+                key = ((coef_key, coef), ("lr", lr), ("steps", steps))
+                accs.setdefault(key, []).append(float(acc[j]))
+    base = {"method": method, "l21": None, "penalty": None, "fraction": 1.0, "n_features": dim}
+    return _summarize(accs, base)
+
+
+def _refit_wide(data, grid, penalty, coef, lr, steps, progress) -> LinearHead:
+    mask = torch.ones(1, data.x.shape[0])
+    (_, w, b), = _run_wide(data, mask, [lr], [coef], penalty, steps, grid.batch_size,
+                           grid.seed, progress, "refit")
+    return LinearHead(w[:, 0].numpy().copy(), b[0].numpy().copy(),
+                      np.arange(data.x.shape[1], dtype=np.int64))
+
+
+def _config(row: dict, grid: SearchGrid, *keys: str) -> dict:
+    return {**{k: row[k] for k in keys}, "batch_size": grid.batch_size, "folds": grid.folds,
+            "seed": grid.seed}
+
+
+def fit_linear(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
+               progress: Progress | None = None) -> FitResult:
+    """LINEAR baseline: unregularized head on all given features (grid lrs x steps by CV)."""
+    start = time.perf_counter()
+    data = _setup(features, labels, n_classes, grid)
+    table = _cv_wide_table(data, grid, None, [None], "LINEAR", "penalty", progress)
+    best = _best(table)
+    head = _refit_wide(data, grid, None, None, best["lr"], best["steps"], progress)
+    return FitResult("LINEAR", head, _config(best, grid, "lr", "steps"), table, None,
+                     time.perf_counter() - start)
+
+
+def fit_regularized(features, labels, n_classes: int, penalty: str,
+                    grid: SearchGrid = SearchGrid.paper(),
+                    progress: Progress | None = None) -> FitResult:
+    """+ALL baselines: one head on all features with an l2 / l1 / l21 penalty (grid.penalties)."""
+    if penalty not in PENALTIES:
+        raise FitError(f"penalty {penalty!r} is unknown; use one of {PENALTIES}")
+    start = time.perf_counter()
+    data = _setup(features, labels, n_classes, grid)
+    method = f"ALL-{penalty.upper()}"
+    table = _cv_wide_table(data, grid, penalty, grid.penalties, method, "penalty", progress)
+    best = _best(table)
+    head = _refit_wide(data, grid, penalty, best["penalty"], best["lr"], best["steps"], progress)
+    return FitResult(method, head, _config(best, grid, "penalty", "lr", "steps"), table, None,
+                     time.perf_counter() - start)
+
+
+def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed, ks,
+                        progress, stage):
+    """Group-lasso selection run, then nested unregularized retraining, per lr group.
+
+    Yields (models, relevance [Mg, D], heads: list of (weight [Mg, k, C], bias [Mg, C]) per k,
+    columns int64[Mg, k_max] ranked, accuracy float64[Mg, F] or None).
+    """
+    k_max = ks[-1]
+    n = data.x.shape[0]
+    for models, w, _ in _run_wide(data, mask, lrs, l21s, "l21", steps, batch_size, seed,
+                                  progress, f"{stage} select steps={steps}"):
+        scores, columns = _top_columns(w, k_max)
+        del w
+        lr = lrs[models[0]]
+        batches = batch_schedule(n, batch_size, steps, seed)
+        chunks = _nested_chunks(np.arange(len(models)), n, k_max)
+        for i, chunk in enumerate(chunks):
+            weights, biases, block = _train_nested_group(
+                data.x, data.onehot, mask[models[chunk]], lr, columns[chunk], ks, batches,
+                progress, f"{stage} retrain steps={steps}", i * steps, len(chunks) * steps)
+            acc = None if val_mask is None else _nested_val_accuracy(
+                block, weights, biases, data.y, val_mask[models[chunk]], ks)
+            yield (models[chunk], scores[chunk], list(zip(weights, biases)), columns[chunk], acc)
+
+
+def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
+                 progress: Progress | None = None) -> FitResult:
+    """HEAD2TOE: group-lasso relevance on all D features, keep the top fraction, retrain.
+
+    features: float[n, D] (per-tap pooled, L2-normalized), labels: int[n] in [0, n_classes).
+    CV over grid.l21s x lrs x steps x fractions; the best config is refitted on all rows.
+    """
+    start = time.perf_counter()
+    data = _setup(features, labels, n_classes, grid)
+    dim = data.x.shape[1]
+    k_of = {f: _n_selected(dim, f) for f in grid.fractions}
+    ks = sorted(set(k_of.values()))
+    models, val_mask = _cv_models(data, grid, grid.l21s)
+    accs: dict = {}
+    for steps in grid.steps:
+        for idx, _, _, _, acc in _select_and_retrain(
+                data, (~val_mask).float(), val_mask, [m[1] for m in models], [m[0] for m in models],
+                steps, _cv_batch_size(grid), grid.seed, ks, progress, "cv"):
+            for j, m in enumerate(idx):
+                l21, lr, _ = models[m]
+                for fraction in grid.fractions:
+                    key = (("l21", l21), ("lr", lr), ("steps", steps), ("fraction", fraction),
+                           ("n_features", k_of[fraction]))
+                    accs.setdefault(key, []).append(float(acc[j, ks.index(k_of[fraction])]))
+    table = _summarize(accs, {"method": "HEAD2TOE", "penalty": None})
+    best = _best(table)
+    k = best["n_features"]
+    (_, scores, heads, columns, _), = _select_and_retrain(
+        data, torch.ones(1, data.x.shape[0]), None, [best["lr"]], [best["l21"]], best["steps"],
+        grid.batch_size, grid.seed, [k], progress, "refit")
+    weight, bias = heads[0]
+    order = torch.argsort(columns[0])  # LinearHead keeps columns sorted
+    head = LinearHead(weight[0][order].numpy().copy(), bias[0].numpy().copy(),
+                      columns[0][order].numpy().astype(np.int64))
+    config = _config(best, grid, "l21", "lr", "steps", "fraction", "n_features")
+    return FitResult("HEAD2TOE", head, config, table, scores[0].numpy().astype(np.float32),
+                     time.perf_counter() - start)

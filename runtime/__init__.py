@@ -1,0 +1,1 @@
+"""On-device runtime: preprocessing, inference backends and the Predictor. No torch here."""

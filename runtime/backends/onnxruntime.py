@@ -1,0 +1,271 @@
+"""ONNX Runtime backend: provider probing, `SessionLoader` and `OnnxRuntimeRunner`.
+
+onnxruntime is imported inside functions only, so `import runtime.backends` works on a
+machine that has another engine but no onnxruntime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
+from .base import Dim, Loader, Runner
+
+# Most preferred first; CPU always works and comes last.
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+# ORT's own default logger severity (WARNING); it has no getter, so this is what we restore.
+_ORT_DEFAULT_LOG_SEVERITY = 2
+_ORT_SILENT = 4  # FATAL only
+_ORT_ERRORS_ONLY = 3
+
+# A serialized ONNX model `y = Identity(x)`, x: float32[1] (opset 13, IR 7), used to probe
+# providers without needing the `onnx` package on the device. Built with onnx.helper
+# (make_graph/make_model, producer 'h2t-edge'); tests/runtime rebuild it and compare.
+PROBE_MODEL = (
+    b"\x08\x07\x12\x08h2t-edge:;\n\x10\n\x01x\x12\x01y\"\x08Identity\x12\x05probeZ\x0f\n\x01x"
+    b"\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02"
+    b"\x08\x01B\x04\n\x00\x10\r"
+)
+
+# ORT's tensor type strings -> numpy dtypes, for feed validation.
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int8)": np.int8,
+    "tensor(int16)": np.int16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(uint8)": np.uint8,
+    "tensor(uint16)": np.uint16,
+    "tensor(uint32)": np.uint32,
+    "tensor(uint64)": np.uint64,
+    "tensor(bool)": np.bool_,
+}
+
+ModelSource = Union[str, os.PathLike, bytes]
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the onnxruntime backend needs the 'onnxruntime' package ({exc}); "
+            "install onnxruntime (CPU) or onnxruntime-gpu"
+        ) from None
+    return onnxruntime
+
+
+@contextlib.contextmanager
+def _silenced_output() -> Iterator[None]:
+    """Silence stdout and stderr, at the file-descriptor level too: failing EPs print from
+    C++ (fd 2) and from onnxruntime's Python fallback code (`print`, stdout)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    sink = io.StringIO()
+    try:
+        for fd in saved:
+            os.dup2(devnull, fd)
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
+@functools.cache
+def _provider_initializes(provider: str) -> bool:
+    """True if a session with only `provider` really runs on it here.
+
+    The onnxruntime-gpu wheel lists TensorRT and CUDA even where their libraries are missing
+    and then silently falls back to CPU, so listing is not enough: build a tiny session.
+    """
+    ort = _import_onnxruntime()
+    if provider not in ort.get_available_providers():
+        return False
+    options = ort.SessionOptions()
+    options.log_severity_level = _ORT_SILENT
+    ort.set_default_logger_severity(_ORT_SILENT)
+    try:
+        with _silenced_output():
+            session = ort.InferenceSession(PROBE_MODEL, sess_options=options, providers=[provider])
+            return session.get_providers()[0] == provider
+    except Exception:  # noqa: BLE001 - any failure to build the session means "not usable"
+        return False
+    finally:
+        ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
+
+
+@functools.cache
+def available_providers() -> list[str]:
+    """ONNX Runtime providers that actually initialize here, most preferred first
+    (TensorRT, CUDA, CPU). Probing prints nothing; the result is cached."""
+    return [p for p in PROVIDER_PREFERENCE if _provider_initializes(p)]
+
+
+class SessionLoader:
+    """Lazily builds an `onnxruntime.InferenceSession` (a Polygraphy-style loader).
+
+    model: path to an .onnx file, or the serialized model bytes.
+    providers: 'auto' (every provider that initializes, best first) or explicit names.
+    intra_op_threads: threads per operator (None: ORT's default, one per physical core).
+    provider_options: provider name -> its options dict (e.g. {'CUDAExecutionProvider':
+        {'device_id': 1}}).
+    """
+
+    def __init__(
+        self,
+        model: ModelSource,
+        providers: Union[str, Sequence[str]] = "auto",
+        intra_op_threads: int | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
+    ):
+        self.model = model
+        if isinstance(providers, str) and providers != "auto":
+            providers = [providers]  # a single name is a common slip; accept it
+        self.providers = providers
+        self.intra_op_threads = intra_op_threads
+        self.provider_options = dict(provider_options or {})
+
+    @property
+    def model_name(self) -> str:
+        return "<in-memory model>" if isinstance(self.model, bytes) else str(self.model)
+
+    def resolve_providers(self) -> list[str]:
+        """The provider list the session will get; raises BackendUnavailable for an explicit
+        provider that does not initialize here."""
+        if self.providers == "auto":
+            return available_providers()
+        requested = list(self.providers)
+        unusable = [p for p in requested if not _provider_initializes(p)]
+        if unusable:
+            raise BackendUnavailable(
+                f"ONNX Runtime provider(s) {unusable} requested for {self.model_name} do not "
+                f"initialize on this machine; available: {available_providers()}. "
+                "Use providers='auto' or pick one of those"
+            )
+        return requested
+
+    def __call__(self):
+        """Build and return the `onnxruntime.InferenceSession`."""
+        ort = _import_onnxruntime()
+        if not isinstance(self.model, bytes) and not Path(self.model).is_file():
+            raise ArtifactError(f"ONNX model {self.model} does not exist; check the path")
+        providers = self.resolve_providers()
+        options = ort.SessionOptions()
+        # Warnings such as "some nodes were not assigned to the preferred provider" are
+        # expected on edge devices; keep the console for errors.
+        options.log_severity_level = _ORT_ERRORS_ONLY
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = int(self.intra_op_threads)
+        model = self.model if isinstance(self.model, bytes) else str(self.model)
+        provider_specs = [(p, dict(self.provider_options.get(p, {}))) for p in providers]
+        try:
+            return ort.InferenceSession(model, sess_options=options, providers=provider_specs)
+        except Exception as exc:  # ORT raises its own pybind exception types for bad models
+            raise ArtifactError(
+                f"ONNX Runtime cannot load model {self.model_name}: {exc}; "
+                "the file is corrupt or not an ONNX model, re-create it"
+            ) from None
+
+
+class OnnxRuntimeRunner(Runner):
+    """Runs an ONNX model with ONNX Runtime.
+
+    loader_or_session: a Loader (e.g. `SessionLoader`) called on `activate`, or an
+    already-built `onnxruntime.InferenceSession`.
+    """
+
+    def __init__(self, loader_or_session: Union[Loader, Any]):
+        self._source = loader_or_session
+        self._session = None
+
+    def activate(self) -> None:
+        if self._session is not None:
+            return
+        source = self._source
+        # A session has `run`; anything else is a loader to call.
+        self._session = source if hasattr(source, "run") and hasattr(source, "get_inputs") else source()
+
+    def deactivate(self) -> None:
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            raise H2TRuntimeError("OnnxRuntimeRunner is not active; use it as `with runner: ...`")
+        return self._session
+
+    @property
+    def provider(self) -> str:
+        """The execution provider in use, e.g. 'CUDAExecutionProvider'."""
+        return self.session.get_providers()[0]
+
+    @property
+    def name(self) -> str:
+        return f"onnxruntime[{self.provider}]"
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def input_shapes(self) -> dict[str, list[Dim]]:
+        return {
+            i.name: [d if isinstance(d, (int, str)) else "?" for d in i.shape]
+            for i in self.session.get_inputs()
+        }
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run on `feed` (input name -> array of the model's exact dtype and rank).
+
+        Raises ArtifactError when names, dtype or static dimensions do not match the model;
+        nothing is cast silently (a float64 image would hide a preprocessing bug).
+        """
+        self._check_feed(feed)
+        names = self.output_names
+        return dict(zip(names, self.session.run(names, feed)))
+
+    def _check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = sorted(set(inputs) - set(feed))
+        unexpected = sorted(set(feed) - set(inputs))
+        if missing or unexpected:
+            raise ArtifactError(
+                f"feed does not match the model inputs {sorted(inputs)}: missing {missing}, "
+                f"unexpected {unexpected}"
+            )
+        for name, array in feed.items():
+            spec = inputs[name]
+            if not isinstance(array, np.ndarray):
+                raise ArtifactError(f"input '{name}' must be a numpy array, got {type(array).__name__}")
+            expected = _ORT_DTYPES.get(spec.type)
+            if expected is not None and array.dtype != expected:
+                raise ArtifactError(
+                    f"input '{name}' has dtype {array.dtype} but the model expects "
+                    f"{np.dtype(expected)} ({spec.type}); convert it with .astype(np.{np.dtype(expected)})"
+                )
+            static = [d if isinstance(d, int) else None for d in spec.shape]
+            if len(static) != array.ndim or any(d is not None and d != n for d, n in zip(static, array.shape)):
+                raise ArtifactError(
+                    f"input '{name}' has shape {list(array.shape)} but the model expects "
+                    f"{self.input_shapes()[name]}"
+                )
