@@ -71,15 +71,17 @@ def _import_onnxruntime():
 def _silenced_output() -> Iterator[None]:
     """Silence stdout and stderr, at the file-descriptor level too: failing EPs print from
     C++ (fd 2) and from onnxruntime's Python fallback code (`print`, stdout)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None under pythonw
+            stream.flush()
+    saved = {}
     devnull = os.open(os.devnull, os.O_WRONLY)
-    sink = io.StringIO()
     try:
-        for fd in saved:
-            os.dup2(devnull, fd)
-        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):  # a closed fd has nothing to silence
+                saved[fd] = os.dup(fd)
+                os.dup2(devnull, fd)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         for fd, copy in saved.items():
@@ -111,10 +113,10 @@ def _provider_initializes(provider: str) -> bool:
         ort.set_default_logger_severity(_ORT_DEFAULT_LOG_SEVERITY)
 
 
-@functools.cache
 def available_providers() -> list[str]:
     """ONNX Runtime providers that actually initialize here, most preferred first
-    (TensorRT, CUDA, CPU). Probing prints nothing; the result is cached."""
+    (TensorRT, CUDA, CPU). Probing prints nothing; each probe's result is cached."""
+    # A fresh list each call, so a caller editing it cannot change the cached answer.
     return [p for p in PROVIDER_PREFERENCE if _provider_initializes(p)]
 
 

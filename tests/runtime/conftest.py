@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 from skimage import data
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, task_sidecar_dict
 
 from runtime.io import atomic_write_bytes, atomic_write_json
-from runtime.preprocess import PreprocessConfig
-
-TASK_CLASSES = ["cat", "coffee", "astronaut", "other"]
-# Small input so the tiny graph runs in milliseconds; bilinear exercises a second filter.
-TASK_PREPROCESS = PreprocessConfig(
-    input_size=(3, 32, 32),
-    mean=(0.485, 0.456, 0.406),
-    std=(0.229, 0.224, 0.225),
-    interpolation="bilinear",
-    crop_pct=0.875,
-)
 
 
 @pytest.fixture(scope="session")
@@ -47,57 +34,6 @@ def photo_files(tmp_path_factory) -> dict[str, Path]:
         paths[name] = folder / f"{name}.png"
         img.save(paths[name])
     return paths
-
-
-@dataclass
-class TinyTaskGraph:
-    path: Path  # the .onnx; the sidecar sits next to it
-    weights: np.ndarray  # float32[3, C]
-    bias: np.ndarray  # float32[C]
-
-    def reference(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """numpy version of the graph: images float32[n, 3, H, W] -> (probabilities, logits)."""
-        logits = images.mean(axis=(2, 3)) @ self.weights + self.bias
-        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
-        return exp / exp.sum(axis=1, keepdims=True), logits
-
-
-def build_task_graph(weights: np.ndarray, bias: np.ndarray, height: int, width: int) -> onnx.ModelProto:
-    """images -> GlobalAveragePool -> Flatten -> MatMul W -> Add b -> logits -> Softmax."""
-    nodes = [
-        helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
-        helper.make_node("MatMul", ["features", "W"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
-    ]
-    num_classes = weights.shape[1]
-    graph = helper.make_graph(
-        nodes,
-        "tiny_task",
-        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, height, width])],
-        [
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", num_classes]),
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", num_classes]),
-        ],
-        initializer=[numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
-
-
-def task_sidecar_dict(task: str = "tiny") -> dict:
-    return {
-        "format": "h2t-edge/task-graph",
-        "version": 1,
-        "task": task,
-        "classes": TASK_CLASSES,
-        "preprocess": TASK_PREPROCESS.to_dict(),
-        "input": "images",
-        "outputs": {"probabilities": "probabilities", "logits": "logits"},
-        "backbone": {"name": "tiny-average", "onnx_sha256": "0" * 64},
-    }
 
 
 @pytest.fixture

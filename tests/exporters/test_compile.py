@@ -1,0 +1,63 @@
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from exporters.backbones import load_backbone
+from exporters.compile import compile_task_graph, split_by_tap
+from exporters.errors import ExportError
+
+
+def _run(model_or_path, x):
+    src = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    sess = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    return sess, sess.run(None, {"images": x})
+
+
+def _selection(layout, tap_names, per_tap, rng):
+    chosen = []
+    for tap in layout["taps"]:
+        if tap["name"] in tap_names:
+            local = rng.choice(tap["features"], size=min(per_tap, tap["features"]), replace=False)
+            chosen.append(tap["offset"] + local)
+    return np.sort(np.concatenate(chosen))
+
+
+def test_compiled_graph_equals_extract_then_head(lite0, lite0_onnx):
+    path, layout = lite0_onnx
+    rng = np.random.default_rng(0)
+    features = _selection(layout, {"stem", "blocks.1.0.bn2", "blocks.2.1", "blocks.3.0.bn1"}, 40, rng)
+    weight = rng.normal(size=(len(features), 7)).astype(np.float32)
+    bias = rng.normal(size=7).astype(np.float32)
+    model, summary = compile_task_graph(lite0, layout, features, weight, bias)
+
+    x = rng.normal(size=(4, 3, 224, 224)).astype(np.float32)
+    _, taps = _run(str(path), x)
+    pipeline_logits = np.concatenate(taps, axis=1)[:, features] @ weight + bias
+    _, (probabilities, logits) = _run(model, x)
+    np.testing.assert_allclose(logits, pipeline_logits, atol=1e-4)
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(1) == pipeline_logits.argmax(1)).all()
+
+    # Only blocks up to stage 3 are kept: most of the backbone's parameters are dropped.
+    assert summary.taps_used == ["stem", "blocks.1.0.bn2", "blocks.2.1", "blocks.3.0.bn1"]
+    assert summary.segments_kept == lite0.tap("blocks.3.0.bn1").segment + 1 < summary.segments_total
+    assert summary.backbone_fraction_dropped > 0.8
+    assert summary.head_parameters == weight.size + 7
+
+
+def test_split_by_tap_validates_indices(lite0_onnx):
+    _, layout = lite0_onnx
+    used, local = split_by_tap(layout, np.array([0, 1, 600, layout["total_features"] - 1]))
+    assert used == ["stem", "blocks.0.0.bn1", "logits"]
+    assert [list(x) for x in local] == [[0, 1], [600 - 512], [999]]
+    with pytest.raises(ExportError, match="sorted"):
+        split_by_tap(layout, np.array([5, 3]))
+    with pytest.raises(ExportError, match="out of range"):
+        split_by_tap(layout, np.array([layout["total_features"]]))
+
+
+def test_compile_refuses_other_weights(lite0_onnx):
+    _, layout = lite0_onnx
+    random = load_backbone("efficientnet_lite0", weights="random")
+    with pytest.raises(ExportError, match="not the one"):
+        compile_task_graph(random, layout, np.array([3]), np.ones((1, 2), np.float32), np.zeros(2, np.float32))
