@@ -120,6 +120,22 @@ def test_fit_compile_predict_agree(caches, task, tmp_path):
     assert [p.label for p in predictions] == [h2t.classes[i] for i in logits.argmax(1)]
     assert accuracy(h2t, test) == pytest.approx(np.mean(logits.argmax(1) == test.labels))
 
+    # The CLI writes the same predictions as CSV and JSON.
+    from click.testing import CliRunner
+
+    from h2t_edge.cli import cli
+
+    image_dir = str(task["test"].paths[0]).rsplit("/", 2)[0]  # .../test with class subfolders
+    for fmt in ("csv", "json"):
+        out = tmp_path / f"pred.{fmt}"
+        result = CliRunner().invoke(cli, ["predict", str(compiled.path), image_dir, "--format", fmt, "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        text = out.read_text()
+        rows = json.loads(text) if fmt == "json" else text.strip().splitlines()[1:]
+        assert len(rows) == len(task["test"])
+    by_path = {r["path"]: r["label"] for r in json.loads((tmp_path / "pred.json").read_text())}
+    assert [by_path[p] for p in task["test"].paths] == [p.label for p in predictions]
+
 
 def test_task_artifact_guards(caches, tmp_path):
     report = fit_step(caches["train"].root, tmp_path / "t", grid=TINY_GRID, methods=("LINEAR",))

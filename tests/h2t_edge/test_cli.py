@@ -1,0 +1,46 @@
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from h2t_edge.cli import cli
+
+COMMANDS = ["backbones", "taps", "export", "extract", "fit", "compile", "predict", "demo"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_explains_itself(command):
+    result = CliRunner().invoke(cli, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output and len(result.output.splitlines()) > 4
+
+
+def test_backbones_lists_the_default():
+    result = CliRunner().invoke(cli, ["backbones"])
+    assert result.exit_code == 0 and "efficientnet_lite0" in result.output
+
+
+def test_taps_table_counts_candidates():
+    result = CliRunner().invoke(cli, ["taps", "efficientnet_lite0", "-T", "512"])
+    assert result.exit_code == 0, result.output
+    assert "51 taps, 28296 candidate features at T=512" in result.output
+
+
+def _run(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "h2t_edge.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_user_errors_are_one_line_and_nonzero(tmp_path):
+    bogus = tmp_path / "data.txt"
+    bogus.write_text("nothing")
+    onnx = tmp_path / "model.onnx"
+    onnx.write_bytes(b"not onnx")
+    result = _run("extract", str(onnx), str(bogus), "--cache", str(tmp_path / "c"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = _run("fit", str(tmp_path), "--out", str(tmp_path / "t"))
+    assert result.returncode == 1 and "manifest.json" in result.stderr and "Traceback" not in result.stderr
+
+
