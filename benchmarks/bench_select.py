@@ -32,7 +32,8 @@ def random_features(n: int, dim: int, n_classes: int, seed: int = 0):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, choices=(25_000, 100_000), default=25_000)
-    parser.add_argument("--quick", action="store_true", help="SearchGrid.quick() instead of paper()")
+    parser.add_argument("--quick", action="store_true",
+                        help="SearchGrid.quick() instead of SearchGrid.paper()")
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--classes", type=int, default=16)
     args = parser.parse_args()

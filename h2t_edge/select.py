@@ -20,6 +20,7 @@ prefixes of one ranking, so every F reuses the same gathered block).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -42,6 +43,20 @@ _ADAM_EPS = 1e-8
 _NORM_EPS = 1e-12  # group-lasso subgradient W_i/||W_i||: avoids 0/0 for rows still at zero
 _PROGRESS_EVERY = 25  # steps between progress callbacks
 _GATHER_BUDGET_BYTES = 1 << 30  # per chunk of retrained models: [n, models, k_max] float32
+
+
+@contextlib.contextmanager
+def _cpu_training_mode():
+    """All cores, and denormals flushed to zero: saturated softmax probabilities and decayed
+    Adam moments otherwise turn into denormals that make GEMMs ~100x slower on x86."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -262,29 +277,27 @@ def _wide_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> t
     return out.view(x.shape[0], *bias.shape)
 
 
+@_cpu_training_mode()
 def train_heads(features, labels, n_classes: int, train_mask, lrs: Sequence[float], steps: int,
                 *, penalty: str | None = None, coefs: Sequence[float] | None = None,
                 batch_size: int = 128, seed: int = 0, progress: Progress | None = None,
                 stage: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
-    """Train M linear heads at once on the same batches (batch b: `batch_schedule(n, b, steps, seed)`).
+    """Train M linear heads at once on the batches `batch_schedule(n, batch_size, steps, seed)`.
 
     features: float32[n, D]; labels: int64[n]; train_mask: bool[M, n] (rows each model trains
-    on: its loss is the mean CE over its own rows of the batch); lrs, coefs: float[M].
+    on: its loss is the mean CE over its own rows of the batch); lrs, coefs: float[M]; penalty:
+    None | 'l21' | 'l2' | 'l1'. Batching does not change the math: each model ends exactly as it
+    would alone with the same seed.
     Returns weight float32[M, D, C], bias float32[M, C].
     """
-    x, y = (features if isinstance(features, torch.Tensor) else torch.from_numpy(
-        np.ascontiguousarray(features, dtype=np.float32))), torch.as_tensor(labels)
+    x = torch.as_tensor(np.ascontiguousarray(features, dtype=np.float32))
+    y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
     mask = torch.as_tensor(np.asarray(train_mask), dtype=torch.float32)
-    coefs = torch.as_tensor(np.zeros(len(lrs)) if coefs is None else np.asarray(coefs),
-                            dtype=torch.float32)
     onehot = torch.nn.functional.one_hot(y, n_classes).float()
-    batches = batch_schedule(x.shape[0], batch_size, steps, seed)
     weight = torch.empty(mask.shape[0], x.shape[1], n_classes)
     bias = torch.empty(mask.shape[0], n_classes)
-    groups = _lr_groups(lrs)
-    for i, (lr, models) in enumerate(groups):
-        w, b = _train_wide_group(x, onehot, mask[models], lr, coefs[models], penalty, batches,
-                                 progress, stage, i * steps, len(groups) * steps)
+    for models, w, b in _run_wide(x, onehot, mask, lrs, coefs, penalty, steps, batch_size, seed,
+                                  progress, stage):
         weight[models], bias[models] = w.permute(1, 0, 2), b
     return weight, bias
 
@@ -309,27 +322,27 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
     n_classes = onehot.shape[1]
     block = x.index_select(1, columns.reshape(-1)).view(x.shape[0], n_models, k_max)
     weights = [torch.zeros(n_models, k, n_classes) for k in ks]
-    biases = [torch.zeros(n_models, n_classes) for _ in ks]
-    grads = [torch.empty_like(p) for p in weights + biases]
-    adam = _Adam(weights + biases)
+    bias = torch.zeros(len(ks), n_models, n_classes)
+    grads = [torch.empty_like(p) for p in weights + [bias]]
+    adam = _Adam(weights + [bias])
     b = batches.shape[1]
     xb = torch.empty(b, n_models * k_max)
+    logits = torch.empty(len(ks), n_models, b, n_classes)  # contiguous per head f
     steps = batches.shape[0]
-    nf = len(ks)
     for step in range(steps):
         idx = batches[step]
         torch.index_select(block.view(x.shape[0], -1), 0, idx, out=xb)
         xg = xb.view(b, n_models, k_max).transpose(0, 1)  # [M, b, k_max]
-        row_weight = _row_weights(mask, idx).t().unsqueeze(2)  # [M, b, 1]
-        target = onehot[idx].unsqueeze(0)
         for f, k in enumerate(ks):
-            logits = torch.baddbmm(biases[f].unsqueeze(1), xg[:, :, :k], weights[f])
-            _ce_grad_(logits, target, row_weight)
-            torch.bmm(xg[:, :, :k].transpose(1, 2), logits, out=grads[f])
-            torch.sum(logits, dim=1, out=grads[nf + f])
+            torch.baddbmm(bias[f].unsqueeze(1), xg[:, :, :k], weights[f], out=logits[f])
+        _ce_grad_(logits, onehot[idx], _row_weights(mask, idx).t().unsqueeze(2))
+        for f, k in enumerate(ks):
+            torch.bmm(xg[:, :, :k].transpose(1, 2), logits[f], out=grads[f])
+        torch.sum(logits, dim=2, out=grads[-1])
         adam.step(grads, cosine_lr(lr, step, steps))
         if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
             progress(stage, done + step + 1, total)
+    biases = list(bias)
     return weights, biases, block
 
 
@@ -367,7 +380,6 @@ class _Data:
 
 
 def _setup(features, labels, n_classes, grid: SearchGrid) -> _Data:
-    torch.set_num_threads(os.cpu_count() or 1)
     x, y = _prepare(features, labels, n_classes, grid.folds)
     fold = torch.from_numpy(stratified_folds(y.numpy(), grid.folds, grid.seed))
     return _Data(x, y, n_classes, torch.nn.functional.one_hot(y, n_classes).float(), fold)
@@ -386,14 +398,15 @@ def _cv_models(data: _Data, grid: SearchGrid, coefs: Sequence[float | None]):
     return models, val_mask
 
 
-def _run_wide(data, mask, lrs, coefs, penalty, steps, batch_size, seed, progress, stage):
-    """Yields (models, weight [D, Mg, C], bias [Mg, C]) per lr group."""
-    batches = batch_schedule(data.x.shape[0], batch_size, steps, seed)
-    coefs = torch.tensor([0.0 if c is None else c for c in coefs], dtype=torch.float32)
+def _run_wide(x, onehot, mask, lrs, coefs, penalty, steps, batch_size, seed, progress, stage):
+    """Yields (models, weight [D, Mg, C], bias [Mg, C]) per lr group; coefs may hold None."""
+    batches = batch_schedule(x.shape[0], batch_size, steps, seed)
+    coefs = torch.tensor([0.0 if c is None else float(c) for c in
+                          (coefs if coefs is not None else [None] * len(lrs))])
     groups = _lr_groups(lrs)
     for i, (lr, models) in enumerate(groups):
-        w, b = _train_wide_group(data.x, data.onehot, mask[models], lr, coefs[models], penalty,
-                                 batches, progress, stage, i * steps, len(groups) * steps)
+        w, b = _train_wide_group(x, onehot, mask[models], lr, coefs[models], penalty, batches,
+                                 progress, stage, i * steps, len(groups) * steps)
         yield models, w, b
 
 
@@ -417,9 +430,9 @@ def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> li
     accs: dict = {}
     dim = data.x.shape[1]
     for steps in grid.steps:
-        for idx, w, b in _run_wide(data, (~val_mask).float(), lrs, [m[0] for m in models],
-                                   penalty, steps, _cv_batch_size(grid), grid.seed, progress,
-                                   f"cv {method} steps={steps}"):
+        for idx, w, b in _run_wide(data.x, data.onehot, (~val_mask).float(), lrs,
+                                   [m[0] for m in models], penalty, steps, _cv_batch_size(grid),
+                                   grid.seed, progress, f"cv {method} steps={steps}"):
             pred = _wide_logits(data.x, w, b).argmax(-1).t()  # [Mg, n]
             acc = _masked_mean((pred == data.y).double(), val_mask[idx])
             for j, m in enumerate(idx):
@@ -432,8 +445,8 @@ def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> li
 
 def _refit_wide(data, grid, penalty, coef, lr, steps, progress) -> LinearHead:
     mask = torch.ones(1, data.x.shape[0])
-    (_, w, b), = _run_wide(data, mask, [lr], [coef], penalty, steps, grid.batch_size,
-                           grid.seed, progress, "refit")
+    (_, w, b), = _run_wide(data.x, data.onehot, mask, [lr], [coef], penalty, steps,
+                           grid.batch_size, grid.seed, progress, "refit")
     return LinearHead(w[:, 0].numpy().copy(), b[0].numpy().copy(),
                       np.arange(data.x.shape[1], dtype=np.int64))
 
@@ -443,6 +456,7 @@ def _config(row: dict, grid: SearchGrid, *keys: str) -> dict:
             "seed": grid.seed}
 
 
+@_cpu_training_mode()
 def fit_linear(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
                progress: Progress | None = None) -> FitResult:
     """LINEAR baseline: unregularized head on all given features (grid lrs x steps by CV)."""
@@ -455,6 +469,7 @@ def fit_linear(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.p
                      time.perf_counter() - start)
 
 
+@_cpu_training_mode()
 def fit_regularized(features, labels, n_classes: int, penalty: str,
                     grid: SearchGrid = SearchGrid.paper(),
                     progress: Progress | None = None) -> FitResult:
@@ -480,8 +495,8 @@ def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed
     """
     k_max = ks[-1]
     n = data.x.shape[0]
-    for models, w, _ in _run_wide(data, mask, lrs, l21s, "l21", steps, batch_size, seed,
-                                  progress, f"{stage} select steps={steps}"):
+    for models, w, _ in _run_wide(data.x, data.onehot, mask, lrs, l21s, "l21", steps, batch_size,
+                                  seed, progress, f"{stage} select steps={steps}"):
         scores, columns = _top_columns(w, k_max)
         del w
         lr = lrs[models[0]]
@@ -496,6 +511,7 @@ def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed
             yield (models[chunk], scores[chunk], list(zip(weights, biases)), columns[chunk], acc)
 
 
+@_cpu_training_mode()
 def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
                  progress: Progress | None = None) -> FitResult:
     """HEAD2TOE: group-lasso relevance on all D features, keep the top fraction, retrain.

@@ -1,0 +1,280 @@
+"""Head2Toe selection: the batched trainers against references, selection quality, CV, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from h2t_edge.errors import FitError
+from h2t_edge.select import (
+    LinearHead,
+    SearchGrid,
+    _train_nested_group,
+    batch_schedule,
+    fit_head2toe,
+    fit_linear,
+    fit_regularized,
+    predict_logits,
+    stratified_folds,
+    train_heads,
+)
+
+INFORMATIVE = np.array([3, 97, 180, 251, 330, 399])  # spread over the index range
+
+
+def synthetic(n: int, dim: int = 400, n_classes: int = 3, seed: int = 0, signal: float = 1.5):
+    """Only INFORMATIVE columns depend on the label (column j shifts class j % C); rest is noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % n_classes
+    rng.shuffle(y)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    for j, col in enumerate(INFORMATIVE[INFORMATIVE < dim]):
+        x[:, col] += signal * (y == j % n_classes)
+    return (x / np.sqrt(dim)).astype(np.float32), y.astype(np.int64)
+
+
+def small_grid(**kw) -> SearchGrid:
+    base = dict(lrs=(0.1,), steps=(200,), l21s=(1e-3,), penalties=(1e-4,),
+                fractions=(0.005, 0.015, 0.05, 0.25), folds=3, batch_size=32, seed=0)
+    return SearchGrid(**{**base, **kw})
+
+
+# ----------------------------------------------------------------------------- trainers
+
+
+@pytest.mark.parametrize("penalty", [None, "l21", "l2", "l1"])
+def test_batched_heads_equal_separate_training(penalty):
+    x, y = synthetic(90, dim=40)
+    folds = stratified_folds(y, 3, seed=1)
+    mask = np.stack([folds != f for f in range(3)] + [np.ones(90, bool)])
+    lrs, coefs = [0.1, 0.01, 0.1, 0.01], [1e-2, 1e-3, 1e-4, 1e-2]
+    w_all, b_all = train_heads(x, y, 3, mask, lrs, 40, penalty=penalty, coefs=coefs,
+                               batch_size=16, seed=3)
+    assert w_all.shape == (4, 40, 3) and b_all.shape == (4, 3)
+    for m in range(4):
+        w, b = train_heads(x, y, 3, mask[m:m + 1], lrs[m:m + 1], 40, penalty=penalty,
+                           coefs=coefs[m:m + 1], batch_size=16, seed=3)
+        torch.testing.assert_close(w_all[m], w[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(b_all[m], b[0], atol=1e-5, rtol=1e-4)
+    assert w_all.abs().sum() > 0
+
+
+@pytest.mark.parametrize("penalty", [None, "l21", "l2", "l1"])
+def test_trainer_matches_torch_adam_with_cosine_schedule(penalty):
+    x, y = synthetic(64, dim=12, n_classes=3, seed=2)
+    steps, lr, coef, batch = 30, 0.05, 1e-2, 16
+    weight, bias = train_heads(x, y, 3, np.ones((1, 64), bool), [lr], steps, penalty=penalty,
+                               coefs=[coef], batch_size=batch, seed=5)
+
+    head = torch.nn.Linear(12, 3)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for idx in batch_schedule(64, batch, steps, seed=5):
+        loss = torch.nn.functional.cross_entropy(head(xt[idx]), yt[idx])
+        w = head.weight  # [C, D]: the rows of our W: [D, C] are its columns
+        if penalty == "l21":
+            loss = loss + coef * torch.linalg.vector_norm(w, dim=0).sum()
+        elif penalty == "l2":
+            loss = loss + coef * (w ** 2).sum()
+        elif penalty == "l1":
+            loss = loss + coef * w.abs().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    torch.testing.assert_close(weight[0], head.weight.detach().t(), atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(bias[0], head.bias.detach(), atol=2e-5, rtol=1e-4)
+
+
+def test_nested_retraining_equals_training_each_subset_alone():
+    x, y = synthetic(90, dim=50)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    onehot = torch.nn.functional.one_hot(yt, 3).float()
+    folds = stratified_folds(y, 3, seed=0)
+    mask = np.stack([folds != 0, folds != 2])
+    columns = torch.stack([torch.randperm(50, generator=torch.Generator().manual_seed(s))[:20]
+                           for s in range(2)])
+    ks = [2, 7, 20]
+    batches = batch_schedule(90, 16, 30, seed=4)
+    weights, biases, _ = _train_nested_group(xt, onehot, torch.from_numpy(mask).float(), 0.05,
+                                             columns, ks, batches, None, "", 0, 1)
+    for m in range(2):
+        for f, k in enumerate(ks):
+            w, b = train_heads(x[:, columns[m, :k].numpy()], y, 3, mask[m:m + 1], [0.05], 30,
+                               batch_size=16, seed=4)
+            torch.testing.assert_close(weights[f][m], w[0], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(biases[f][m], b[0], atol=1e-5, rtol=1e-4)
+
+
+def test_batch_schedule_is_shuffled_epochs():
+    batches = batch_schedule(50, 16, 7, seed=0).numpy()
+    assert batches.shape == (7, 16)
+    epoch = batches[:3].ravel()  # 3 full batches per epoch, remainder dropped
+    assert len(np.unique(epoch)) == 48
+    assert not np.array_equal(batches[:3], batches[3:6])
+
+
+def test_stratified_folds_balance_every_class():
+    y = np.repeat(np.arange(4), [10, 11, 12, 30])
+    folds = stratified_folds(y, 5, seed=0)
+    for c in range(4):
+        counts = np.bincount(folds[y == c], minlength=5)
+        assert counts.max() - counts.min() <= 1
+    assert np.bincount(folds).max() - np.bincount(folds).min() <= 1
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_group_lasso_ranks_informative_features_first():
+    x, y = synthetic(300)
+    weight, _ = train_heads(x, y, 3, np.ones((1, 300), bool), [0.1], 300, penalty="l21",
+                            coefs=[1e-3], batch_size=32, seed=0)
+    scores = torch.linalg.vector_norm(weight[0], dim=1).numpy()
+    top = np.sort(np.argsort(-scores)[:len(INFORMATIVE)])
+    np.testing.assert_array_equal(top, INFORMATIVE)
+
+
+@pytest.fixture(scope="module")
+def head2toe_fit():
+    x, y = synthetic(300)
+    return fit_head2toe(x, y, 3, small_grid(l21s=(1e-3, 1e-5)))
+
+
+def test_head2toe_recovers_informative_features_and_beats_linear_on_noise(head2toe_fit):
+    result = head2toe_fit
+    assert result.method == "HEAD2TOE"
+    # F = 0.015 keeps 6 of 400 columns: exactly the informative ones
+    assert result.config["fraction"] == 0.015
+    np.testing.assert_array_equal(result.head.features, INFORMATIVE)
+    np.testing.assert_array_equal(np.sort(np.argsort(-result.scores)[:6]), INFORMATIVE)
+
+    x_test, y_test = synthetic(600, seed=7)
+    h2t_acc = (predict_logits(result.head, x_test).argmax(1) == y_test).mean()
+    noise = np.setdiff1d(np.arange(400), INFORMATIVE)[:200]
+    x, y = synthetic(300)
+    linear = fit_linear(x[:, noise], y, 3, small_grid())
+    lin_acc = (predict_logits(linear.head, x_test[:, noise]).argmax(1) == y_test).mean()
+    assert h2t_acc > 0.85
+    assert lin_acc < 0.5 < h2t_acc - 0.3  # noise-only LINEAR stays near chance (1/3)
+
+
+def test_cv_table_has_one_row_per_grid_point(head2toe_fit):
+    result, grid = head2toe_fit, small_grid(l21s=(1e-3, 1e-5))
+    table = result.cv_table
+    assert len(table) == len(grid.l21s) * len(grid.lrs) * len(grid.steps) * len(grid.fractions)
+    keys = {(r["l21"], r["lr"], r["steps"], r["fraction"]) for r in table}
+    assert len(keys) == len(table)
+    for row in table:
+        assert {"method", "l21", "lr", "steps", "fraction", "n_features", "val_acc_mean",
+                "val_acc_std"} <= row.keys()
+        assert row["n_features"] == max(1, int(400 * row["fraction"]))
+        assert 0.0 <= row["val_acc_mean"] <= 1.0
+    best = max(r["val_acc_mean"] for r in table)
+    assert any(r["val_acc_mean"] == best and r["fraction"] == result.config["fraction"]
+               for r in table)
+
+
+def test_refit_head_shapes_and_dtypes(head2toe_fit):
+    head = head2toe_fit.head
+    k = head2toe_fit.config["n_features"]
+    assert head.weight.shape == (k, 3) and head.weight.dtype == np.float32
+    assert head.bias.shape == (3,) and head.bias.dtype == np.float32
+    assert head.features.dtype == np.int64
+    assert np.all(np.diff(head.features) > 0)  # sorted and unique
+    assert head2toe_fit.scores.shape == (400,) and head2toe_fit.scores.dtype == np.float32
+    assert head2toe_fit.fit_seconds > 0
+
+
+def test_predict_logits_uses_selected_columns():
+    head = LinearHead(np.eye(2, dtype=np.float32), np.array([0.5, 0], np.float32),
+                      np.array([1, 3]))
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_allclose(predict_logits(head, x), [[1.5, 3], [5.5, 7]])
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l1"])
+def test_regularized_baselines_fit_all_features(penalty):
+    x, y = synthetic(150, dim=60)
+    result = fit_regularized(x, y, 3, penalty, small_grid(penalties=(1e-4, 1e-3)))
+    assert result.method == f"ALL-{penalty.upper()}"
+    assert len(result.cv_table) == 2
+    assert result.head.weight.shape == (60, 3)
+    np.testing.assert_array_equal(result.head.features, np.arange(60))
+    assert result.config["penalty"] in (1e-4, 1e-3)
+
+
+def test_progress_reports_every_stage():
+    x, y = synthetic(60, dim=40)
+    seen = []
+    fit_head2toe(x, y, 3, small_grid(steps=(30,)), progress=lambda *a: seen.append(a))
+    stages = {s for s, _, _ in seen}
+    assert any(s.startswith("cv") and "select" in s for s in stages)
+    assert any("retrain" in s for s in stages) and any(s.startswith("refit") for s in stages)
+    assert all(0 < done <= total for _, done, total in seen)
+
+
+def test_grid_presets():
+    paper = SearchGrid.paper()
+    assert paper.folds == 5 and paper.steps == (500, 5000) and paper.lrs == (0.1, 0.01)
+    assert paper.l21s == (1e-3, 1e-5) and len(paper.fractions) == 9
+    assert SearchGrid.quick().steps == (500,) and SearchGrid.quick().folds == 3
+    assert paper.to_dict()["fractions"] == list(paper.fractions)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_float16_memmap_features(tmp_path):
+    x, y = synthetic(60, dim=40)
+    mm = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float16, shape=x.shape)
+    mm[:] = x
+    mm.flush()
+    ro = np.load(tmp_path / "f.npy", mmap_mode="r")
+    result = fit_linear(ro, y, 3, small_grid(steps=(20,)))
+    assert result.head.weight.shape == (40, 3)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 7, np.nan, x), y), "NaN"),
+    (lambda x, y: (np.where(np.arange(x.size).reshape(x.shape) == 7, np.inf, x), y), "inf"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 0, 3, y)), "label 3"),
+    (lambda x, y: (x, np.where(np.arange(len(y)) == 0, -1, y)), "label -1"),
+    (lambda x, y: (x, y[:-1]), "does not match"),
+    (lambda x, y: (x[0], y), "2-D"),
+    (lambda x, y: (x, y.astype(np.float32)), "integer"),
+    (lambda x, y: (x[:14], np.r_[np.zeros(12, int), 1, 2]), "fewer than the 3"),
+])
+def test_bad_input_raises_fit_error(corrupt, match):
+    x, y = synthetic(30, dim=20)
+    x, y = corrupt(x, y)
+    with pytest.raises(FitError, match=match):
+        fit_head2toe(x, y, 3, small_grid())
+
+
+def test_bad_grid_raises_fit_error():
+    with pytest.raises(FitError, match="folds"):
+        SearchGrid(folds=1)
+    with pytest.raises(FitError, match="fractions"):
+        SearchGrid(fractions=(0.0, 0.1))
+    x, y = synthetic(30, dim=20)
+    with pytest.raises(FitError, match="penalty"):
+        fit_regularized(x, y, 3, "l3", small_grid())
+
+
+def test_rows_outside_a_models_mask_do_not_touch_it():
+    x, y = synthetic(90, dim=30)
+    mask = np.stack([np.arange(90) % 3 != 0, np.ones(90, bool)])
+    w1, _ = train_heads(x, y, 3, mask, [0.1, 0.1], 30, penalty="l21", coefs=[1e-3, 1e-3],
+                        batch_size=16, seed=0)
+    x2, y2 = x.copy(), y.copy()
+    x2[::3] = 5.0  # rows masked out of model 0 only
+    y2[::3] = (y2[::3] + 1) % 3
+    w2, _ = train_heads(x2, y2, 3, mask, [0.1, 0.1], 30, penalty="l21", coefs=[1e-3, 1e-3],
+                        batch_size=16, seed=0)
+    torch.testing.assert_close(w1[0], w2[0])
+    assert not torch.allclose(w1[1], w2[1])
