@@ -163,8 +163,10 @@ def compile_(task_dir, output, weights) -> None:
     """Fuse the truncated backbone, pooling, feature gather and head into one ONNX graph."""
     from .pipeline import compile_step
 
-    r = compile_step(task_dir, output, weights)
-    click.echo(f"wrote {r.path} ({r.bytes / 1e6:.2f} MB) and {r.path.with_suffix('.json').name} in {r.seconds:.1f} s")
+    report = compile_step(task_dir, output, weights)
+    r = report.summary
+    click.echo(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB) and {report.path.with_suffix('.json').name} "
+               f"in {report.seconds:.1f} s")
     click.echo(f"uses {len(r.taps_used)} taps; keeps {r.segments_kept}/{r.segments_total} backbone segments "
                f"({r.backbone_parameters_kept:,} of {r.backbone_parameters_total:,} parameters, "
                f"{100 * r.backbone_fraction_dropped:.1f}% dropped); head {r.head_parameters:,} parameters")

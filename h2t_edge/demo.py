@@ -104,10 +104,10 @@ def run_demo(
         linear_features=int(len(lin.features)),
         # float32 weights and bias plus one int32 index per kept feature
         head_bytes=int((k * c + c) * 4 + k * 4),
-        backbone_bytes=int(compiled.backbone_parameters_total * 4),
+        backbone_bytes=int(compiled.summary.backbone_parameters_total * 4),
         graph_bytes=compiled.bytes,
         backbone_onnx_bytes=exported.bytes,
-        backbone_fraction_dropped=compiled.backbone_fraction_dropped,
+        backbone_fraction_dropped=compiled.summary.backbone_fraction_dropped,
         chosen={key: h2t.config[key] for key in ("fraction", "l21", "lr", "steps") if key in h2t.config},
         seconds=seconds,
     )

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from runtime.io import atomic_write_bytes, atomic_write_json
 from .artifacts import TaskHead
 from .errors import TaskArtifactError
 from .features import FeatureCache, file_sha256
+
+if TYPE_CHECKING:
+    from exporters.compile import TaskGraphSummary
 
 Progress = Callable[[str, int, int], None]
 
@@ -128,18 +132,9 @@ def check_same_backbone(head: TaskHead, cache: FeatureCache) -> None:
 class CompileReport:
     path: Path
     bytes: int
-    taps_used: list[str]
-    segments_kept: int
-    segments_total: int
-    backbone_parameters_kept: int
-    backbone_parameters_total: int
-    head_parameters: int
+    summary: "TaskGraphSummary"  # taps used, segments and parameters kept (exporters.compile)
     seconds: float
     sidecar: dict = field(default_factory=dict)
-
-    @property
-    def backbone_fraction_dropped(self) -> float:
-        return 1.0 - self.backbone_parameters_kept / max(1, self.backbone_parameters_total)
 
 
 def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = None) -> CompileReport:
@@ -173,11 +168,7 @@ def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = No
         "segments_total": summary.segments_total,
     }
     atomic_write_json(path.with_suffix(".json"), sidecar)
-    return CompileReport(
-        path, path.stat().st_size, summary.taps_used, summary.segments_kept, summary.segments_total,
-        summary.backbone_parameters_kept, summary.backbone_parameters_total, summary.head_parameters,
-        time.perf_counter() - start, sidecar,
-    )
+    return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar)
 
 
 def _weights_source(provenance: str) -> str:

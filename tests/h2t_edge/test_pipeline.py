@@ -11,7 +11,7 @@ from h2t_edge.artifacts import TaskHead
 from h2t_edge.datasets import from_manifest
 from h2t_edge.errors import CacheError, TaskArtifactError
 from h2t_edge.features import FeatureCache, extract_features
-from h2t_edge.pipeline import accuracy, check_same_backbone, compile_step, fit_step
+from h2t_edge.pipeline import accuracy, check_same_backbone, fit_step
 from h2t_edge.select import SearchGrid
 from h2t_edge.tasks.dsprites import build_dsprites_task
 from runtime.errors import ImageError
@@ -109,8 +109,15 @@ def test_fit_compile_predict_agree(caches, task, tmp_path):
     assert len(h2t.features) in {max(1, int(f * h2t.layout["total_features"])) for f in TINY_GRID.fractions}
     assert len(report.cv["HEAD2TOE"]) == len(TINY_GRID.fractions)  # one row per grid point
 
-    compiled = compile_step(tmp_path / "task" / "head2toe", tmp_path / "graph.onnx")
-    predictor = Predictor.load(compiled.path)
+    from click.testing import CliRunner
+
+    from h2t_edge.cli import cli
+
+    graph = tmp_path / "graph.onnx"
+    result = CliRunner().invoke(cli, ["compile", str(tmp_path / "task" / "head2toe"), "-o", str(graph)])
+    assert result.exit_code == 0, result.output
+    assert "backbone segments" in result.output and json.loads(graph.with_suffix(".json").read_text())["task"] == "task"
+    predictor = Predictor.load(graph)
     test = caches["test"]
     cfg = PreprocessConfig.from_dict(h2t.layout["preprocess"])
     probabilities, logits = predictor.predict_arrays(preprocess_batch(list(task["test"].paths), cfg))
@@ -121,14 +128,10 @@ def test_fit_compile_predict_agree(caches, task, tmp_path):
     assert accuracy(h2t, test) == pytest.approx(np.mean(logits.argmax(1) == test.labels))
 
     # The CLI writes the same predictions as CSV and JSON.
-    from click.testing import CliRunner
-
-    from h2t_edge.cli import cli
-
     image_dir = str(task["test"].paths[0]).rsplit("/", 2)[0]  # .../test with class subfolders
     for fmt in ("csv", "json"):
         out = tmp_path / f"pred.{fmt}"
-        result = CliRunner().invoke(cli, ["predict", str(compiled.path), image_dir, "--format", fmt, "-o", str(out)])
+        result = CliRunner().invoke(cli, ["predict", str(graph), image_dir, "--format", fmt, "-o", str(out)])
         assert result.exit_code == 0, result.output
         text = out.read_text()
         rows = json.loads(text) if fmt == "json" else text.strip().splitlines()[1:]
