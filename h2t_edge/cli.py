@@ -148,11 +148,27 @@ def fit(cache, out, task, methods, grid, quiet) -> None:
     report = fit_step(cache, out, task=task, methods=methods, grid=_grid(grid), progress=bars)
     bars.close()
     for method, head in report.heads.items():
-        best = max(report.cv[method], key=lambda r: r["val_acc_mean"])
-        click.echo(f"{method:<9} kept {len(head.features)} of {head.layout['total_features']} features; "
-                   f"CV accuracy {100 * best['val_acc_mean']:.1f}%; chosen {head.config}; "
-                   f"{report.seconds[method]:.1f} s")
-    click.echo(f"wrote {report.out}")
+        click.echo(f"{method}: {report.seconds[method]:.1f} s; kept {len(head.features)} of "
+                   f"{head.layout['total_features']} features; chosen "
+                   + ", ".join(f"{k}={v}" for k, v in head.config.items() if k != "grid"))
+        click.echo(_cv_summary(report.cv[method]))
+    click.echo(f"wrote {report.out} (report.json has every CV row)")
+
+
+def _cv_summary(rows: list[dict]) -> str:
+    """Best CV accuracy per fraction F (HEAD2TOE) or per (lr, steps) (LINEAR), as a small table."""
+    key = "fraction" if any(r.get("fraction", 1.0) != 1.0 for r in rows) else None
+    groups: dict = {}
+    for r in rows:
+        k = r[key] if key else (r["lr"], r["steps"])
+        if k not in groups or r["val_acc_mean"] > groups[k]["val_acc_mean"]:
+            groups[k] = r
+    head = f"  {'F' if key else 'lr, steps':<12} {'features':>9}  CV accuracy"
+    lines = [head] + [
+        f"  {str(k):<12} {r['n_features']:>9}  {100 * r['val_acc_mean']:5.1f}% +- {100 * r['val_acc_std']:.1f}"
+        for k, r in sorted(groups.items())
+    ]
+    return "\n".join(lines)
 
 
 @cli.command(name="compile")
