@@ -6,8 +6,10 @@ import shutil
 import numpy as np
 import onnxruntime as ort
 import pytest
+from click.testing import CliRunner
 
 from h2t_edge.artifacts import TaskHead
+from h2t_edge.cli import cli
 from h2t_edge.datasets import from_manifest
 from h2t_edge.errors import CacheError, TaskArtifactError
 from h2t_edge.features import FeatureCache, extract_features
@@ -109,10 +111,6 @@ def test_fit_compile_predict_agree(caches, task, tmp_path):
     assert len(h2t.features) in {max(1, int(f * h2t.layout["total_features"])) for f in TINY_GRID.fractions}
     assert len(report.cv["HEAD2TOE"]) == len(TINY_GRID.fractions)  # one row per grid point
 
-    from click.testing import CliRunner
-
-    from h2t_edge.cli import cli
-
     graph = tmp_path / "graph.onnx"
     result = CliRunner().invoke(cli, ["compile", str(tmp_path / "task" / "head2toe"), "-o", str(graph)])
     assert result.exit_code == 0, result.output
@@ -141,8 +139,11 @@ def test_fit_compile_predict_agree(caches, task, tmp_path):
 
 
 def test_task_artifact_guards(caches, tmp_path):
-    report = fit_step(caches["train"].root, tmp_path / "t", grid=TINY_GRID, methods=("LINEAR",))
-    head = report.heads["LINEAR"]
+    result = CliRunner().invoke(cli, ["fit", str(caches["train"].root), "--out", str(tmp_path / "t"),
+                                      "--method", "LINEAR", "--grid", "quick", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "LINEAR" in result.output and "CV accuracy" in result.output
+    head = TaskHead.load(tmp_path / "t" / "linear")
     head.backbone = {**head.backbone, "onnx_sha256": "0" * 64}
     with pytest.raises(TaskArtifactError, match="another backbone"):
         check_same_backbone(head, caches["test"])
