@@ -11,3 +11,7 @@ class UnknownBackbone(ExportError):
 
 class WeightsError(ExportError):
     """Weights that cannot be found, read or matched to the model's parameters."""
+
+
+class GraphError(ExportError):
+    """An ONNX file that cannot be read, or a graph that an engine builder or quantizer refuses."""

@@ -35,6 +35,27 @@ GRID_OPTION = click.option(
 )
 
 
+BACKEND_OPTION = click.option(
+    "--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+    show_default=True, help="Inference backend (openvino and tensorrt are optional extras).",
+)
+PRECISION_OPTION = click.option(
+    "--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="fp32", show_default=True,
+    help="Inference precision: openvino takes fp32/bf16, tensorrt fp32/fp16/int8; onnxruntime runs the "
+         "graph as it is (use `build-engine --precision int8` to make an int8 graph).",
+)
+
+
+def _backend_options(backend: str, precision: str) -> dict:
+    """The loader options that --backend / --precision stand for."""
+    if backend == "onnxruntime":
+        if precision != "fp32":
+            raise click.UsageError("--precision applies to openvino and tensorrt; onnxruntime runs the graph "
+                                   "as built (make an int8 graph with `h2t-edge build-engine`)")
+        return {}
+    return {"precision": precision}
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="h2t-edge")
 def cli() -> None:
@@ -110,7 +131,9 @@ def export(backbone: str, weights: str, target_size: int, tap_names: tuple[str, 
               help="What to do with an unreadable image: stop, naming it, or skip and count it.")
 @click.option("--overwrite", is_flag=True, help="Rebuild the cache if it exists with other settings.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrite, quiet) -> None:
+@BACKEND_OPTION
+@PRECISION_OPTION
+def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrite, quiet, backend, precision) -> None:
     """Run the exported backbone over DATASET and cache the features.
 
     DATASET is a folder with one subfolder per class, or a .csv/.jsonl manifest with `path` and
@@ -122,7 +145,8 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
     ds = load_dataset(dataset)
     bars = StageBars(not quiet)
     fc = extract_features(backbone_onnx, ds, cache, batch_size=batch_size, dtype=dtype, on_error=on_error,
-                          overwrite=overwrite, progress=bars.stage("extract"))
+                          overwrite=overwrite, progress=bars.stage("extract"), backend=backend,
+                          backend_options=_backend_options(backend, precision))
     bars.close()
     skipped = len(fc.manifest["skipped"])
     click.echo(f"cached {fc.features.shape[0]} images x {fc.features.shape[1]} features ({dtype}) in {cache} "
@@ -195,7 +219,9 @@ def compile_(task_dir, output, weights) -> None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
-def predict(task_graph, images, fmt, output, batch_size, on_error) -> None:
+@BACKEND_OPTION
+@PRECISION_OPTION
+def predict(task_graph, images, fmt, output, batch_size, on_error, backend, precision) -> None:
     """Predict labels and probabilities for image files or folders with a compiled task graph."""
     from runtime.io import atomic_write_text
     from runtime.predictor import Predictor
@@ -204,7 +230,7 @@ def predict(task_graph, images, fmt, output, batch_size, on_error) -> None:
     paths = []
     for item in images:
         paths += list_images(item) if Path(item).is_dir() else [Path(item)]
-    predictor = Predictor.load(task_graph)
+    predictor = Predictor.load(task_graph, backend=backend, **_backend_options(backend, precision))
     results = predictor.predict_paths(paths, batch_size=batch_size, on_error=on_error)
     rows = [{"path": r.path, "label": r.label, "probability": round(r.probability, 6), "error": r.error or ""}
             for r in results]
@@ -241,6 +267,102 @@ def demo(workdir, target_size, grid, quiet) -> None:
     report = run_demo(workdir, target_size=target_size, grid=_grid(grid), show_progress=not quiet)
     click.echo(report.table())
     click.echo(f"\nreport: {Path(workdir) / 'demo_report.json'}")
+
+
+DATA_DIR_OPTION = click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None,
+    help="Where task images are cached (default: $H2T_EDGE_DATA or ~/.cache/h2t-edge/tasks).")
+
+
+@cli.command(name="tasks")
+@DATA_DIR_OPTION
+def tasks_(data_dir) -> None:
+    """List the task suite: group, classes, sizes, source, and whether the source is installed."""
+    from .tasks.registry import N_TEST, N_TRAIN, N_VAL, default_data_dir, list_tasks
+
+    click.echo(f"{'task':<14} {'group':<11} {'classes':>7} {'train (val)':>12} {'test':>5}  {'image':<11} source")
+    for spec in list_tasks():
+        test = min(N_TEST, spec.max_test or N_TEST)
+        missing = spec.missing()
+        click.echo(f"{spec.name:<14} {spec.group:<11} {spec.n_classes:>7} {f'{N_TRAIN} ({N_VAL})':>12} {test:>5}  "
+                   f"{spec.image:<11} {spec.source}{'' if spec.default else ' [optional]'}")
+        click.echo(f"    {spec.description}" + (f"\n    MISSING: {missing}" if missing else ""))
+    click.echo(f"images cached under {data_dir or default_data_dir()}")
+
+
+@cli.command(name="eval")
+@click.option("--task", "task_names", multiple=True, help="Task (repeatable). Default: every default task.")
+@click.option("--method", "methods", multiple=True,
+              type=click.Choice(["LINEAR", "ALL-L2", "ALL-L1", "ALL-L21", "HEAD2TOE"]),
+              help="Method (repeatable). Default: all five.")
+@click.option("--backbone", "-b", "backbones", multiple=True, default=("efficientnet_lite0",), show_default=True)
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated run seeds.")
+@click.option("--target-size", "-T", "target_sizes", multiple=True, type=int, default=(512,), show_default=True,
+              help="HEAD2TOE target sizes per layer (repeatable); CV picks one. Baselines use the smallest.")
+@GRID_OPTION
+@click.option("--out", "-o", default="benchmarks/results/vtab_lite0", show_default=True,
+              help="Results prefix: writes OUT.json (resumable), OUT.md and OUT.png.")
+@click.option("--work-dir", default="h2t-eval", show_default=True, type=click.Path(file_okay=False),
+              help="Exported backbones and feature caches (reused on rerun).")
+@DATA_DIR_OPTION
+@click.option("--n-test", default=1000, show_default=True, help="Test examples per task (fewer where the source has fewer).")
+@click.option("--report-only", is_flag=True, help="Only rewrite OUT.md and OUT.png from OUT.json.")
+def eval_(task_names, methods, backbones, seeds, target_sizes, grid, out, work_dir, data_dir, n_test,
+          report_only) -> None:
+    """Evaluate methods x tasks x backbones x seeds (paper Table 1 protocol); skips finished cells."""
+    from .evaluate import METHODS, run_eval, write_report
+    from .tasks.registry import list_tasks
+
+    if not report_only:
+        run_eval(task_names or [s.name for s in list_tasks(include_optional=False)], out,
+                 methods=methods or METHODS, backbones=backbones,
+                 seeds=[int(s) for s in seeds.split(",") if s.strip()], protocol=grid,
+                 target_sizes=target_sizes, work_dir=work_dir, data_dir=data_dir, n_test=n_test,
+                 log=lambda message: click.echo(message, err=True))
+    for kind, path in write_report(out).items():
+        click.echo(f"wrote {kind}: {path}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tensorrt", "tensorrt", is_flag=True, required=True,
+              help="Check that TensorRT's ONNX parser accepts the graph (no GPU or TensorRT needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def check(model, tensorrt, as_json) -> None:
+    """Check statically that MODEL.onnx builds with TensorRT: opset, operators, data types,
+    dynamic dimensions (batch only) and control flow. Lists each offending node by name;
+    exits 1 when there is any."""
+    from exporters.trt_check import check_tensorrt
+
+    report = check_tensorrt(model)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+@cli.command(name="build-engine")
+@click.argument("graph", type=click.Path(exists=True, dir_okay=False))
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
+              show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default="int8", show_default=True)
+@click.option("--calib", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder of task images to calibrate int8 on (searched recursively).")
+@click.option("--calib-limit", default=64, show_default=True, help="Use at most this many calibration images.")
+@click.option("--max-batch", default=32, show_default=True, type=click.IntRange(1),
+              help="Largest batch of the TensorRT optimization profile (min 1, opt about half).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None,
+              help="Default: next to GRAPH as STEM.BACKEND.PRECISION.{onnx,xml,engine}.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="TensorRT engine and timing cache folder (keyed by ONNX hash, TensorRT, GPU, precision, profile).")
+def build_engine_(graph, backend, precision, calib, calib_limit, max_batch, output, cache_dir) -> None:
+    """Build an engine or optimized model from GRAPH.onnx, with a JSON sidecar saying how."""
+    from .engines import build_engine
+
+    report = build_engine(graph, backend, precision, output, calib, calib_limit, max_batch, cache_dir)
+    calibration = report.build.get("calibration")
+    click.echo(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB) and {report.sidecar.name} in "
+               f"{report.build['seconds']:.1f} s: {report.build['method']}"
+               + (f"; calibrated on {calibration['images']} images" if calibration else ""))
 
 
 def main() -> None:

@@ -129,22 +129,30 @@ def extract_features(
     providers="auto",
     overwrite: bool = False,
     progress: Progress | None = None,
+    backend: str = "onnxruntime",
+    backend_options: dict | None = None,
 ) -> FeatureCache:
     """Extract pooled tap features of `dataset` with the exported backbone into `cache_dir`.
+
+    backend: 'onnxruntime' (providers picks its execution providers), 'openvino' or 'tensorrt';
+    backend_options go to the backend's loader (`runtime.backends.create_runner`).
 
     on_error: 'raise' stops at the first unreadable image with an error naming it; 'skip' records
     it in the manifest, stores zeros and marks the row invalid.
     """
-    from runtime.backends.onnxruntime import OnnxRuntimeRunner, SessionLoader
+    from runtime.backends import create_runner
 
     if dtype not in DTYPES:
         raise CacheError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if on_error not in ("raise", "skip"):
         raise CacheError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     onnx_path, root = Path(onnx_path), Path(cache_dir)
-    runner = OnnxRuntimeRunner(SessionLoader(onnx_path, providers=providers))
+    options = dict(backend_options or {})
+    if backend == "onnxruntime":
+        options.setdefault("providers", providers)
+    runner = create_runner(onnx_path, backend, **options)
     with runner:
-        layout = read_layout(onnx_path, runner.session)
+        layout = read_layout(onnx_path, getattr(runner, "session", None))
         header = {
             "format": CACHE_FORMAT,
             "version": 1,
@@ -157,7 +165,8 @@ def extract_features(
             "classes": list(dataset.classes),
             "dtype": dtype,
             "batch_size": batch_size,
-            "provider": runner.provider,
+            # ONNX Runtime reports its execution provider; other backends their name.
+            "provider": getattr(runner, "provider", runner.name),
         }
         batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
         done = _open_or_start(root, header, len(batches), overwrite)

@@ -15,8 +15,8 @@ from typing import Any, Literal, Union
 
 import numpy as np
 
+from .backends import create_runner
 from .backends.base import Runner
-from .backends.onnxruntime import OnnxRuntimeRunner, SessionLoader
 from .errors import ArtifactError, ImageError
 from .io import read_json
 from .preprocess import PreprocessConfig, load_image, preprocess_image
@@ -147,11 +147,16 @@ class Predictor:
         path: str | os.PathLike,
         providers: Union[str, Sequence[str]] = "auto",
         intra_op_threads: int | None = None,
+        backend: str = "onnxruntime",
+        **backend_options: Any,
     ) -> "Predictor":
-        """Load `TASK.onnx` and its sidecar `TASK.json` with ONNX Runtime.
+        """Load `TASK.onnx` and its sidecar `TASK.json` with `backend` ('onnxruntime',
+        'openvino' or 'tensorrt'; see `runtime.backends.create_runner`).
 
+        providers applies to onnxruntime only; intra_op_threads to onnxruntime and openvino;
+        backend_options go to the backend's loader as they are.
         Raises ArtifactError when either file is missing or malformed, and BackendUnavailable
-        when an explicitly requested provider does not initialize.
+        when the backend or an explicitly requested provider does not initialize.
         """
         path = Path(path)
         if not path.is_file():
@@ -163,7 +168,11 @@ class Predictor:
                 "same stem. Copy it along with the graph or re-compile the task"
             )
         sidecar = TaskSidecar.from_dict(read_json(sidecar_file, "task sidecar"), source=str(sidecar_file))
-        runner = OnnxRuntimeRunner(SessionLoader(path, providers=providers, intra_op_threads=intra_op_threads))
+        if backend == "onnxruntime":
+            backend_options = {"providers": providers, "intra_op_threads": intra_op_threads, **backend_options}
+        elif backend == "openvino" and intra_op_threads is not None:
+            backend_options.setdefault("num_threads", intra_op_threads)
+        runner = create_runner(path, backend, **backend_options)
         return cls(runner, sidecar, path)
 
     # -- properties -------------------------------------------------------------------------

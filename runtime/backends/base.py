@@ -8,10 +8,13 @@ that thing as a context manager with `activate` / `infer` / `deactivate`.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import Any, Union
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import numpy as np
+
+from ..errors import ArtifactError
 
 # Any zero-argument callable that returns what a runner needs, e.g. `SessionLoader`.
 Loader = Callable[[], Any]
@@ -60,3 +63,68 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def input_shapes(self) -> dict[str, list[Dim]]:
         """Input name -> shape; dynamic dimensions are strings (their symbolic names)."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model input takes: its numpy dtype (None: not known) and shape (str: dynamic)."""
+
+    dtype: Optional[np.dtype]
+    shape: Sequence[Dim]
+
+
+def check_feed(feed: Mapping[str, np.ndarray], inputs: Mapping[str, InputSpec]) -> None:
+    """Raise ArtifactError unless `feed` has exactly the model's inputs, each a numpy array of
+    the model's dtype, rank and static dimensions. Nothing is cast silently: a float64 image
+    would hide a preprocessing bug. Every runner calls this before running."""
+    missing = sorted(set(inputs) - set(feed))
+    unexpected = sorted(set(feed) - set(inputs))
+    if missing or unexpected:
+        raise ArtifactError(
+            f"feed does not match the model inputs {sorted(inputs)}: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    for name, array in feed.items():
+        spec = inputs[name]
+        if not isinstance(array, np.ndarray):
+            raise ArtifactError(f"input '{name}' must be a numpy array, got {type(array).__name__}")
+        if spec.dtype is not None and array.dtype != spec.dtype:
+            expected = np.dtype(spec.dtype)
+            raise ArtifactError(
+                f"input '{name}' has dtype {array.dtype} but the model expects {expected}; "
+                f"convert it with .astype(np.{expected})"
+            )
+        static = [d if isinstance(d, int) else None for d in spec.shape]
+        if len(static) != array.ndim or any(d is not None and d != n for d, n in zip(static, array.shape)):
+            raise ArtifactError(
+                f"input '{name}' has shape {list(array.shape)} but the model expects {list(spec.shape)}"
+            )
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """The batch sizes an engine is optimized for: min <= opt <= max (TensorRT's optimization
+    profile over the batch axis; every other axis is static)."""
+
+    min: int = 1
+    opt: int = 8
+    max: int = 32
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.opt <= self.max:
+            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+
+    @classmethod
+    def up_to(cls, max_batch: int) -> "BatchProfile":
+        """min 1, opt the largest power of two <= max_batch / 2 (at least 1), max max_batch."""
+        opt = 1
+        while opt * 2 <= max(1, max_batch // 2):
+            opt *= 2
+        return cls(1, min(opt, max_batch), max_batch)
+
+    def shapes(self, sample_shape: Sequence[int]) -> tuple[tuple[int, ...], ...]:
+        """(min, opt, max) full shapes for one input whose per-sample shape is `sample_shape`."""
+        return tuple((b, *map(int, sample_shape)) for b in (self.min, self.opt, self.max))
+
+    def to_dict(self) -> dict:
+        return {"min": self.min, "opt": self.opt, "max": self.max}

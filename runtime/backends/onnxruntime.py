@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import Dim, Loader, Runner
+from .base import BatchProfile, Dim, InputSpec, Loader, Runner, check_feed
 
 # Most preferred first; CPU always works and comes last.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -118,6 +118,40 @@ def available_providers() -> list[str]:
     (TensorRT, CUDA, CPU). Probing prints nothing; each probe's result is cached."""
     # A fresh list each call, so a caller editing it cannot change the cached answer.
     return [p for p in PROVIDER_PREFERENCE if _provider_initializes(p)]
+
+
+def tensorrt_ep_options(
+    inputs: Mapping[str, Sequence[int]] | None = None,
+    profile: BatchProfile | None = None,
+    fp16: bool = False,
+    cache_dir: Union[str, os.PathLike, None] = None,
+    timing_cache: bool = True,
+) -> dict[str, str]:
+    """Provider options of ONNX Runtime's TensorRT EP, for `SessionLoader(provider_options=
+    {'TensorrtExecutionProvider': ...})`.
+
+    inputs: input name -> per-sample shape (e.g. {'images': (3, 224, 224)}); with `profile`,
+        the engine is built once for batch sizes profile.min..max instead of once per new shape.
+    fp16: let TensorRT pick fp16 kernels (the EP's builder flag).
+    cache_dir: keep built engines (and the timing cache) there; the EP rebuilds when the model,
+        the TensorRT version or the GPU changes.
+    """
+    options: dict[str, str] = {"trt_fp16_enable": str(bool(fp16))}
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        options |= {"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(cache_dir)}
+        if timing_cache:
+            options |= {"trt_timing_cache_enable": "True", "trt_timing_cache_path": str(cache_dir)}
+    elif timing_cache:
+        options["trt_timing_cache_enable"] = "True"
+    if profile is not None:
+        if not inputs:
+            raise ValueError("a batch profile needs `inputs` (name -> per-sample shape)")
+        for key, index in (("trt_profile_min_shapes", 0), ("trt_profile_opt_shapes", 1), ("trt_profile_max_shapes", 2)):
+            options[key] = ",".join(
+                f"{name}:{'x'.join(map(str, profile.shapes(shape)[index]))}" for name, shape in inputs.items()
+            )
+    return options
 
 
 class SessionLoader:
@@ -239,35 +273,15 @@ class OnnxRuntimeRunner(Runner):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on `feed` (input name -> array of the model's exact dtype and rank).
 
-        Raises ArtifactError when names, dtype or static dimensions do not match the model;
-        nothing is cast silently (a float64 image would hide a preprocessing bug).
+        Raises ArtifactError when names, dtype or static dimensions do not match the model
+        (see `check_feed`).
         """
         self._check_feed(feed)
         names = self.output_names
         return dict(zip(names, self.session.run(names, feed)))
 
     def _check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
-        inputs = {i.name: i for i in self.session.get_inputs()}
-        missing = sorted(set(inputs) - set(feed))
-        unexpected = sorted(set(feed) - set(inputs))
-        if missing or unexpected:
-            raise ArtifactError(
-                f"feed does not match the model inputs {sorted(inputs)}: missing {missing}, "
-                f"unexpected {unexpected}"
-            )
-        for name, array in feed.items():
-            spec = inputs[name]
-            if not isinstance(array, np.ndarray):
-                raise ArtifactError(f"input '{name}' must be a numpy array, got {type(array).__name__}")
-            expected = _ORT_DTYPES.get(spec.type)
-            if expected is not None and array.dtype != expected:
-                raise ArtifactError(
-                    f"input '{name}' has dtype {array.dtype} but the model expects "
-                    f"{np.dtype(expected)} ({spec.type}); convert it with .astype(np.{np.dtype(expected)})"
-                )
-            static = [d if isinstance(d, int) else None for d in spec.shape]
-            if len(static) != array.ndim or any(d is not None and d != n for d, n in zip(static, array.shape)):
-                raise ArtifactError(
-                    f"input '{name}' has shape {list(array.shape)} but the model expects "
-                    f"{self.input_shapes()[name]}"
-                )
+        shapes = self.input_shapes()
+        check_feed(feed, {
+            i.name: InputSpec(_ORT_DTYPES.get(i.type), shapes[i.name]) for i in self.session.get_inputs()
+        })

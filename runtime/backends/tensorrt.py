@@ -1,0 +1,448 @@
+"""Native TensorRT backend: `EngineLoader` (build or load a cached engine) and `TensorRTRunner`.
+
+Works with both API generations:
+- TensorRT 10 (what JetPack ships): fp32 graph + builder flags; FP16 by flag, INT8 by flag with an
+  entropy calibrator fed by task images (or by the graph's own Q/DQ nodes where it has them).
+- TensorRT 11 (no precision flags, no calibrators): strongly typed networks; the precision is in
+  the ONNX itself (fp16 by `exporters.quantize.convert_to_fp16`, int8 by explicit Q/DQ from
+  `exporters.quantize.quantize_int8_qdq(target='tensorrt')`); `h2t-edge build-engine` prepares it.
+
+Engines are cached under a key of ONNX sha256, TensorRT version, GPU name, precision and batch
+profile; an engine whose recorded key differs (stale or foreign) is rebuilt, never loaded.
+tensorrt and cuda-python are imported inside functions only (optional extra `[tensorrt]`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
+from ..io import atomic_write_bytes, atomic_write_json, read_json
+from .base import BatchProfile, Dim, InputSpec, Loader, Runner, check_feed
+
+INSTALL_HINT = "pip install 'h2t-edge[tensorrt]' (and cuda-python) on a machine with an NVIDIA GPU"
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_FORMAT = "h2t-edge/tensorrt-engine"
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise BackendUnavailable(f"the tensorrt backend needs the 'tensorrt' package ({exc}); {INSTALL_HINT}") from None
+    return tensorrt
+
+
+def _import_cudart():
+    """The CUDA runtime API as the TensorRT Python samples use it (cuda-python)."""
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as exc:
+            raise BackendUnavailable(f"the tensorrt backend needs 'cuda-python' ({exc}); {INSTALL_HINT}") from None
+    return cudart
+
+
+def _cuda(result):
+    """Unwrap a cuda-python call's (error, *values) tuple, raising on an error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendUnavailable(f"CUDA call failed: {err}; check the GPU and driver (nvidia-smi)")
+    return values[0] if len(values) == 1 else values
+
+
+def tensorrt_version() -> str:
+    return _import_tensorrt().__version__
+
+
+def gpu_name(device: int = 0) -> str:
+    cudart = _import_cudart()
+    props = _cuda(cudart.cudaGetDeviceProperties(device))
+    name = props.name
+    return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00").strip()
+
+
+def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- cache keys ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EngineKey:
+    """Everything an engine depends on. Two engines are interchangeable only if keys are equal."""
+
+    onnx_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    precision: str
+    profile: BatchProfile
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "profile": self.profile.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineKey":
+        return cls(d["onnx_sha256"], d["tensorrt_version"], d["gpu_name"], d["precision"], BatchProfile(**d["profile"]))
+
+    def digest(self) -> str:
+        """A short stable name for files: sha256 of the canonical JSON of the key."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def timing_digest(self) -> str:
+        """Timing caches are valid across models, but not across TensorRT versions or GPUs."""
+        return hashlib.sha256(f"{self.tensorrt_version}|{self.gpu_name}".encode()).hexdigest()[:16]
+
+
+class EngineCache:
+    """A folder of engines `<digest>.engine`, each with `<digest>.json` recording its EngineKey,
+    plus timing caches `timing-<digest>.cache` shared by builds on the same TensorRT and GPU."""
+
+    def __init__(self, root: Union[str, os.PathLike]):
+        self.root = Path(root)
+
+    def engine_path(self, key: EngineKey) -> Path:
+        return self.root / f"{key.digest()}.engine"
+
+    def timing_cache_path(self, key: EngineKey) -> Path:
+        return self.root / f"timing-{key.timing_digest()}.cache"
+
+    def lookup(self, key: EngineKey) -> Optional[bytes]:
+        """The cached engine for `key`, or None when there is none or its record does not match
+        (a stale or foreign engine is never returned: the caller rebuilds and overwrites it)."""
+        path = self.engine_path(key)
+        record = path.with_suffix(".json")
+        if not (path.is_file() and record.is_file()):
+            return None
+        try:
+            stored = read_json(record, "engine record")
+            if stored.get("format") != ENGINE_FORMAT or EngineKey.from_dict(stored["key"]) != key:
+                return None
+        except (H2TRuntimeError, KeyError, TypeError, ValueError):
+            return None
+        data = path.read_bytes()
+        return data if hashlib.sha256(data).hexdigest() == stored.get("engine_sha256") else None
+
+    def store(self, key: EngineKey, engine: bytes) -> Path:
+        path = self.engine_path(key)
+        atomic_write_bytes(path, engine)
+        # The record is written last: an engine without a matching record is never loaded.
+        write_engine_record(path, key)
+        return path
+
+
+def write_engine_record(engine_path: Union[str, os.PathLike], key: EngineKey, **extra: Any) -> Path:
+    """Write `ENGINE.json` next to an engine: its key and checksum (plus `extra`, e.g. how it was built)."""
+    engine_path = Path(engine_path)
+    return atomic_write_json(engine_path.with_suffix(".json"), {
+        "format": ENGINE_FORMAT, "version": 1, "key": key.to_dict(),
+        "engine_sha256": file_sha256(engine_path), **extra,
+    })
+
+
+def check_engine_record(engine_path: Union[str, os.PathLike], current_version: str, current_gpu: str) -> EngineKey:
+    """The key of a prebuilt engine file, after checking it was built for this TensorRT and GPU."""
+    engine_path = Path(engine_path)
+    record = engine_path.with_suffix(".json")
+    if not record.is_file():
+        raise ArtifactError(f"engine {engine_path} has no record {record.name}; rebuild it with `h2t-edge build-engine`")
+    stored = read_json(record, "engine record")
+    try:
+        key = EngineKey.from_dict(stored["key"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"engine record {record}: field 'key' is malformed ({exc}); rebuild the engine") from None
+    if (key.tensorrt_version, key.gpu_name) != (current_version, current_gpu):
+        raise ArtifactError(
+            f"engine {engine_path} was built with TensorRT {key.tensorrt_version} on '{key.gpu_name}', this "
+            f"machine has TensorRT {current_version} on '{current_gpu}'; rebuild it here from the ONNX "
+            f"with `h2t-edge build-engine`"
+        )
+    if file_sha256(engine_path) != stored.get("engine_sha256"):
+        raise ArtifactError(f"engine {engine_path} does not match the checksum in {record.name}; rebuild it")
+    return key
+
+
+# -- building -----------------------------------------------------------------------------------
+
+class EngineLoader:
+    """Builds (or loads from `cache_dir`) a serialized TensorRT engine (a Polygraphy-style loader).
+
+    model: an .onnx file (built, or loaded from the cache), or an .engine file with its .json
+        record (loaded if it was built for this TensorRT version and GPU).
+    precision: 'fp32', 'fp16' or 'int8'. On TensorRT 10 these are builder flags (int8 calibrates
+        on `calibration` unless the graph carries Q/DQ nodes); on TensorRT 11 the ONNX must already
+        hold the precision (see module doc) and the label only keys the cache.
+    profile: the batch sizes (min/opt/max) for the dynamic batch axis of every input.
+    calibration: float32[b, 3, H, W] batches of task images, for TensorRT 10 int8.
+    cache_dir: where engines and timing caches are kept (None: build every time).
+    """
+
+    def __init__(
+        self,
+        model: Union[str, os.PathLike],
+        precision: str = "fp32",
+        profile: BatchProfile | None = None,
+        calibration: Sequence[np.ndarray] | None = None,
+        cache_dir: Union[str, os.PathLike, None] = None,
+        workspace_bytes: int | None = None,
+    ):
+        if precision not in PRECISIONS:
+            raise BackendUnavailable(f"TensorRT precision {precision!r} is not one of {PRECISIONS}")
+        self.model = Path(model)
+        self.precision = precision
+        self.profile = profile or BatchProfile()
+        self.calibration = list(calibration) if calibration is not None else None
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.workspace_bytes = workspace_bytes
+        self.key: EngineKey | None = None
+        self.built = False  # True when the last call built rather than loaded
+
+    def engine_key(self) -> EngineKey:
+        return EngineKey(file_sha256(self.model), tensorrt_version(), gpu_name(), self.precision, self.profile)
+
+    def __call__(self) -> bytes:
+        """The serialized engine (bytes)."""
+        if not self.model.is_file():
+            raise ArtifactError(f"model {self.model} does not exist; check the path")
+        if self.model.suffix in (".engine", ".plan"):
+            self.key = check_engine_record(self.model, tensorrt_version(), gpu_name())
+            self.built = False
+            return self.model.read_bytes()
+        key = self.key = self.engine_key()
+        cache = EngineCache(self.cache_dir) if self.cache_dir is not None else None
+        if cache is not None and (engine := cache.lookup(key)) is not None:
+            self.built = False
+            return engine
+        timing_path = cache.timing_cache_path(key) if cache is not None else None
+        engine = build_engine(self.model, self.precision, self.profile, self.calibration, timing_path,
+                              self.workspace_bytes)
+        self.built = True
+        if cache is not None:
+            cache.store(key, engine)
+        return engine
+
+
+def _major(trt) -> int:
+    return int(trt.__version__.split(".")[0])
+
+
+def build_engine(
+    onnx_path: Union[str, os.PathLike],
+    precision: str = "fp32",
+    profile: BatchProfile | None = None,
+    calibration: Sequence[np.ndarray] | None = None,
+    timing_cache: Union[str, os.PathLike, None] = None,
+    workspace_bytes: int | None = None,
+) -> bytes:
+    """Parse `onnx_path` and build a serialized engine with a batch optimization profile."""
+    trt = _import_tensorrt()
+    profile = profile or BatchProfile()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = _major(trt) >= 11
+    # TensorRT 11 networks are always strongly typed; 10 is weakly typed unless asked.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ArtifactError(
+            f"TensorRT cannot parse {onnx_path}: {errors}. Run `h2t-edge check --tensorrt {onnx_path}` for the nodes to fix"
+        )
+    config = builder.create_builder_config()
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_bytes))
+    opt_profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        sample = list(tensor.shape)[1:]
+        if any(d < 0 for d in sample):
+            raise ArtifactError(
+                f"{onnx_path}: input '{tensor.name}' has dynamic dimensions {list(tensor.shape)} besides the "
+                "batch; the engine's profile covers only the batch axis. Export with a fixed image size"
+            )
+        opt_profile.set_shape(tensor.name, *profile.shapes(sample))
+    config.add_optimization_profile(opt_profile)
+
+    has_qdq = any(network.get_layer(i).type == trt.LayerType.QUANTIZE for i in range(network.num_layers))
+    if not strongly_typed:
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)  # int8 engines run their non-int8 layers in fp16
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+            if not has_qdq:
+                if not calibration:
+                    raise ArtifactError(
+                        f"an int8 engine of {onnx_path} needs calibration images (--calib DIR) or Q/DQ nodes"
+                    )
+                config.int8_calibrator = _entropy_calibrator(trt, calibration)
+                config.set_calibration_profile(opt_profile)
+    elif precision == "int8" and not has_qdq:
+        raise ArtifactError(
+            f"TensorRT {trt.__version__} builds int8 only from explicit Q/DQ nodes and {onnx_path} has none; "
+            "make the int8 graph with `h2t-edge build-engine --backend tensorrt --precision int8 --calib DIR`"
+        )
+
+    cache = None
+    if timing_cache is not None:
+        timing_cache = Path(timing_cache)
+        cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ArtifactError(f"TensorRT failed to build an engine from {onnx_path} ({precision}); see the log above")
+    if cache is not None:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return bytes(serialized)
+
+
+def _entropy_calibrator(trt, batches: Sequence[np.ndarray]):
+    """An IInt8EntropyCalibrator2 that feeds `batches` (all of one batch size) from device memory."""
+    cudart = _import_cudart()
+    size = len(batches[0])
+    usable = [np.ascontiguousarray(b, dtype=np.float32) for b in batches if len(b) == size]
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            super().__init__()
+            self.index = 0
+            self.device = _cuda(cudart.cudaMalloc(usable[0].nbytes))
+            self.cache: bytes | None = None
+
+        def get_batch_size(self) -> int:
+            return size
+
+        def get_batch(self, names):
+            if self.index >= len(usable):
+                _cuda(cudart.cudaFree(self.device))
+                return None
+            batch = usable[self.index]
+            self.index += 1
+            _cuda(cudart.cudaMemcpy(self.device, batch.ctypes.data, batch.nbytes,
+                                    cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
+            return [int(self.device)]
+
+        def read_calibration_cache(self):
+            return self.cache
+
+        def write_calibration_cache(self, cache) -> None:
+            self.cache = bytes(cache)
+
+    return EntropyCalibrator()
+
+
+# -- running ------------------------------------------------------------------------------------
+
+class TensorRTRunner(Runner):
+    """Runs a TensorRT engine with device buffers (cuda-python); numpy in, numpy out.
+
+    loader_or_engine: a Loader returning serialized engine bytes (e.g. `EngineLoader`), or bytes.
+    """
+
+    def __init__(self, loader_or_engine: Union[Loader, bytes]):
+        self._source = loader_or_engine
+        self._engine = None
+        self._context = None
+        self._stream = None
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    def activate(self) -> None:
+        if self._engine is not None:
+            return
+        trt, cudart = _import_tensorrt(), _import_cudart()
+        data = self._source if isinstance(self._source, (bytes, bytearray)) else self._source()
+        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self._engine = self._runtime.deserialize_cuda_engine(data)
+        if self._engine is None:
+            raise ArtifactError("TensorRT could not deserialize the engine; rebuild it for this TensorRT version")
+        self._context = self._engine.create_execution_context()
+        self._stream = _cuda(cudart.cudaStreamCreate())
+        self._trt = trt
+
+    def deactivate(self) -> None:
+        if self._engine is None:
+            return
+        cudart = _import_cudart()
+        for pointer, _ in self._buffers.values():
+            cudart.cudaFree(pointer)
+        self._buffers.clear()
+        cudart.cudaStreamDestroy(self._stream)
+        self._engine = self._context = self._stream = None
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            raise H2TRuntimeError("TensorRTRunner is not active; use it as `with runner: ...`")
+        return self._engine
+
+    def _names(self, mode) -> list[str]:
+        engine = self.engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        return [n for n in names if engine.get_tensor_mode(n) == mode]
+
+    @property
+    def name(self) -> str:
+        return f"tensorrt[{self._trt.__version__}]" if self._engine is not None else "tensorrt"
+
+    @property
+    def input_names(self) -> list[str]:
+        return self._names(self._trt.TensorIOMode.INPUT)
+
+    @property
+    def output_names(self) -> list[str]:
+        return self._names(self._trt.TensorIOMode.OUTPUT)
+
+    def input_shapes(self) -> dict[str, list[Dim]]:
+        return {n: [d if d >= 0 else f"{n}_dim{i}" for i, d in enumerate(self.engine.get_tensor_shape(n))]
+                for n in self.input_names}
+
+    def _device_buffer(self, name: str, nbytes: int) -> int:
+        cudart = _import_cudart()
+        pointer, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:  # grow only; a smaller batch reuses the buffer
+            if pointer:
+                _cuda(cudart.cudaFree(pointer))
+            pointer = _cuda(cudart.cudaMalloc(nbytes))
+            self._buffers[name] = (pointer, nbytes)
+        return pointer
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        trt, cudart, engine, context = self._trt, _import_cudart(), self.engine, self._context
+        shapes = self.input_shapes()
+        check_feed(feed, {n: InputSpec(np.dtype(trt.nptype(engine.get_tensor_dtype(n))), shapes[n])
+                          for n in self.input_names})
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for name, array in feed.items():
+            array = np.ascontiguousarray(array)
+            if not context.set_input_shape(name, array.shape):
+                raise ArtifactError(
+                    f"input '{name}' shape {list(array.shape)} is outside the engine's batch profile; "
+                    "rebuild it with a larger --max-batch"
+                )
+            pointer = self._device_buffer(name, array.nbytes)
+            _cuda(cudart.cudaMemcpyAsync(pointer, array.ctypes.data, array.nbytes, h2d, self._stream))
+            context.set_tensor_address(name, pointer)
+        outputs = {}
+        for name in self.output_names:
+            host = np.empty(tuple(context.get_tensor_shape(name)), dtype=trt.nptype(engine.get_tensor_dtype(name)))
+            context.set_tensor_address(name, self._device_buffer(name, host.nbytes))
+            outputs[name] = host
+        if not context.execute_async_v3(self._stream):
+            raise ArtifactError("TensorRT execution failed; check the input shapes against the engine's profile")
+        for name, host in outputs.items():
+            _cuda(cudart.cudaMemcpyAsync(host.ctypes.data, self._buffers[name][0], host.nbytes, d2h, self._stream))
+        _cuda(cudart.cudaStreamSynchronize(self._stream))
+        return outputs
