@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -363,6 +364,32 @@ def build_engine_(graph, backend, precision, calib, calib_limit, max_batch, outp
     click.echo(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB) and {report.sidecar.name} in "
                f"{report.build['seconds']:.1f} s: {report.build['method']}"
                + (f"; calibrated on {calibration['images']} images" if calibration else ""))
+
+
+@cli.command()
+@click.argument("task_root", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "-o", default="bench", show_default=True, type=click.Path(file_okay=False),
+              help="Where graphs, bench.json and bench.md go.")
+@click.option("--batch", default=32, show_default=True, help="Batch size for the throughput runs.")
+@click.option("--warmup", default=10, show_default=True)
+@click.option("--repeat", default=50, show_default=True, help="Timed batch-1 runs per case.")
+@click.option("--calib", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Task images: also build and measure ONNX Runtime int8 (QDQ) graphs.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bench(task_root, out, batch, warmup, repeat, calib, quiet) -> None:
+    """Measure the plain backbone, the LINEAR and HEAD2TOE task graphs and the backbone with all taps
+    on every backend available here (latency p50/p90/p99, throughput, peak memory, bytes).
+
+    TASK_ROOT is the output folder of `h2t-edge fit` (with head2toe/ and linear/).
+    """
+    from .bench import format_table, run_bench
+
+    bars = StageBars(not quiet)
+    rows = run_bench(task_root, out, batch=batch, warmup=warmup, repeat=repeat, calib=calib, progress=bars)
+    bars.close()
+    meta = {"batch": batch, "cpu_count": os.cpu_count(), "date": "this run"}
+    click.echo(format_table(rows, meta))
+    click.echo(f"\nwrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.md'}")
 
 
 def main() -> None:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.backends.base import BatchProfile
-from runtime.io import atomic_write_json, read_json
+from runtime.io import atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig
 
 from . import __version__
 from .errors import H2TEdgeError
-from .features import LAYOUT_KEY, file_sha256
+from .features import LAYOUT_KEY
 
 BUILD_FORMAT = "h2t-edge/engine-build"
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}

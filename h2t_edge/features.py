@@ -13,7 +13,6 @@ dataset, dtype or batch size is never reused silently: it is an error that names
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.errors import ImageError
-from runtime.io import atomic_write_bytes, atomic_write_json, read_json
+from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
 
 from .datasets import ImageDataset
@@ -35,14 +34,6 @@ LAYOUT_KEY = "h2t_edge.layout"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 Progress = Callable[[int, int], None]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_layout(onnx_path: str | Path, session=None) -> dict:

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.io import atomic_write_bytes, atomic_write_json
+from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256
 
 from .artifacts import TaskHead
 from .errors import TaskArtifactError
-from .features import FeatureCache, file_sha256
+from .features import FeatureCache
 
 if TYPE_CHECKING:
     from exporters.compile import TaskGraphSummary

@@ -7,6 +7,7 @@ behind, so every write goes to a temporary file in the same directory (same file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -81,3 +82,12 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (identifies backbones, graphs and engines)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

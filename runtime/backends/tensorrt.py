@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
+from ..io import file_sha256
 from ..io import atomic_write_bytes, atomic_write_json, read_json
 from .base import BatchProfile, Dim, InputSpec, Loader, Runner, check_feed
 
@@ -70,14 +71,6 @@ def gpu_name(device: int = 0) -> str:
     props = _cuda(cudart.cudaGetDeviceProperties(device))
     name = props.name
     return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00").strip()
-
-
-def file_sha256(path: Union[str, os.PathLike], chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- cache keys ---------------------------------------------------------------------------------

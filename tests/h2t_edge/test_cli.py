@@ -6,7 +6,8 @@ from click.testing import CliRunner
 
 from h2t_edge.cli import cli
 
-COMMANDS = ["backbones", "taps", "export", "extract", "fit", "compile", "predict", "demo"]
+COMMANDS = ["backbones", "taps", "export", "extract", "fit", "compile", "predict", "demo", "check", "build-engine",
+            "bench", "tasks", "eval"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
