@@ -76,7 +76,7 @@ class TaskGraph(nn.Module):
         taps = [backbone.tap(name) for name in used]
         _check_layout_matches(backbone, layout, taps)
         self.taps: list[TapSpec] = taps
-        self.tapped = TappedBackbone(backbone, taps, int(layout["target_size"]))
+        self.tapped = TappedBackbone(backbone, taps, int(layout["target_size"]), layout.get("cls_token", "pool"))
         self.gather = GatherFeatures(local)
         self.head = LinearHead(weight, bias)
 

