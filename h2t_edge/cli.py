@@ -127,12 +127,16 @@ def taps(backbone: str, target_size: int, weights: str, patterns: tuple[str, ...
 @click.option("--tap", "tap_names", multiple=True,
               help="Export only taps matching this name or fnmatch pattern, e.g. 'blocks.*.mlp.act' "
                    "(repeatable; see `h2t-edge taps`). Default: all.")
+@click.option("--cls-token", type=click.Choice(["pool", "only", "separate"]), default="pool", show_default=True,
+              help="Token taps (ViT): pool the class token with the rest, use it alone, or keep it unpooled "
+                   "beside the pooled patch tokens.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default="backbone.onnx", show_default=True)
-def export(backbone: str, weights: str, target_size: int, tap_names: tuple[str, ...], output: str) -> None:
+def export(backbone: str, weights: str, target_size: int, tap_names: tuple[str, ...], cls_token: str,
+           output: str) -> None:
     """Export a backbone to ONNX with pooled, L2-normalised taps as outputs (dynamic batch)."""
     from .pipeline import export_step
 
-    report = export_step(backbone, output, target_size, weights, tap_names or None)
+    report = export_step(backbone, output, target_size, weights, tap_names or None, cls_token)
     layout = report.layout
     click.echo(f"wrote {report.path} ({report.bytes / 1e6:.1f} MB, {len(layout['taps'])} taps, "
                f"{layout['total_features']} features at T={target_size}) in {report.seconds:.1f} s")

@@ -37,15 +37,18 @@ class ExportReport:
 
 def export_step(
     backbone: str, out: str | Path, target_size: int = 512, weights: str = "bundled",
-    taps: Sequence[str] | None = None,
+    taps: Sequence[str] | None = None, cls_token: str = "pool",
 ) -> ExportReport:
-    """Export `backbone` with pooled, normalised taps to the ONNX file `out`."""
+    """Export `backbone` with pooled, normalised taps to the ONNX file `out`.
+
+    cls_token: for token taps (ViT), pool the class token with the rest ('pool'), use it alone
+    ('only') or keep it unpooled beside the pooled patch tokens ('separate')."""
     from exporters.backbones import load_backbone
     from exporters.export import export_backbone
 
     start = time.perf_counter()
     bb = load_backbone(backbone, weights=weights)
-    model, layout = export_backbone(bb, target_size, taps)
+    model, layout = export_backbone(bb, target_size, taps, cls_token=cls_token)
     path = Path(out)
     atomic_write_bytes(path, model.SerializeToString())
     return ExportReport(path, layout, file_sha256(path), path.stat().st_size, time.perf_counter() - start)
