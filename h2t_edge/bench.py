@@ -73,6 +73,8 @@ def prepare_graphs(task_root: Path, work: Path) -> dict[str, Path]:
     work.mkdir(parents=True, exist_ok=True)
     graphs = {BACKBONE: work / "backbone.onnx", TAPS: work / "backbone_taps.onnx"}
     graphs[BACKBONE].write_bytes(export_plain(bb).SerializeToString())
+    # The plain graph carries no layout; its sidecar tells int8 calibration how to preprocess.
+    atomic_write_json(graphs[BACKBONE].with_suffix(".json"), {"preprocess": head.layout["preprocess"]})
     taps, _ = export_backbone(bb, int(head.layout["target_size"]), [t["name"] for t in head.layout["taps"]])
     graphs[TAPS].write_bytes(taps.SerializeToString())
     graphs[LINEAR] = compile_step(heads["LINEAR"], work / "linear.onnx").path
@@ -145,10 +147,17 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
+    """Peak resident size of this process (VmHWM: unlike ru_maxrss it does not carry over the
+    parent's peak through fork and exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
-    # ru_maxrss is KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _run_worker(case: BenchCase, batch: int, warmup: int, repeat: int, providers: list[str]) -> dict:
