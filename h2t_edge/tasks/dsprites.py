@@ -17,21 +17,14 @@ Rendering is deterministic by seed: polygons are drawn on a 4x canvas and box-do
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from runtime.io import atomic_write_json
-
 from ..datasets import ImageDataset
-from ..errors import DatasetError
+from ._store import SplitImages, build_image_task, class_names
 
 GENERATOR = "dsprites"
 GENERATOR_VERSION = 1  # bump when rendering changes, so cached tasks are rebuilt
@@ -73,16 +66,24 @@ def build_dsprites_task(
     progress: called as progress(done, total) after each image.
     """
     params = _check_params(factor, n_train, n_test, bins, seed)
-    params_hash = _hash(params)
-    out_dir = Path(out_dir).resolve()
-    classes = _class_names(factor, bins)
-    samples = {split: _sample_factors(params, split) for split in SPLITS}
-    files = {split: _file_names(out_dir / split, classes, s["label"]) for split, s in samples.items()}
+    classes = class_names(FACTORS[factor], bins)
+    splits = {split: sprite_images(_sample_factors(params, split)) for split in SPLITS}
+    return build_image_task(out_dir, GENERATOR, params, classes, splits, progress, {"shapes": list(SHAPES)})
 
-    if not _is_complete(out_dir, params_hash, files):
-        _check_replaceable(out_dir)
-        _build_and_swap(out_dir, params, params_hash, classes, samples, files, progress)
-    return {split: _dataset(files[split], samples[split]["label"], classes, out_dir / split) for split in SPLITS}
+
+def sprite_split(factor: str, n: int, bins: int, seed: int, split: str) -> SplitImages:
+    """`n` images of one split as `build_dsprites_task(..., seed=seed)` would draw them."""
+    params = _check_params(factor, n, n, bins, seed)
+    return sprite_images(_sample_factors(params, split))
+
+
+def sprite_images(samples: dict[str, np.ndarray]) -> SplitImages:
+    """The images of sampled latent factors (see `_sample_factors`), rendered on demand."""
+    def render(i: int) -> np.ndarray:
+        return render_sprite(SHAPES[samples["shape"][i]], samples["scale"][i], samples["angle"][i],
+                             samples["x"][i], samples["y"][i])
+
+    return SplitImages(samples["label"], render)
 
 
 def render_sprite(shape: str, scale: float, angle: float, x: float, y: float) -> np.ndarray:
@@ -132,15 +133,6 @@ def _check_params(factor: str, n_train: int, n_test: int, bins: int, seed: int) 
     }
 
 
-def _hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode("ascii")).hexdigest()
-
-
-def _class_names(factor: str, bins: int) -> tuple[str, ...]:
-    width = max(2, len(str(bins - 1)))
-    return tuple(f"{FACTORS[factor]}{i:0{width}d}" for i in range(bins))
-
-
 def _sample_factors(params: dict, split: str) -> dict[str, np.ndarray]:
     """Latent factors of every image of `split`: shape index, scale, angle, x, y (arrays of n), label."""
     # spawn() gives train and test independent streams; each one does not depend on the other's size.
@@ -155,98 +147,6 @@ def _sample_factors(params: dict, split: str) -> dict[str, np.ndarray]:
     x, y = rng.uniform(0.0, 1.0, n), rng.uniform(0.0, 1.0, n)
     latent = x if params["factor"] == "x" else angle / (2 * np.pi)
     return {"shape": shape, "scale": scale, "angle": angle, "x": x, "y": y, "label": position_bin(latent, params["bins"])}
-
-
-def _file_names(split_dir: Path, classes: tuple[str, ...], labels: np.ndarray) -> list[Path]:
-    width = max(4, len(str(len(labels) - 1)))
-    return [split_dir / classes[label] / f"{i:0{width}d}.png" for i, label in enumerate(labels.tolist())]
-
-
-def _is_complete(out_dir: Path, params_hash: str, files: dict[str, list[Path]]) -> bool:
-    try:
-        task = json.loads((out_dir / "task.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if not isinstance(task, dict) or task.get("params_hash") != params_hash:
-        return False
-    return all(path.is_file() for paths in files.values() for path in paths)
-
-
-def _check_replaceable(out_dir: Path) -> None:
-    """Refuse to replace a folder that is not a generated task: the swap would delete its contents."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise DatasetError(f"task folder {out_dir} is a file; pass a new or empty folder")
-    if not any(out_dir.iterdir()):
-        return
-    try:
-        generator = json.loads((out_dir / "task.json").read_text(encoding="utf-8")).get("generator")
-    except (OSError, ValueError, AttributeError):
-        generator = None
-    if generator != GENERATOR:
-        raise DatasetError(
-            f"task folder {out_dir} holds files but no {GENERATOR} task.json; "
-            "pass a new or empty folder (it would be replaced)"
-        )
-
-
-def _build_and_swap(
-    out_dir: Path,
-    params: dict,
-    params_hash: str,
-    classes: tuple[str, ...],
-    samples: dict[str, dict[str, np.ndarray]],
-    files: dict[str, list[Path]],
-    progress: Progress | None,
-) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Same parent, so the final os.replace is a rename on one filesystem.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    old = None
-    try:
-        total, done = sum(len(paths) for paths in files.values()), 0
-        for split in SPLITS:
-            s = samples[split]
-            for name in classes:
-                (staging / split / name).mkdir(parents=True)
-            for i, final in enumerate(files[split]):
-                pixels = render_sprite(SHAPES[s["shape"][i]], s["scale"][i], s["angle"][i], s["x"][i], s["y"][i])
-                Image.fromarray(pixels, mode="L").save(staging / final.relative_to(out_dir), format="PNG")
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-        # task.json is written last: its presence inside a task folder means the folder is complete.
-        atomic_write_json(staging / "task.json", _task_record(params, params_hash, classes, samples))
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _task_record(params: dict, params_hash: str, classes: tuple[str, ...], samples: dict) -> dict:
-    return {
-        "generator": GENERATOR,
-        "params": params,
-        "params_hash": params_hash,
-        "classes": list(classes),
-        "counts": {
-            split: dict(zip(classes, np.bincount(s["label"], minlength=len(classes)).tolist()))
-            for split, s in samples.items()
-        },
-        "shapes": list(SHAPES),
-    }
-
-
-def _dataset(paths: list[Path], labels: np.ndarray, classes: tuple[str, ...], split_dir: Path) -> ImageDataset:
-    order = np.lexsort((np.arange(len(labels)), labels))  # by class, then index, as from_folder lists them
-    return ImageDataset(tuple(str(paths[i]) for i in order), labels[order], classes, str(split_dir))
 
 
 def _unit_outline(shape: str) -> np.ndarray:

@@ -1,0 +1,409 @@
+"""Head2Toe against its baselines on the offline task suite, reported like the paper's Table 1.
+
+For every task x backbone x seed: build the task (1,000 training examples, fixed test set),
+extract features once per backbone and target size T (cached, resumable), then fit each
+method with its hyperparameters chosen by k-fold CV on the 1,000 examples, refit on all of
+them and measure test accuracy (paper Section 4 and Appendix A):
+
+- LINEAR: the pre-logits only (lr x steps);
+- ALL-L2, ALL-L1, ALL-L21: all features at the smallest T, one regularized head, no selection
+  (lr x steps x lambda);
+- HEAD2TOE: group-lasso selection and retraining at every T in `target_sizes`, with F, lambda,
+  lr and steps by CV; the T whose best CV accuracy is highest wins (ties go to the smaller T).
+
+Results are one JSON record per (task, method, backbone, seed, protocol), appended to
+`<out>.json` as soon as each is done; a rerun skips the records already there, so an
+interrupted evaluation loses at most the cell it was fitting. `write_report` turns the records
+into `<out>.md` (Table-1 layout, fit seconds beside it) and `<out>.png` (HEAD2TOE gain over
+LINEAR per task).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.io import atomic_write_json, atomic_write_text, read_json
+
+from .errors import H2TEdgeError
+from .features import FeatureCache, extract_features
+from .select import FitResult, SearchGrid, fit_head2toe, fit_linear, fit_regularized, predict_logits
+from .tasks.registry import GROUPS, N_TEST, N_TRAIN, N_VAL, TaskData, build_task, get_task
+
+METHODS = ("LINEAR", "ALL-L2", "ALL-L1", "ALL-L21", "HEAD2TOE")
+PROTOCOLS = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}
+RESULTS_FORMAT = "h2t-edge/suite-eval"
+DEFAULT_TITLE = "Offline task suite (VTAB-1k protocol): HEAD2TOE and its baselines"
+Log = Callable[[str], None]
+
+
+class EvalError(H2TEdgeError):
+    """A bad evaluation request (unknown method, protocol or results file)."""
+
+
+def grid_for(protocol: str, seed: int, grid: SearchGrid | None = None) -> SearchGrid:
+    """The CV grid of `protocol` with the run's seed (it sets the CV folds and batch order)."""
+    if grid is None:
+        if protocol not in PROTOCOLS:
+            raise EvalError(f"protocol {protocol!r} is unknown; use one of {', '.join(PROTOCOLS)}")
+        grid = PROTOCOLS[protocol]()
+    return dataclasses.replace(grid, seed=seed)
+
+
+@dataclass
+class _Features:
+    """Train and test features of one task and seed at one target size."""
+
+    target_size: int
+    train: FeatureCache
+    test: FeatureCache
+    _x: tuple | None = None
+
+    def arrays(self):
+        """(x_train float32[n, D], y_train, x_test float32[m, D], y_test), loaded once."""
+        if self._x is None:
+            self._x = (*self.train.arrays(), *self.test.arrays())
+        return self._x
+
+    def pre_logits(self) -> slice:
+        return self.train.tap_columns(self.train.layout["pre_logits"])
+
+
+def run_eval(
+    tasks: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    methods: Sequence[str] = METHODS,
+    backbones: Sequence[str] = ("efficientnet_lite0",),
+    seeds: Sequence[int] = (0, 1, 2),
+    protocol: str = "paper",
+    target_sizes: Sequence[int] = (512,),
+    work_dir: str | os.PathLike = "h2t-eval",
+    data_dir: str | os.PathLike | None = None,
+    n_train: int = N_TRAIN,
+    n_val: int = N_VAL,
+    n_test: int = N_TEST,
+    grid: SearchGrid | None = None,
+    batch_size: int = 32,
+    weights: str = "bundled",
+    log: Log | None = None,
+) -> list[dict]:
+    """Evaluate every task x method x backbone x seed not yet in `<out>.json`; returns all records.
+
+    protocol: 'paper' (5-fold, lr {0.1, 0.01}, steps {500, 5000}) or 'quick' (3-fold, 500 steps);
+    `grid` overrides the protocol's grid (its seed is replaced by the run seed) and is recorded.
+    """
+    log = log or (lambda message: None)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise EvalError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    for name in tasks:
+        get_task(name)
+    target_sizes = sorted(set(int(t) for t in target_sizes))
+    json_path = results_path(out)
+    records = load_results(json_path)
+    done = {record_key(r) for r in records}
+    work = Path(work_dir)
+    for backbone in backbones:
+        onnx = {}
+        for name in tasks:
+            for seed in seeds:
+                todo = [m for m in methods if (name, m, backbone, seed, protocol) not in done]
+                if not todo:
+                    continue
+                data = build_task(name, data_dir, seed, n_train=n_train, n_val=n_val, n_test=n_test)
+                sizes = target_sizes if "HEAD2TOE" in todo else target_sizes[:1]
+                feats = {}
+                for t in sizes:
+                    if t not in onnx:
+                        onnx[t] = _backbone_onnx(work, backbone, t, weights, log)
+                    feats[t] = _features(work, backbone, t, onnx[t], data, batch_size, log)
+                for method in todo:
+                    start = time.perf_counter()
+                    record = _evaluate(method, data, feats, grid_for(protocol, seed, grid), log)
+                    record.update(task=name, group=data.spec.group, method=method, backbone=backbone,
+                                  seed=seed, protocol=protocol, n_train=len(data.train), n_test=len(data.test))
+                    records.append(record)
+                    done.add(record_key(record))
+                    _save(json_path, records)
+                    log(f"{name} seed={seed} {backbone} {method}: test {100 * record['test_accuracy']:.1f}% "
+                        f"(cv {100 * record['cv_accuracy']:.1f}%, fit {record['fit_seconds']:.0f} s, "
+                        f"wall {time.perf_counter() - start:.0f} s)")
+    return records
+
+
+def record_key(record: dict) -> tuple:
+    return (record["task"], record["method"], record["backbone"], record["seed"], record["protocol"])
+
+
+def results_path(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out if out.suffix == ".json" else out.with_name(out.name + ".json")
+
+
+def load_results(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = read_json(path, "evaluation results")
+    if not isinstance(data, dict) or data.get("format") != RESULTS_FORMAT:
+        raise EvalError(f"{path} is not an h2t-edge evaluation results file; choose another --out")
+    return list(data["results"])
+
+
+def _save(path: Path, records: list[dict]) -> None:
+    atomic_write_json(path, {"format": RESULTS_FORMAT, "version": 1, "results": records})
+
+
+def _backbone_onnx(work: Path, backbone: str, target_size: int, weights: str, log: Log) -> Path:
+    from .pipeline import export_step
+
+    path = work / "backbones" / f"{backbone}-T{target_size}.onnx"
+    if not path.exists():
+        report = export_step(backbone, path, target_size, weights)
+        log(f"exported {path} ({report.layout['total_features']} features) in {report.seconds:.0f} s")
+    return path
+
+
+def _features(work: Path, backbone: str, t: int, onnx: Path, data: TaskData, batch_size: int,
+              log: Log) -> _Features:
+    root = work / "features" / f"{backbone}-T{t}" / data.spec.name
+    caches = {}
+    for split, ds, folder in (("train", data.train, f"train-seed{data.seed}"), ("test", data.test, "test")):
+        start = time.perf_counter()
+        # the dataset's fingerprint in the name: another size or version of the task gets its own cache
+        cache_dir = root / f"{folder}-{ds.fingerprint()[:12]}"
+        caches[split] = extract_features(onnx, ds, cache_dir, batch_size=batch_size, dtype="float16")
+        seconds = time.perf_counter() - start
+        if seconds > 5:
+            log(f"extracted {data.spec.name}/{folder} at T={t}: {len(ds)} images in {seconds:.0f} s")
+    return _Features(t, caches["train"], caches["test"])
+
+
+def _test_accuracy(result: FitResult, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    return float((predict_logits(result.head, x_test).argmax(1) == y_test).mean())
+
+
+def _cv_accuracy(result: FitResult) -> float:
+    return max(row["val_acc_mean"] for row in result.cv_table)
+
+
+def _evaluate(method: str, data: TaskData, feats: dict[int, _Features], grid: SearchGrid,
+              log: Log | None = None) -> dict:
+    n_classes = len(data.train.classes)
+    smallest = feats[min(feats)]
+    if method == "HEAD2TOE":
+        runs = []
+        for t, f in sorted(feats.items()):
+            x, y, xt, yt = f.arrays()
+            result = fit_head2toe(x, y, n_classes, grid)
+            runs.append({"target_size": t, "candidates": int(x.shape[1]), "cv_accuracy": _cv_accuracy(result),
+                         "test_accuracy": _test_accuracy(result, xt, yt), "fit_seconds": result.fit_seconds,
+                         "n_features": int(len(result.head.features)), "config": result.config})
+            if log is not None and len(feats) > 1:
+                log(f"  HEAD2TOE at T={t}: {x.shape[1]} candidates, cv {100 * runs[-1]['cv_accuracy']:.1f}%, "
+                    f"fit {result.fit_seconds:.0f} s")
+        best = min(runs, key=lambda r: (-round(r["cv_accuracy"], 9), r["target_size"]))
+        return {**{k: best[k] for k in ("target_size", "candidates", "cv_accuracy", "test_accuracy",
+                                         "n_features", "config")},
+                "fit_seconds": sum(r["fit_seconds"] for r in runs), "per_target_size": runs,
+                "grid": grid.to_dict()}
+    x, y, xt, yt = smallest.arrays()
+    if method == "LINEAR":
+        columns = smallest.pre_logits()
+        x, xt = x[:, columns], xt[:, columns]
+        result = fit_linear(x, y, n_classes, grid)
+    else:
+        result = fit_regularized(x, y, n_classes, method.split("-")[1].lower(), grid)
+    return {"target_size": smallest.target_size, "candidates": int(x.shape[1]), "cv_accuracy": _cv_accuracy(result),
+            "test_accuracy": _test_accuracy(result, xt, yt), "n_features": int(len(result.head.features)),
+            "config": result.config, "fit_seconds": result.fit_seconds, "grid": grid.to_dict()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+@dataclass
+class Cell:
+    median: float
+    spread: float  # half the min-max range over seeds
+    seeds: int
+    protocol: str
+
+
+def summarize(records: list[dict], field: str = "test_accuracy") -> dict[tuple, Cell]:
+    """{(backbone, task, method): Cell} over seeds; the paper protocol wins where both exist."""
+    by: dict[tuple, dict[str, list[float]]] = {}
+    for r in records:
+        by.setdefault((r["backbone"], r["task"], r["method"]), {}).setdefault(r["protocol"], []).append(r[field])
+    cells = {}
+    for key, protocols in by.items():
+        protocol = "paper" if "paper" in protocols else sorted(protocols)[0]
+        values = np.asarray(protocols[protocol], dtype=np.float64)
+        cells[key] = Cell(float(np.median(values)), float(values.max() - values.min()) / 2, len(values), protocol)
+    return cells
+
+
+def _ordered_tasks(records: list[dict]) -> dict[str, list[str]]:
+    present = list(dict.fromkeys(r["task"] for r in records))
+    from .tasks.registry import list_tasks
+
+    order = [s.name for s in list_tasks()] + present
+    tasks = [t for t in dict.fromkeys(order) if t in present]
+    groups = {r["task"]: r["group"] for r in records}
+    return {g: [t for t in tasks if groups[t] == g] for g in GROUPS}
+
+
+def _group_mean(cells, backbone, method, tasks) -> float | None:
+    values = [cells[(backbone, t, method)].median for t in tasks if (backbone, t, method) in cells]
+    return float(np.mean(values)) if tasks and len(values) == len(tasks) else None
+
+
+def report_markdown(records: list[dict], title: str = DEFAULT_TITLE) -> str:
+    """Table 1 layout per backbone: rows are methods, columns are tasks by group, group means."""
+    if not records:
+        return f"# {title}\n\nNo results yet.\n"
+    cells = summarize(records)
+    secs = summarize(records, "fit_seconds")
+    groups = _ordered_tasks(records)
+    all_tasks = [t for g in GROUPS for t in groups[g]]
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    lines = [f"# {title}", ""]
+    for backbone in dict.fromkeys(r["backbone"] for r in records):
+        most_seeds = max(c.seeds for k, c in cells.items() if k[0] == backbone)
+        header, rule = ["method"], ["---"]
+        for g in GROUPS:
+            if groups[g]:
+                header += groups[g] + [f"**{g.capitalize()} mean**"]
+                rule += ["---:"] * (len(groups[g]) + 1)
+        header.append("**Overall mean**")
+        rule.append("---:")
+        lines += [f"## {backbone}: test accuracy (%)", "", "| " + " | ".join(header) + " |",
+                  "|" + "|".join(rule) + "|"]
+        for method in methods:
+            row = [method]
+            for g in GROUPS:
+                if not groups[g]:
+                    continue
+                for t in groups[g]:
+                    c = cells.get((backbone, t, method))
+                    row.append("–" if c is None else
+                               f"{100 * c.median:.1f} ± {100 * c.spread:.1f}" + ("†" if c.protocol != "paper" else "")
+                               + (f" (n={c.seeds})" if c.seeds < most_seeds else ""))
+                mean = _group_mean(cells, backbone, method, groups[g])
+                row.append("–" if mean is None else f"**{100 * mean:.1f}**")
+            mean = _group_mean(cells, backbone, method, all_tasks)
+            row.append("–" if mean is None else f"**{100 * mean:.1f}**")
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", _caption(records, cells, backbone, all_tasks), ""]
+        lines += [f"## {backbone}: fit + CV seconds per method (median over seeds, 2 CPU cores)", "",
+                  "| method | " + " | ".join(all_tasks) + " | total |",
+                  "|---|" + "---:|" * (len(all_tasks) + 1)]
+        for method in methods:
+            values = [secs.get((backbone, t, method)) for t in all_tasks]
+            total = sum(v.median for v in values if v is not None)
+            lines.append(f"| {method} | " + " | ".join("–" if v is None else f"{v.median:.0f}" for v in values)
+                         + f" | {total:.0f} |")
+        lines += ["", _choices_table(records, backbone, all_tasks), ""]
+    return "\n".join(lines)
+
+
+def _caption(records, cells, backbone, tasks) -> str:
+    notes = []
+    for t in tasks:
+        proto = {cells[k].protocol for k in cells if k[0] == backbone and k[1] == t}
+        seeds = sorted({r["seed"] for r in records if r["backbone"] == backbone and r["task"] == t})
+        sizes = sorted({run["target_size"] for r in records if r["backbone"] == backbone and r["task"] == t
+                        for run in r.get("per_target_size", [r])})
+        n = {(r["n_train"], r["n_test"]) for r in records if r["task"] == t}
+        notes.append(f"{t}: {'/'.join(sorted(proto))} protocol, seeds {seeds}, T {sizes}, "
+                     + ", ".join(f"{a} train / {b} test" for a, b in sorted(n)))
+    return ("Cells: median over seeds ± half the min–max range; (n=k) marks a cell with fewer seeds than the "
+            "others. Group means average the per-task medians. "
+            "† marks cells measured with the reduced protocol (`quick`: 3-fold CV, 500 steps) instead of the "
+            "paper's (5-fold CV, lr {0.1, 0.01} x steps {500, 5000}). " + "; ".join(notes) + ".")
+
+
+def _choices_table(records, backbone, tasks) -> str:
+    lines = ["HEAD2TOE choices by CV (seed 0 where present): target size T, fraction F, features kept / "
+             "candidates, lambda, lr, steps.", "", "| task | T | F | kept / candidates | lambda | lr | steps |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in tasks:
+        rs = sorted((r for r in records if r["backbone"] == backbone and r["task"] == t
+                     and r["method"] == "HEAD2TOE"), key=lambda r: (r["protocol"] != "paper", r["seed"]))
+        if rs:
+            r, c = rs[0], rs[0]["config"]
+            lines.append(f"| {t} | {r['target_size']} | {c['fraction']} | {r['n_features']:,} / {r['candidates']:,} "
+                         f"| {c['l21']} | {c['lr']} | {c['steps']} |")
+    return "\n".join(lines)
+
+
+def plot_gains(records: list[dict], path: str | os.PathLike) -> Path | None:
+    """PNG bar chart of HEAD2TOE - LINEAR test accuracy per task (median over seeds; bars: range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    cells = summarize(records)
+    groups = _ordered_tasks(records)
+    tasks = [t for g in GROUPS for t in groups[g]]
+    backbones = list(dict.fromkeys(r["backbone"] for r in records))
+    colours = {"natural": "#4c72b0", "structured": "#dd8452"}
+    fig, axes = plt.subplots(1, len(backbones), figsize=(1.1 * len(tasks) + 2, 4), squeeze=False)
+    for ax, backbone in zip(axes[0], backbones):
+        xs, gains, errs, cols = [], [], [], []
+        for i, t in enumerate(tasks):
+            h, lin = cells.get((backbone, t, "HEAD2TOE")), cells.get((backbone, t, "LINEAR"))
+            if h is None or lin is None:
+                continue
+            paired = _paired_gains(records, backbone, t)
+            xs.append(i)
+            gains.append(100 * (h.median - lin.median))
+            errs.append([[100 * (h.median - lin.median - paired.min())], [100 * (paired.max() - h.median + lin.median)]]
+                        if paired.size else [[0], [0]])
+            cols.append(colours[next(r["group"] for r in records if r["task"] == t)])
+        if not xs:
+            continue
+        err = np.clip(np.concatenate([np.asarray(e, dtype=float) for e in errs], axis=1), 0, None)
+        bars = ax.bar(xs, gains, color=cols, yerr=err, capsize=3)
+        ax.bar_label(bars, fmt="%+.1f", padding=2, fontsize=8)
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
+        ax.set_ylabel("HEAD2TOE − LINEAR, test accuracy (points)")
+        ax.set_title(f"{backbone}: median over seeds, bars span the per-seed gains", fontsize=9)
+        ax.legend(handles=[Patch(color=c, label=g) for g, c in colours.items()], loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _paired_gains(records, backbone, task) -> np.ndarray:
+    """HEAD2TOE - LINEAR per seed (same protocol), for the error bars."""
+    acc = {(r["method"], r["seed"], r["protocol"]): r["test_accuracy"] for r in records
+           if r["backbone"] == backbone and r["task"] == task}
+    return np.asarray([v - acc[("LINEAR", s, p)] for (m, s, p), v in acc.items()
+                       if m == "HEAD2TOE" and ("LINEAR", s, p) in acc])
+
+
+def write_report(out: str | os.PathLike, title: str = DEFAULT_TITLE) -> dict[str, Path]:
+    """Write `<out>.md` and `<out>.png` from the records in `<out>.json`."""
+    json_path = results_path(out)
+    records = load_results(json_path)
+    base = json_path.with_suffix("")
+    paths = {"json": json_path, "md": atomic_write_text(base.with_suffix(".md"), report_markdown(records, title) + "\n")}
+    if records:
+        paths["png"] = plot_gains(records, base.with_suffix(".png"))
+    return paths
