@@ -135,26 +135,28 @@ def _timed(fn: Callable[[], object], warmup: int, repeat: int) -> list[float]:
     return times
 
 
-def _rss_mb() -> float:
-    """Current resident size (Linux /proc; 0 elsewhere, where only the peak is reported)."""
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status in MB (Linux), or None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return 0.0
+    return None
+
+
+def _rss_mb() -> float:
+    """Current resident size (0 where /proc is missing; only the peak is reported there)."""
+    return _proc_status_mb("VmRSS") or 0.0
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident size of this process (VmHWM: unlike ru_maxrss it does not carry over the
-    parent's peak through fork and exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    """Peak resident size of this process. VmHWM, unlike ru_maxrss, does not carry the parent's
+    peak over through fork and exec."""
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
