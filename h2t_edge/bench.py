@@ -107,7 +107,8 @@ def _runner_call(case: BenchCase, providers: list[str] | None) -> tuple[Callable
 
         from exporters.backbones import load_backbone
 
-        bb = load_backbone(json.loads(case.path.read_text())["backbone"])
+        identity = json.loads(case.path.read_text())
+        bb = load_backbone(identity["backbone"], weights=identity.get("weights", "bundled"))
         torch.set_grad_enabled(False)
         return (lambda x: bb.model(torch.from_numpy(x))), tuple(bb.input_size)
     from runtime.backends import create_runner
@@ -190,7 +191,7 @@ def run_bench(
         cases += [BenchCase(g, build_engine(p, "onnxruntime", "int8", calib=calib).path, "onnxruntime", "int8")
                   for g, p in graphs.items()]
     reference = out / "graphs" / "torch_backbone.json"
-    reference.write_text(json.dumps({"backbone": _backbone_name(task_root)}))
+    reference.write_text(json.dumps(_backbone_identity(task_root)))
     cases.append(BenchCase(BACKBONE, reference, "torch", "fp32"))
     providers = available_providers()
     rows = []
@@ -211,8 +212,12 @@ def run_bench(
     return rows
 
 
-def _backbone_name(task_root: Path) -> str:
-    return json.loads((task_root / "head2toe" / "task.json").read_text())["backbone"]["name"]
+def _backbone_identity(task_root: Path) -> dict:
+    """Name and weights source of the task's backbone, for the torch eager reference."""
+    from .pipeline import _weights_source
+
+    backbone = json.loads((task_root / "head2toe" / "task.json").read_text())["backbone"]
+    return {"backbone": backbone["name"], "weights": _weights_source(backbone["weights"])}
 
 
 def _add_ratios(rows: list[dict]) -> None:
