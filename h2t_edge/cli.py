@@ -23,10 +23,16 @@ from .progress import StageBars
 USER_ERRORS = (H2TEdgeError, ExportError, H2TRuntimeError)
 
 
-def _grid(name: str):
+def _grid(name: str, max_candidates: int | None = None):
+    """The named grid; max_candidates (0 = exact) replaces its screening budget when given."""
+    import dataclasses
+
     from .select import SearchGrid
 
-    return {"paper": SearchGrid.paper, "quick": SearchGrid.quick}[name]()
+    grid = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}[name]()
+    if max_candidates is None:
+        return grid
+    return dataclasses.replace(grid, max_candidates=max_candidates or None)
 
 
 GRID_OPTION = click.option(
@@ -35,6 +41,12 @@ GRID_OPTION = click.option(
          "'quick' is a 3-fold, 500-step subset for demos.",
 )
 
+MAX_CANDIDATES_OPTION = click.option(
+    "--max-candidates", type=click.IntRange(min=0), default=None,
+    help="HEAD2TOE on pools larger than this: each CV fold runs the group lasso on its top N "
+         "features by the strong-rule statistic (fractions F whose k exceeds N are skipped). "
+         "0 runs the exact method on every feature. [default: 32768]",
+)
 
 BACKEND_OPTION = click.option(
     "--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime",
@@ -182,8 +194,9 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @click.option("--method", "methods", multiple=True, type=click.Choice(["HEAD2TOE", "LINEAR"]),
               default=("HEAD2TOE", "LINEAR"), show_default=True)
 @GRID_OPTION
+@MAX_CANDIDATES_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def fit(cache, out, task, methods, grid, quiet) -> None:
+def fit(cache, out, task, methods, grid, max_candidates, quiet) -> None:
     """Select features (group lasso) and fit the task head, choosing F, lambda, lr and steps by CV.
 
     Writes OUT/head2toe/ and OUT/linear/ (task.json + head.safetensors) and OUT/report.json.
@@ -191,7 +204,8 @@ def fit(cache, out, task, methods, grid, quiet) -> None:
     from .pipeline import fit_step
 
     bars = StageBars(not quiet)
-    report = fit_step(cache, out, task=task, methods=methods, grid=_grid(grid), progress=bars)
+    report = fit_step(cache, out, task=task, methods=methods, grid=_grid(grid, max_candidates),
+                      progress=bars)
     bars.close()
     for method, head in report.heads.items():
         click.echo(f"{method}: {report.seconds[method]:.1f} s; kept {len(head.features)} of "
@@ -322,6 +336,7 @@ def tasks_(data_dir) -> None:
 @click.option("--target-size", "-T", "target_sizes", multiple=True, type=int, default=(512,), show_default=True,
               help="HEAD2TOE target sizes per layer (repeatable); CV picks one. Baselines use the smallest.")
 @GRID_OPTION
+@MAX_CANDIDATES_OPTION
 @click.option("--out", "-o", default="benchmarks/results/vtab_lite0", show_default=True,
               help="Results prefix: writes OUT.json (resumable), OUT.md and OUT.png.")
 @click.option("--work-dir", default="h2t-eval", show_default=True, type=click.Path(file_okay=False),
@@ -329,8 +344,8 @@ def tasks_(data_dir) -> None:
 @DATA_DIR_OPTION
 @click.option("--n-test", default=1000, show_default=True, help="Test examples per task (fewer where the source has fewer).")
 @click.option("--report-only", is_flag=True, help="Only rewrite OUT.md and OUT.png from OUT.json.")
-def eval_(task_names, methods, backbones, seeds, target_sizes, grid, out, work_dir, data_dir, n_test,
-          report_only) -> None:
+def eval_(task_names, methods, backbones, seeds, target_sizes, grid, max_candidates, out, work_dir, data_dir,
+          n_test, report_only) -> None:
     """Evaluate methods x tasks x backbones x seeds (paper Table 1 protocol); skips finished cells."""
     from .evaluate import METHODS, run_eval, write_report
     from .tasks.registry import list_tasks
@@ -340,6 +355,7 @@ def eval_(task_names, methods, backbones, seeds, target_sizes, grid, out, work_d
                  methods=methods or METHODS, backbones=backbones,
                  seeds=[int(s) for s in seeds.split(",") if s.strip()], protocol=grid,
                  target_sizes=target_sizes, work_dir=work_dir, data_dir=data_dir, n_test=n_test,
+                 grid=None if max_candidates is None else _grid(grid, max_candidates),
                  log=lambda message: click.echo(message, err=True))
     for kind, path in write_report(out).items():
         click.echo(f"wrote {kind}: {path}")

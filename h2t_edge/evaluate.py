@@ -186,6 +186,19 @@ def _features(work: Path, backbone: str, t: int, onnx: Path, data: TaskData, bat
     return _Features(t, caches["train"], caches["test"])
 
 
+def task_features(task: str, target_size: int, *, backbone: str = "efficientnet_lite0", seed: int = 0,
+                  work_dir: str | os.PathLike = "h2t-eval", data_dir: str | os.PathLike | None = None,
+                  weights: str = "bundled", batch_size: int = 32, log: Log | None = None):
+    """(x_train, y_train, x_test, y_test, n_classes) of one task at target size T, from the same
+    caches `run_eval` uses (built on first use)."""
+    log = log or (lambda message: None)
+    work = Path(work_dir)
+    data = build_task(task, data_dir, seed)
+    onnx = _backbone_onnx(work, backbone, target_size, weights, log)
+    return (*_features(work, backbone, target_size, onnx, data, batch_size, log).arrays(),
+            len(data.train.classes))
+
+
 def _test_accuracy(result: FitResult, x_test: np.ndarray, y_test: np.ndarray) -> float:
     return float((predict_logits(result.head, x_test).argmax(1) == y_test).mean())
 

@@ -45,3 +45,16 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path):
     assert result.returncode == 1 and "manifest.json" in result.stderr and "Traceback" not in result.stderr
 
 
+
+
+def test_max_candidates_option_sets_the_screening_budget():
+    from h2t_edge.cli import _grid
+    from h2t_edge.select import SearchGrid
+
+    assert _grid("paper") == SearchGrid.paper()
+    assert _grid("quick", 0).max_candidates is None  # 0: exact group lasso
+    assert _grid("paper", 4096) == SearchGrid(max_candidates=4096)
+    for command in ("fit", "eval"):
+        assert "--max-candidates" in CliRunner().invoke(cli, [command, "--help"]).output
+    result = CliRunner().invoke(cli, ["fit", ".", "--out", "x", "--max-candidates", "-1"])
+    assert result.exit_code == 2 and "max-candidates" in result.output

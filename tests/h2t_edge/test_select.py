@@ -10,6 +10,9 @@ from h2t_edge.errors import FitError
 from h2t_edge.select import (
     LinearHead,
     SearchGrid,
+    _Data,
+    _run_wide,
+    _screen,
     _train_nested_group,
     batch_schedule,
     fit_head2toe,
@@ -17,6 +20,7 @@ from h2t_edge.select import (
     fit_regularized,
     predict_logits,
     stratified_folds,
+    strong_rule_scores,
     train_heads,
 )
 
@@ -261,6 +265,8 @@ def test_bad_grid_raises_fit_error():
         SearchGrid(folds=1)
     with pytest.raises(FitError, match="fractions"):
         SearchGrid(fractions=(0.0, 0.1))
+    with pytest.raises(FitError, match="max_candidates"):
+        SearchGrid(max_candidates=0)
     x, y = synthetic(30, dim=20)
     with pytest.raises(FitError, match="penalty"):
         fit_regularized(x, y, 3, "l3", small_grid())
@@ -278,3 +284,74 @@ def test_rows_outside_a_models_mask_do_not_touch_it():
                         batch_size=16, seed=0)
     torch.testing.assert_close(w1[0], w2[0])
     assert not torch.allclose(w1[1], w2[1])
+
+
+# ----------------------------------------------------------------------------- screening
+
+
+def _data(x, y, n_classes):
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    return _Data(xt, yt, n_classes, torch.nn.functional.one_hot(yt, n_classes).float(),
+                 torch.zeros(len(y), dtype=torch.int64))
+
+
+def test_strong_rule_scores_are_the_gradient_norm_at_zero():
+    x, y = synthetic(60, dim=25, n_classes=4, seed=3)
+    rows = [np.arange(60) % 3 != 0, np.arange(60) < 45]
+    scores = strong_rule_scores(torch.from_numpy(x), torch.nn.functional.one_hot(
+        torch.from_numpy(y), 4).float(), torch.from_numpy(np.stack(rows)))
+    for g, sub in enumerate(rows):
+        xs, ys = torch.from_numpy(x[sub]), torch.from_numpy(y[sub])
+        prior = torch.bincount(ys, minlength=4).float() / len(ys)
+        w = torch.zeros(25, 4, requires_grad=True)
+        loss = torch.nn.functional.cross_entropy(xs @ w + prior.log(), ys)
+        loss.backward()
+        torch.testing.assert_close(scores[g], torch.linalg.vector_norm(w.grad, dim=1))
+
+
+def test_masked_columns_train_exactly_like_the_submatrix_alone():
+    x, y = synthetic(90, dim=30, seed=4)
+    allowed = np.zeros((30, 2), bool)
+    allowed[[0, 3, 5, 8, 13, 21, 29], 0] = True
+    allowed[:, 1] = True
+    mask = torch.ones(2, 90)
+    (_, w, _), = _run_wide(torch.from_numpy(x), torch.nn.functional.one_hot(
+        torch.from_numpy(y), 3).float(), mask, [0.1, 0.1], [1e-3, 1e-3], "l21", 30, 16, 0, None,
+        "", torch.from_numpy(allowed).float())
+    assert torch.all(w[~torch.from_numpy(allowed[:, 0]), 0] == 0)
+    alone, _ = train_heads(x[:, allowed[:, 0]], y, 3, np.ones((1, 90), bool), [0.1], 30,
+                           penalty="l21", coefs=[1e-3], batch_size=16, seed=0)
+    torch.testing.assert_close(w[torch.from_numpy(allowed[:, 0]), 0], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_screen_uses_only_each_models_training_rows():
+    x, y = synthetic(90, dim=200, seed=5)
+    folds = stratified_folds(y, 3, seed=0)
+    train = torch.from_numpy(np.stack([folds != f for f in (0, 0, 1, 2)])).float()
+    screen = _screen(_data(x, y, 3), train, 20)
+    assert screen.col_mask.shape == (len(screen.pool), 4)
+    assert torch.all(screen.col_mask.sum(0) == 20)
+    torch.testing.assert_close(screen.col_mask[:, 0], screen.col_mask[:, 1])  # same rows, same pool
+    x2 = x.copy()
+    x2[folds == 0] = np.random.default_rng(0).standard_normal(x2[folds == 0].shape)
+    screen2 = _screen(_data(x2, y, 3), train, 20)
+
+    def candidates(s, m):
+        return set(s.pool[s.col_mask[:, m] > 0].tolist())
+
+    assert candidates(screen2, 0) == candidates(screen, 0)  # fold 0's validation rows changed
+    assert candidates(screen2, 2) != candidates(screen, 2)
+    assert _screen(_data(x, y, 3), train, 200) is None  # D <= budget: exact method
+
+
+def test_screened_head2toe_selects_informative_features_from_a_large_pool():
+    x, y = synthetic(240, dim=3000, seed=6, signal=2.5)
+    grid = small_grid(fractions=(0.001, 0.002, 0.05), max_candidates=64)
+    result = fit_head2toe(x, y, 3, grid)
+    assert result.config["screened_to"] == 64
+    assert {row["fraction"] for row in result.cv_table} == {0.001, 0.002}  # 0.05 keeps 150 > 64
+    assert set(result.head.features) <= set(INFORMATIVE)
+    assert len(result.head.features) >= 3
+    assert np.count_nonzero(result.scores) <= 64
+    exact = fit_head2toe(x, y, 3, small_grid(fractions=(0.001, 0.002), max_candidates=None))
+    assert exact.config["screened_to"] is None and np.count_nonzero(exact.scores) > 64
