@@ -24,7 +24,32 @@ Dim = Union[int, str]
 
 
 class Runner(abc.ABC):
-    """Runs one model. Use as `with runner: outputs = runner.infer(feed)`."""
+    """Runs one model. Use as `with runner: outputs = runner.infer(feed)`.
+
+    Subclasses build their model in `activate` with `_load` and check every feed with
+    `_check_feed`, whose input specs are read from the model once per activation.
+    """
+
+    _specs: Optional[dict[str, "InputSpec"]] = None
+
+    @staticmethod
+    def _load(source: Any, is_built: Callable[[Any], bool]) -> Any:
+        """`source` itself when it is already the built object, else the result of calling it
+        (a Loader)."""
+        return source if is_built(source) else source()
+
+    def _input_specs(self) -> dict[str, "InputSpec"]:
+        """Input name -> InputSpec, read from the active model (called once per activation)."""
+        raise NotImplementedError
+
+    def _check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+        """`check_feed` against the model's inputs, cached until `_forget_specs`."""
+        if self._specs is None:
+            self._specs = self._input_specs()
+        check_feed(feed, self._specs)
+
+    def _forget_specs(self) -> None:
+        self._specs = None
 
     def __enter__(self) -> "Runner":
         self.activate()

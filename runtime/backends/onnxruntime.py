@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import BatchProfile, Dim, InputSpec, Loader, Runner, check_feed
+from .base import BatchProfile, Dim, InputSpec, Loader, Runner
 
 # Most preferred first; CPU always works and comes last.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -234,12 +234,12 @@ class OnnxRuntimeRunner(Runner):
     def activate(self) -> None:
         if self._session is not None:
             return
-        source = self._source
         # A session has `run`; anything else is a loader to call.
-        self._session = source if hasattr(source, "run") and hasattr(source, "get_inputs") else source()
+        self._session = self._load(self._source, lambda s: hasattr(s, "run") and hasattr(s, "get_inputs"))
 
     def deactivate(self) -> None:
         self._session = None
+        self._forget_specs()
 
     @property
     def session(self):
@@ -280,8 +280,6 @@ class OnnxRuntimeRunner(Runner):
         names = self.output_names
         return dict(zip(names, self.session.run(names, feed)))
 
-    def _check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+    def _input_specs(self) -> dict[str, InputSpec]:
         shapes = self.input_shapes()
-        check_feed(feed, {
-            i.name: InputSpec(_ORT_DTYPES.get(i.type), shapes[i.name]) for i in self.session.get_inputs()
-        })
+        return {i.name: InputSpec(_ORT_DTYPES.get(i.type), shapes[i.name]) for i in self.session.get_inputs()}

@@ -13,7 +13,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import Dim, InputSpec, Loader, Runner, check_feed
+from .base import Dim, InputSpec, Loader, Runner
 
 # Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values.
 PRECISION_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
@@ -104,14 +104,14 @@ class OpenVinoRunner(Runner):
     def activate(self) -> None:
         if self._compiled is not None:
             return
-        source = self._source
         # A compiled model has `create_infer_request`; anything else is a loader to call.
-        self._compiled = source if hasattr(source, "create_infer_request") else source()
+        self._compiled = self._load(self._source, lambda s: hasattr(s, "create_infer_request"))
         self._request = self._compiled.create_infer_request()
 
     def deactivate(self) -> None:
         self._compiled = None
         self._request = None
+        self._forget_specs()
 
     @property
     def compiled_model(self):
@@ -147,11 +147,15 @@ class OpenVinoRunner(Runner):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run on `feed` (input name -> array of the model's exact dtype and rank); returns
         output name -> array (copies, safe to keep across calls)."""
-        shapes = self.input_shapes()
-        check_feed(feed, {p.get_any_name(): InputSpec(_numpy_dtype(p.get_element_type()), shapes[p.get_any_name()])
-                          for p in self.compiled_model.inputs})
+        self._check_feed(feed)
         results = self._request.infer(feed)
         return {p.get_any_name(): np.asarray(results[p]) for p in self.compiled_model.outputs}
+
+
+    def _input_specs(self) -> dict[str, InputSpec]:
+        shapes = self.input_shapes()
+        return {p.get_any_name(): InputSpec(_numpy_dtype(p.get_element_type()), shapes[p.get_any_name()])
+                for p in self.compiled_model.inputs}
 
 
 def _dims(partial_shape, name: str) -> list[Dim]:

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
 from ..io import file_sha256
 from ..io import atomic_write_bytes, atomic_write_json, read_json
-from .base import BatchProfile, Dim, InputSpec, Loader, Runner, check_feed
+from .base import BatchProfile, Dim, InputSpec, Loader, Runner
 
 INSTALL_HINT = "pip install 'h2t-edge[tensorrt]' (and cuda-python) on a machine with an NVIDIA GPU"
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -356,7 +356,7 @@ class TensorRTRunner(Runner):
         if self._engine is not None:
             return
         trt, cudart = _import_tensorrt(), _import_cudart()
-        data = self._source if isinstance(self._source, (bytes, bytearray)) else self._source()
+        data = self._load(self._source, lambda s: isinstance(s, (bytes, bytearray)))
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(data)
         if self._engine is None:
@@ -374,6 +374,7 @@ class TensorRTRunner(Runner):
         self._buffers.clear()
         cudart.cudaStreamDestroy(self._stream)
         self._engine = self._context = self._stream = None
+        self._forget_specs()
 
     @property
     def engine(self):
@@ -402,6 +403,11 @@ class TensorRTRunner(Runner):
         return {n: [d if d >= 0 else f"{n}_dim{i}" for i, d in enumerate(self.engine.get_tensor_shape(n))]
                 for n in self.input_names}
 
+    def _input_specs(self) -> dict[str, InputSpec]:
+        shapes = self.input_shapes()
+        return {n: InputSpec(np.dtype(self._trt.nptype(self.engine.get_tensor_dtype(n))), shapes[n])
+                for n in self.input_names}
+
     def _device_buffer(self, name: str, nbytes: int) -> int:
         cudart = _import_cudart()
         pointer, size = self._buffers.get(name, (0, 0))
@@ -414,9 +420,7 @@ class TensorRTRunner(Runner):
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         trt, cudart, engine, context = self._trt, _import_cudart(), self.engine, self._context
-        shapes = self.input_shapes()
-        check_feed(feed, {n: InputSpec(np.dtype(trt.nptype(engine.get_tensor_dtype(n))), shapes[n])
-                          for n in self.input_names})
+        self._check_feed(feed)
         h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name, array in feed.items():
             array = np.ascontiguousarray(array)
