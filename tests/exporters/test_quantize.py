@@ -92,3 +92,32 @@ def test_fp16_keeps_normalization_and_head_fp32(small_task):
     fp32, fp16 = _logits(path, x), _logits(half, x)
     np.testing.assert_allclose(fp16, fp32, atol=0.02 * np.abs(fp32).max())
     assert check_tensorrt(half).ok
+
+
+def test_cli_build_engine_then_check(small_task, lite0_onnx, photos, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from h2t_edge.cli import cli
+    from h2t_edge.features import LAYOUT_KEY
+
+    # the layout in the graph's metadata tells build-engine how to preprocess the calibration images
+    model = onnx.load(str(small_task[0]))
+    onnx.helper.set_model_props(model, {LAYOUT_KEY: json.dumps(lite0_onnx[1])})
+    path = tmp_path / "task.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "task.int8.onnx"
+    result = CliRunner().invoke(cli, ["build-engine", str(path), "--precision", "int8",
+                                      "--calib", str(photos["chelsea"].parent), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "calibrated on 4 images" in result.output
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    assert sidecar["build"]["precision"] == "int8" and sidecar["build"]["backend"] == "onnxruntime"
+    # the fp32 graph passes TensorRT's parser check; the CPU int8 flavour does not, and says why
+    result = CliRunner().invoke(cli, ["check", str(path), "--tensorrt", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["ok"] is True
+    result = CliRunner().invoke(cli, ["check", str(out), "--tensorrt"])
+    assert result.exit_code == 1
+    assert "dtype" in result.output or "restriction" in result.output
