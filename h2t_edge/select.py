@@ -54,12 +54,20 @@ _PROGRESS_EVERY = 25  # steps between progress callbacks
 _GATHER_BUDGET_BYTES = 1 << 30  # per chunk of retrained models: [n, models, k_max] float32
 
 
+def _training_threads() -> int:
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def _cpu_training_mode():
-    """All cores, and denormals flushed to zero: saturated softmax probabilities and decayed
-    Adam moments otherwise turn into denormals that make GEMMs ~100x slower on x86."""
+    """All cores (or $OMP_NUM_THREADS when set, e.g. to run two fits side by side), and
+    denormals flushed to zero: saturated softmax probabilities and decayed Adam moments otherwise
+    turn into denormals that make GEMMs ~100x slower on x86."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(_training_threads())
     torch.set_flush_denormal(True)
     try:
         yield

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -355,3 +357,14 @@ def test_screened_head2toe_selects_informative_features_from_a_large_pool():
     assert np.count_nonzero(result.scores) <= 64
     exact = fit_head2toe(x, y, 3, small_grid(fractions=(0.001, 0.002), max_candidates=None))
     assert exact.config["screened_to"] is None and np.count_nonzero(exact.scores) > 64
+
+
+def test_training_threads_follow_omp_num_threads(monkeypatch):
+    from h2t_edge.select import _training_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert _training_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert _training_threads() == (os.cpu_count() or 1)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _training_threads() == (os.cpu_count() or 1)
