@@ -347,23 +347,24 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
     """Unregularized heads on nested column prefixes, one lr.
 
     columns: int64[M, k_max] ranked columns per model; head f of model m uses columns[m, :ks[f]].
-    Returns per f: weight [M, ks[f], C], bias [M, C]; and the gathered block [n, M, k_max].
+    Returns per f: weight [M, ks[f], C], bias [M, C]; and the gathered block [M, n, k_max].
     """
     n_models, k_max = columns.shape
     n_classes = onehot.shape[1]
+    # model-major, so each step's row gather lands as contiguous [M, b, k_max] for bmm
     block = x.index_select(1, columns.reshape(-1)).view(x.shape[0], n_models, k_max)
+    block = block.permute(1, 0, 2).contiguous()
     weights = [torch.zeros(n_models, k, n_classes) for k in ks]
     bias = torch.zeros(len(ks), n_models, n_classes)
     grads = [torch.empty_like(p) for p in weights + [bias]]
     adam = _Adam(weights + [bias])
     b = batches.shape[1]
-    xb = torch.empty(b, n_models * k_max)
+    xg = torch.empty(n_models, b, k_max)
     logits = torch.empty(len(ks), n_models, b, n_classes)  # contiguous per head f
     steps = batches.shape[0]
     for step in range(steps):
         idx = batches[step]
-        torch.index_select(block.view(x.shape[0], -1), 0, idx, out=xb)
-        xg = xb.view(b, n_models, k_max).transpose(0, 1)  # [M, b, k_max]
+        torch.index_select(block, 1, idx, out=xg)
         for f, k in enumerate(ks):
             torch.baddbmm(bias[f].unsqueeze(1), xg[:, :, :k], weights[f], out=logits[f])
         _ce_grad_(logits, onehot[idx], _row_weights(mask, idx).t().unsqueeze(2))
@@ -384,11 +385,12 @@ def _nested_chunks(models: np.ndarray, n: int, k_max: int) -> list[np.ndarray]:
 
 
 def _nested_val_accuracy(block, weights, biases, labels, val_mask, ks) -> torch.Tensor:
-    """float64[M, F]: accuracy of every nested head on its model's validation rows."""
-    xg = block.transpose(0, 1)  # [M, n, k_max]
-    acc = torch.empty(block.shape[1], len(ks), dtype=torch.float64)
+    """float64[M, F]: accuracy of every nested head on its model's validation rows.
+
+    block: the gathered columns [M, n, k_max] of _train_nested_group."""
+    acc = torch.empty(block.shape[0], len(ks), dtype=torch.float64)
     for f, k in enumerate(ks):
-        pred = torch.baddbmm(biases[f].unsqueeze(1), xg[:, :, :k], weights[f]).argmax(-1)
+        pred = torch.baddbmm(biases[f].unsqueeze(1), block[:, :, :k], weights[f]).argmax(-1)
         acc[:, f] = _masked_mean((pred == labels).double(), val_mask)
     return acc
 
