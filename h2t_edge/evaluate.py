@@ -13,7 +13,9 @@ them and measure test accuracy (paper Section 4 and Appendix A):
 
 Results are one JSON record per (task, method, backbone, seed, protocol), appended to
 `<out>.json` as soon as each is done; a rerun skips the records already there, so an
-interrupted evaluation loses at most the cell it was fitting. `write_report` turns the records
+interrupted evaluation loses at most the cell it was fitting. HEAD2TOE's fit at each target
+size is also kept (in the train feature cache's `fits/`, keyed by the grid), so a cell
+interrupted between target sizes, or rerun with more of them, refits only the missing ones. `write_report` turns the records
 into `<out>.md` (Table-1 layout, fit seconds beside it) and `<out>.png` (HEAD2TOE gain over
 LINEAR per task).
 """
@@ -21,6 +23,8 @@ LINEAR per task).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -73,6 +77,12 @@ class _Features:
 
     def pre_logits(self) -> slice:
         return self.train.tap_columns(self.train.layout["pre_logits"])
+
+    def run_path(self, method: str, grid: SearchGrid) -> Path:
+        """Where one fit at this T is kept: inside the train cache (so it belongs to these exact
+        features), keyed by the grid and the test cache."""
+        key = json.dumps({"grid": grid.to_dict(), "test": self.test.root.name}, sort_keys=True)
+        return self.train.root / "fits" / f"{method}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
 
 
 def run_eval(
@@ -214,11 +224,17 @@ def _evaluate(method: str, data: TaskData, feats: dict[int, _Features], grid: Se
     if method == "HEAD2TOE":
         runs = []
         for t, f in sorted(feats.items()):
+            # each T's fit is kept as soon as it ends: an interrupted or extended run reuses it
+            path = f.run_path(method, grid)
+            if path.exists():
+                runs.append(read_json(path, "HEAD2TOE fit at one target size"))
+                continue
             x, y, xt, yt = f.arrays()
             result = fit_head2toe(x, y, n_classes, grid)
             runs.append({"target_size": t, "candidates": int(x.shape[1]), "cv_accuracy": _cv_accuracy(result),
                          "test_accuracy": _test_accuracy(result, xt, yt), "fit_seconds": result.fit_seconds,
                          "n_features": int(len(result.head.features)), "config": result.config})
+            atomic_write_json(path, runs[-1])
             if log is not None and len(feats) > 1:
                 log(f"  HEAD2TOE at T={t}: {x.shape[1]} candidates, cv {100 * runs[-1]['cv_accuracy']:.1f}%, "
                     f"fit {result.fit_seconds:.0f} s")

@@ -106,7 +106,7 @@ def test_bad_requests_and_cli(tmp_path):
     assert result.exit_code != 0 and "unknown task 'nope'" in str(result.exception)
 
 
-def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch):
+def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
     import numpy as np
@@ -118,7 +118,8 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch):
 
     def features(t):
         x = np.zeros((4, dims[t]), np.float32)
-        return SimpleNamespace(target_size=t, arrays=lambda: (x, np.array([0, 1, 0, 1]), x[:2], np.array([0, 1])))
+        return SimpleNamespace(target_size=t, arrays=lambda: (x, np.array([0, 1, 0, 1]), x[:2], np.array([0, 1])),
+                               run_path=lambda method, grid: tmp_path / f"{method}-T{t}.json")
 
     def fake_fit(x, y, n_classes, grid):
         head = LinearHead(np.zeros((1, 2), np.float32), np.zeros(2, np.float32), np.array([0]))
@@ -130,6 +131,12 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch):
     assert record["target_size"] == 2048 and record["candidates"] == 20 and record["cv_accuracy"] == 0.7
     assert record["fit_seconds"] == 4.5  # every T's fit counts
     assert [r["target_size"] for r in record["per_target_size"]] == [512, 2048, 8192]
+    # every T's fit was kept; a rerun (or one interrupted after T=2048) refits only what is missing
+    (tmp_path / "HEAD2TOE-T8192.json").unlink()
+    fitted = []
+    monkeypatch.setattr(evaluate, "fit_head2toe", lambda x, *a: fitted.append(x.shape[1]) or fake_fit(x, *a))
+    again = evaluate._evaluate("HEAD2TOE", data, {t: features(t) for t in dims}, TINY_GRID)
+    assert fitted == [30] and again["per_target_size"] == record["per_target_size"]
 
 
 def test_cli_report_only_rewrites_the_report(evaluated):
