@@ -31,17 +31,21 @@ KEY = ("task", "target_size", "grid", "seed", "budget")
 def _table(entries: list[dict]) -> str:
     lines = ["# HEAD2TOE with a screened candidate pool against the exact group lasso", "",
              "EfficientNet-Lite0 features; budget = candidates per CV fold (`SearchGrid.max_candidates`, "
-             "0 = exact). Overlap = |selected ∩ exact selected| / |exact selected| for the same k.", "",
-             "| task | T | candidates | grid | seed | budget | fit + CV s | speed-up | CV acc | test acc | "
+             "0 = exact). Load: the 1-minute load average when the fit ended (2 cores; about 2 = this fit "
+             "alone). Overlap: the share of the run's selected features that are among the top k of the exact "
+             "run's final ranking, which uses the exact run's own chosen lambda and lr, so it is only a rough "
+             "guide (`screening_recall.json` compares like with like).", "",
+             *[f"- {e['task']} T={e['target_size']} budget {e['budget'] or 'exact'}: {e['note']}"
+               for e in entries if e.get("note")], "",
+             "| task | T | candidates | grid | seed | budget | fit + CV s | load | CV acc | test acc | "
              "F | kept | lambda | lr | steps | overlap |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e in sorted(entries, key=lambda e: tuple(e[k] for k in KEY)):
         c = e["config"]
-        exact = next((x for x in entries if all(x[k] == e[k] for k in KEY[:-1]) and x["budget"] == 0), None)
-        speed = f"{exact['fit_seconds'] / e['fit_seconds']:.1f}x" if exact else "–"
+        load = "–" if e.get("load") is None else f"{e['load']:.1f}"
         overlap = "–" if e.get("overlap") is None else f"{e['overlap']:.2f}"
         lines.append(f"| {e['task']} | {e['target_size']} | {e['candidates']:,} | {e['grid']} | {e['seed']} | "
-                     f"{e['budget'] or 'exact'} | {e['fit_seconds']:.0f} | {speed} | {100 * e['cv_accuracy']:.1f} | "
+                     f"{e['budget'] or 'exact'} | {e['fit_seconds']:.0f} | {load} | {100 * e['cv_accuracy']:.1f} | "
                      f"{100 * e['test_accuracy']:.1f} | {c['fraction']} | {c['n_features']:,} | {c['l21']} | "
                      f"{c['lr']} | {c['steps']} | {overlap} |")
     return "\n".join(lines)
@@ -77,7 +81,8 @@ def main() -> None:
                  "grid": args.grid, "seed": args.seed, "budget": budget, "fit_seconds": round(seconds, 1),
                  "cv_accuracy": max(r["val_acc_mean"] for r in result.cv_table),
                  "test_accuracy": float((predict_logits(result.head, xt).argmax(1) == yt).mean()),
-                 "config": result.config, "overlap": overlap, "cpus": os.cpu_count()}
+                 "config": result.config, "overlap": overlap, "cpus": os.cpu_count(),
+                 "load": round(os.getloadavg()[0], 2)}
         print(json.dumps(entry))
         entries = [e for e in entries if tuple(e[k] for k in KEY) != tuple(entry[k] for k in KEY)] + [entry]
         atomic_write_json(RESULTS.with_suffix(".json"), entries)
