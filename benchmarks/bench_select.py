@@ -1,12 +1,13 @@
 """Time fit_head2toe on random features: n=1000, C=16 (paper grid unless --quick).
 
-    python benchmarks/bench_select.py --dim 25000 [--quick]
-Writes benchmarks/results/select.json (one entry per (dim, grid), newest run wins).
+    python benchmarks/bench_select.py --dim 25000 [--quick] [--max-candidates N]
+Writes benchmarks/results/select.json (one entry per (dim, grid, budget), newest run wins).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -31,7 +32,9 @@ def random_features(n: int, dim: int, n_classes: int, seed: int = 0):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dim", type=int, choices=(25_000, 100_000), default=25_000)
+    parser.add_argument("--dim", type=int, default=25_000, help="candidate features D (any size)")
+    parser.add_argument("--max-candidates", type=int, default=None,
+                        help="screening budget per fold (0 = exact; default: the grid's, 32768)")
     parser.add_argument("--quick", action="store_true",
                         help="SearchGrid.quick() instead of SearchGrid.paper()")
     parser.add_argument("--n", type=int, default=1000)
@@ -39,6 +42,8 @@ def main() -> None:
     args = parser.parse_args()
 
     grid = SearchGrid.quick() if args.quick else SearchGrid.paper()
+    if args.max_candidates is not None:
+        grid = dataclasses.replace(grid, max_candidates=args.max_candidates or None)
     x, y = random_features(args.n, args.dim, args.classes)
     stages: dict[str, float] = {}
     last = [time.perf_counter()]
@@ -64,7 +69,9 @@ def main() -> None:
              "config": result.config}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    runs = [r for r in runs if (r["grid"], r["dim"], r["n"]) != (entry["grid"], args.dim, args.n)]
+    entry["max_candidates"] = grid.max_candidates
+    runs = [r for r in runs if (r["grid"], r["dim"], r["n"], r.get("max_candidates", 32768)) !=
+            (entry["grid"], args.dim, args.n, grid.max_candidates)]
     RESULTS.write_text(json.dumps(runs + [entry], indent=2) + "\n")
 
 

@@ -432,7 +432,13 @@ def write_report(out: str | os.PathLike, title: str = DEFAULT_TITLE) -> dict[str
     json_path = results_path(out)
     records = load_results(json_path)
     base = json_path.with_suffix("")
-    paths = {"json": json_path, "md": atomic_write_text(base.with_suffix(".md"), report_markdown(records, title) + "\n")}
+    text = report_markdown(records, title)
+    protocols = sorted({r["protocol"] for r in records})
+    if len(protocols) > 1:  # the main table prefers the paper protocol; also show each protocol alone
+        for protocol in protocols:
+            text += "\n\n#" + report_markdown([r for r in records if r["protocol"] == protocol],
+                                              f"{protocol} protocol only")
+    paths = {"json": json_path, "md": atomic_write_text(base.with_suffix(".md"), text + "\n")}
     if records:
         paths["png"] = plot_gains(records, base.with_suffix(".png"))
     return paths

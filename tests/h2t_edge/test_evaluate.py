@@ -145,3 +145,18 @@ def test_cli_report_only_rewrites_the_report(evaluated):
     result = CliRunner().invoke(cli, ["eval", "--report-only", "--out", str(root / "res")])
     assert result.exit_code == 0, result.output
     assert "wrote md" in result.output and "| HEAD2TOE |" in (root / "res.md").read_text()
+
+
+def test_report_shows_each_protocol_alone_when_mixed(tmp_path):
+    def rec(method, seed, acc, protocol):
+        return {"task": "digits", "group": "natural", "method": method, "backbone": "b", "seed": seed,
+                "protocol": protocol, "test_accuracy": acc, "fit_seconds": 1.0, "target_size": 512, "n_train": 1000,
+                "n_test": 797, "candidates": 10, "n_features": 5,
+                "config": {"fraction": 0.5, "l21": 1e-3, "lr": 0.1, "steps": 500}}
+
+    records = [rec("LINEAR", 0, 0.9, "paper"), rec("LINEAR", 0, 0.7, "quick"), rec("LINEAR", 1, 0.8, "quick")]
+    evaluate._save(tmp_path / "r.json", records)
+    md = write_report(tmp_path / "r")["md"].read_text()
+    assert "## paper protocol only" in md and "## quick protocol only" in md
+    assert md.count("| LINEAR | 90.0 ± 0.0 |") == 2  # the merged table (paper wins) and the paper-only one
+    assert "| LINEAR | 75.0 ± 5.0† |" in md  # quick alone: median of its two seeds
