@@ -340,7 +340,28 @@ def report_markdown(records: list[dict], title: str = DEFAULT_TITLE) -> str:
             lines.append(f"| {method} | " + " | ".join("–" if v is None else f"{v.median:.0f}" for v in values)
                          + f" | {total:.0f} |")
         lines += ["", _choices_table(records, backbone, all_tasks), ""]
+        lines += _target_size_table(records, backbone, all_tasks)
     return "\n".join(lines)
+
+
+def _target_size_table(records, backbone, tasks) -> list[str]:
+    """HEAD2TOE at each target size, where a record tried more than one (CV picks the row marked *)."""
+    rows = []
+    for t in tasks:
+        for r in sorted((r for r in records if r["backbone"] == backbone and r["task"] == t
+                         and r["method"] == "HEAD2TOE" and len(r.get("per_target_size", [])) > 1),
+                        key=lambda r: (r["protocol"], r["seed"])):
+            for run in r["per_target_size"]:
+                c = run["config"]
+                mark = "*" if run["target_size"] == r["target_size"] else ""
+                rows.append(f"| {t} | {r['protocol']} | {r['seed']} | {run['target_size']}{mark} | {run['candidates']:,} "
+                            f"| {c.get('screened_to') or '–'} | {100 * run['cv_accuracy']:.1f} | "
+                            f"{100 * run['test_accuracy']:.1f} | {run['n_features']:,} | {run['fit_seconds']:.0f} |")
+    if not rows:
+        return []
+    return ["HEAD2TOE at each target size (* = chosen by CV; screened: candidates per fold when the pool "
+            "was screened).", "", "| task | protocol | seed | T | candidates | screened | CV acc | test acc | kept "
+            "| fit + CV s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _caption(records, cells, backbone, tasks) -> str:

@@ -123,7 +123,8 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch, tmp_path):
 
     def fake_fit(x, y, n_classes, grid):
         head = LinearHead(np.zeros((1, 2), np.float32), np.zeros(2, np.float32), np.array([0]))
-        return FitResult("HEAD2TOE", head, {"fraction": 0.1}, [{"val_acc_mean": cv[x.shape[1]]}], None, 1.5)
+        return FitResult("HEAD2TOE", head, {"fraction": 0.1, "l21": 1e-3, "lr": 0.1, "steps": 500},
+                         [{"val_acc_mean": cv[x.shape[1]]}], None, 1.5)
 
     monkeypatch.setattr(evaluate, "fit_head2toe", fake_fit)
     data = SimpleNamespace(train=SimpleNamespace(classes=("a", "b")))
@@ -131,6 +132,10 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch, tmp_path):
     assert record["target_size"] == 2048 and record["candidates"] == 20 and record["cv_accuracy"] == 0.7
     assert record["fit_seconds"] == 4.5  # every T's fit counts
     assert [r["target_size"] for r in record["per_target_size"]] == [512, 2048, 8192]
+    record.update(task="digits", group="natural", method="HEAD2TOE", backbone="b", seed=0, protocol="paper",
+                  n_train=4, n_test=2)
+    md = report_markdown([record])
+    assert "| digits | paper | 0 | 2048* | 20 | – | 70.0 |" in md and "| digits | paper | 0 | 8192 | 30 |" in md
     # every T's fit was kept; a rerun (or one interrupted after T=2048) refits only what is missing
     (tmp_path / "HEAD2TOE-T8192.json").unlink()
     fitted = []
