@@ -12,7 +12,7 @@ import os
 from typing import Any, Union
 
 from ..errors import BackendUnavailable
-from .base import BatchProfile, Dim, InputSpec, Loader, Runner
+from .base import BatchProfile, Dim, InputSpec, Loader, Runner, check_feed
 from .onnxruntime import OnnxRuntimeRunner, SessionLoader, available_providers, tensorrt_ep_options
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")

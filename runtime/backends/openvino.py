@@ -151,7 +151,6 @@ class OpenVinoRunner(Runner):
         results = self._request.infer(feed)
         return {p.get_any_name(): np.asarray(results[p]) for p in self.compiled_model.outputs}
 
-
     def _input_specs(self) -> dict[str, InputSpec]:
         shapes = self.input_shapes()
         return {p.get_any_name(): InputSpec(_numpy_dtype(p.get_element_type()), shapes[p.get_any_name()])
