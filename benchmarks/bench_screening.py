@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from h2t_edge.evaluate import task_features
-from h2t_edge.select import SearchGrid, fit_head2toe, predict_logits
+from h2t_edge.evaluate import best_cv_accuracy, holdout_accuracy, task_features
+from h2t_edge.select import SearchGrid, fit_head2toe
 from runtime.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results" / "screening"
@@ -79,8 +79,7 @@ def main() -> None:
                    len(cols & set(exact_cols[:len(cols)].tolist())) / len(cols))
         entry = {"task": args.task, "target_size": args.target_size, "candidates": int(x.shape[1]),
                  "grid": args.grid, "seed": args.seed, "budget": budget, "fit_seconds": round(seconds, 1),
-                 "cv_accuracy": max(r["val_acc_mean"] for r in result.cv_table),
-                 "test_accuracy": float((predict_logits(result.head, xt).argmax(1) == yt).mean()),
+                 "cv_accuracy": best_cv_accuracy(result), "test_accuracy": holdout_accuracy(result, xt, yt),
                  "config": result.config, "overlap": overlap, "cpus": os.cpu_count(),
                  "load": round(os.getloadavg()[0], 2)}
         print(json.dumps(entry))

@@ -209,11 +209,13 @@ def task_features(task: str, target_size: int, *, backbone: str = "efficientnet_
             len(data.train.classes))
 
 
-def _test_accuracy(result: FitResult, x_test: np.ndarray, y_test: np.ndarray) -> float:
+def holdout_accuracy(result: FitResult, x_test: np.ndarray, y_test: np.ndarray) -> float:
+    """Share of test rows whose argmax logit is the label."""
     return float((predict_logits(result.head, x_test).argmax(1) == y_test).mean())
 
 
-def _cv_accuracy(result: FitResult) -> float:
+def best_cv_accuracy(result: FitResult) -> float:
+    """The best mean validation accuracy of the fit's CV table."""
     return max(row["val_acc_mean"] for row in result.cv_table)
 
 
@@ -231,9 +233,7 @@ def _evaluate(method: str, data: TaskData, feats: dict[int, _Features], grid: Se
                 continue
             x, y, xt, yt = f.arrays()
             result = fit_head2toe(x, y, n_classes, grid)
-            runs.append({"target_size": t, "candidates": int(x.shape[1]), "cv_accuracy": _cv_accuracy(result),
-                         "test_accuracy": _test_accuracy(result, xt, yt), "fit_seconds": result.fit_seconds,
-                         "n_features": int(len(result.head.features)), "config": result.config})
+            runs.append(_fit_record(t, x.shape[1], result, xt, yt))
             atomic_write_json(path, runs[-1])
             if log is not None and len(feats) > 1:
                 log(f"  HEAD2TOE at T={t}: {x.shape[1]} candidates, cv {100 * runs[-1]['cv_accuracy']:.1f}%, "
@@ -250,9 +250,14 @@ def _evaluate(method: str, data: TaskData, feats: dict[int, _Features], grid: Se
         result = fit_linear(x, y, n_classes, grid)
     else:
         result = fit_regularized(x, y, n_classes, method.split("-")[1].lower(), grid)
-    return {"target_size": smallest.target_size, "candidates": int(x.shape[1]), "cv_accuracy": _cv_accuracy(result),
-            "test_accuracy": _test_accuracy(result, xt, yt), "n_features": int(len(result.head.features)),
-            "config": result.config, "fit_seconds": result.fit_seconds, "grid": grid.to_dict()}
+    return {**_fit_record(smallest.target_size, x.shape[1], result, xt, yt), "grid": grid.to_dict()}
+
+
+def _fit_record(target_size: int, candidates: int, result: FitResult, x_test, y_test) -> dict:
+    """What one fit at one target size contributes to a results record."""
+    return {"target_size": target_size, "candidates": int(candidates), "cv_accuracy": best_cv_accuracy(result),
+            "test_accuracy": holdout_accuracy(result, x_test, y_test), "fit_seconds": result.fit_seconds,
+            "n_features": int(len(result.head.features)), "config": result.config}
 
 
 # ----------------------------------------------------------------------------- report
