@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +20,52 @@ from .errors import ArtifactError
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write `data` to `path` atomically; create the parent directory if needed. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write_files({path: data})[0]
+
+
+def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
+    """Write several files as one artifact: every file is staged (written and fsync'ed to a
+    temporary name) before any target is replaced, so a failed write (a full disk, a crash while
+    writing) leaves all previous files untouched. Targets are replaced in the given order; put the
+    file that vouches for the others (the one holding their checksums) last."""
+    staged: list[tuple[Path, str]] = []
+    try:
+        for target, data in files.items():
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((path, _stage(path, data)))
+        for path, tmp_name in staged:
+            os.replace(tmp_name, path)
+    except BaseException:
+        for _, tmp_name in staged:
+            Path(tmp_name).unlink(missing_ok=True)
+        raise
+    for directory in dict.fromkeys(path.parent for path, _ in staged):
+        _fsync_directory(directory)
+    return [path for path, _ in staged]
+
+
+def _stage(path: Path, data: bytes) -> str:
+    """Write `data` to a new temporary file beside `path`, fsync'ed; returns its name."""
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as tmp:
-            tmp.write(data)
+            _write_fully(tmp, data)
             tmp.flush()
             os.fsync(tmp.fileno())
         # mkstemp creates 0600 files; give the artifact the usual umask-based permissions.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_name, 0o666 & ~umask)
-        os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
-    return path
+    return tmp_name
+
+
+def _write_fully(file, data: bytes) -> None:
+    # One place that writes artifact bytes (the reliability tests make it fail part-way).
+    file.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -68,6 +97,9 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
             f"{what} {path} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); "
             "re-create it"
         ) from exc
+    # Valid JSON that Python will not hold: numbers over int's digit limit, absurd nesting.
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"cannot parse {what} {path} ({type(exc).__name__}: {exc}); re-create it") from None
 
 
 def _fsync_directory(directory: Path) -> None:
