@@ -571,34 +571,58 @@ def _screen(data: _Data, train_mask: torch.Tensor, budget: int | None) -> _Scree
     return _Screen(budget, pool, data.x.index_select(1, pool), col_mask)
 
 
-def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed, ks,
+def _keep_first(ranked: torch.Tensor, keep: torch.Tensor, extra: int) -> torch.Tensor:
+    """int64[M, K + extra]: the kept columns keep[K] first, then each model's `extra` best ranked
+    columns outside them. ranked: int64[M, W] with W >= K + extra, by decreasing relevance."""
+    rows = []
+    for order in ranked:
+        rest = order[~torch.isin(order, keep)][:extra]
+        rows.append(torch.cat([keep, rest]))
+    return torch.stack(rows)
+
+
+def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed, variants,
                         progress, stage, screen: _Screen | None = None):
     """Group-lasso selection run, then nested unregularized retraining, per lr group.
 
-    Yields (models, relevance [Mg, D], heads: list of (weight [Mg, k, C], bias [Mg, C]) per k,
-    columns int64[Mg, k_max] ranked, accuracy float64[Mg, F] or None). With a screen, the group
-    lasso sees only the pool and each model only its candidates; relevance is 0 elsewhere.
+    variants: {name: (ks ascending, keep int64[K] or None)}; every variant retrains on the same
+    ranking (one group-lasso run): head f of a plain variant uses the top ks[f] columns, that of a
+    keep variant the K kept columns plus the best ks[f] - K others. Variants with no ks are skipped.
+    Yields (variant, models, relevance [Mg, D], heads: list of (weight [Mg, k, C], bias [Mg, C])
+    per k, columns int64[Mg, ks[-1]] ranked, accuracy float64[Mg, F] or None). With a screen, the
+    group lasso sees only the pool and each model only its candidates; relevance is 0 elsewhere.
     """
-    k_max = ks[-1]
+    variants = {name: v for name, v in variants.items() if v[0]}
     n, dim = data.x.shape
     x, col_mask = (data.x, None) if screen is None else (screen.x, screen.col_mask)
+    width = min(x.shape[1], max(ks[-1] + (0 if keep is None else len(keep))
+                                for ks, keep in variants.values()))
     for models, w, _ in _run_wide(x, data.onehot, mask, lrs, l21s, "l21", steps, batch_size,
                                   seed, progress, f"{stage} select steps={steps}", col_mask):
-        scores, columns = _top_columns(w, k_max, None if col_mask is None else col_mask[:, models])
+        scores, ranked = _top_columns(w, width, None if col_mask is None else col_mask[:, models])
         del w
         if screen is not None:
-            columns = screen.pool[columns]
+            ranked = screen.pool[ranked]
             scores = torch.zeros(len(models), dim).index_copy_(1, screen.pool, scores)
         lr = lrs[models[0]]
         batches = batch_schedule(n, batch_size, steps, seed)
-        chunks = _nested_chunks(np.arange(len(models)), n, k_max)
-        for i, chunk in enumerate(chunks):
-            weights, biases, block = _train_nested_group(
-                data.x, data.onehot, mask[models[chunk]], lr, columns[chunk], ks, batches,
-                progress, f"{stage} retrain steps={steps}", i * steps, len(chunks) * steps)
-            acc = None if val_mask is None else _nested_val_accuracy(
-                block, weights, biases, data.y, val_mask[models[chunk]], ks)
-            yield (models[chunk], scores[chunk], list(zip(weights, biases)), columns[chunk], acc)
+        for name, (ks, keep) in variants.items():
+            k_max = ks[-1]
+            columns = (ranked[:, :k_max].contiguous() if keep is None
+                       else _keep_first(ranked, keep, k_max - len(keep)))
+            chunks = _nested_chunks(np.arange(len(models)), n, k_max)
+            for i, chunk in enumerate(chunks):
+                weights, biases, block = _train_nested_group(
+                    data.x, data.onehot, mask[models[chunk]], lr, columns[chunk], ks, batches,
+                    progress, f"{stage} retrain {name} steps={steps}", i * steps, len(chunks) * steps)
+                acc = None if val_mask is None else _nested_val_accuracy(
+                    block, weights, biases, data.y, val_mask[models[chunk]], ks)
+                del block
+                yield (name, models[chunk], scores[chunk], list(zip(weights, biases)), columns[chunk],
+                       acc)
+
+
+HEAD2TOE_KEEP = "HEAD2TOE+LINEAR"  # HEAD2TOE whose selection always keeps given columns
 
 
 @_cpu_training_mode()
@@ -608,6 +632,22 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
 
     features: float[n, D] (per-tap pooled, L2-normalized), labels: int[n] in [0, n_classes).
     CV over grid.l21s x lrs x steps x fractions; the best config is refitted on all rows.
+    """
+    return fit_head2toe_variants(features, labels, n_classes, grid, progress)["HEAD2TOE"]
+
+
+@_cpu_training_mode()
+def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
+                          progress: Progress | None = None,
+                          keep: np.ndarray | None = None) -> dict[str, FitResult]:
+    """HEAD2TOE and, when `keep` is given, HEAD2TOE+LINEAR from one group-lasso run per CV model.
+
+    features: float[n, D]; keep: int[K] columns (e.g. the pre-logits) that HEAD2TOE+LINEAR always
+    keeps, adding the best k_F others by the same relevance ranking (its selection can only add
+    to a head on `keep`). This variant is not in the paper; both are cross-validated on the same
+    folds, and each gets its own best (F, lambda, lr, steps) and final refit.
+    Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; their fit_seconds are the
+    shared total.
     """
     start = time.perf_counter()
     data = _setup(features, labels, n_classes, grid)
@@ -621,32 +661,58 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
         raise FitError(f"every fraction in SearchGrid.fractions keeps more than max_candidates="
                        f"{grid.max_candidates} of {dim} features; raise max_candidates or add "
                        f"smaller fractions")
-    ks = sorted(set(k_of[f] for f in fractions))
-    accs: dict = {}
+    plan = {"HEAD2TOE": (fractions, None)}
+    if keep is not None:
+        keep_t = torch.from_numpy(np.unique(np.asarray(keep, dtype=np.int64)))
+        if keep_t.numel() == 0 or keep_t[0] < 0 or keep_t[-1] >= dim:
+            raise FitError(f"keep must name columns in [0, {dim}); got {keep_t.numel()} columns")
+        room = (dim if screen is None else len(screen.pool)) - len(keep_t)
+        plan[HEAD2TOE_KEEP] = ([f for f in fractions if k_of[f] <= room], keep_t)
+        if not plan[HEAD2TOE_KEEP][0]:
+            raise FitError(f"no fraction in SearchGrid.fractions leaves room beside the {len(keep_t)} "
+                           f"kept columns of {dim}; add smaller fractions")
+    extra = {name: 0 if kp is None else len(kp) for name, (_, kp) in plan.items()}
+    ks = {name: sorted(set(k_of[f] + extra[name] for f in fr)) for name, (fr, _) in plan.items()}
+    variants = {name: (ks[name], kp) for name, (_, kp) in plan.items()}
+    accs: dict = {name: {} for name in plan}
     for steps in grid.steps:
-        for idx, _, _, _, acc in _select_and_retrain(
+        for name, idx, _, _, _, acc in _select_and_retrain(
                 data, train_mask, val_mask, [m[1] for m in models], [m[0] for m in models],
-                steps, _cv_batch_size(grid), grid.seed, ks, progress, "cv", screen):
+                steps, _cv_batch_size(grid), grid.seed, variants, progress, "cv", screen):
             for j, m in enumerate(idx):
                 l21, lr, _ = models[m]
-                for fraction in fractions:
+                for fraction in plan[name][0]:
+                    k = k_of[fraction] + extra[name]
                     key = (("l21", l21), ("lr", lr), ("steps", steps), ("fraction", fraction),
-                           ("n_features", k_of[fraction]))
-                    accs.setdefault(key, []).append(float(acc[j, ks.index(k_of[fraction])]))
-    table = _summarize(accs, {"method": "HEAD2TOE", "penalty": None})
-    best = _best(table)
-    k = best["n_features"]
+                           ("n_features", k))
+                    accs[name].setdefault(key, []).append(float(acc[j, ks[name].index(k)]))
+    tables = {name: _summarize(accs[name], {"method": name, "penalty": None}) for name in plan}
+    best = {name: _best(table) for name, table in tables.items()}
     del screen
     all_rows = torch.ones(1, data.x.shape[0])
     screen = _screen(data, all_rows, grid.max_candidates)
-    (_, scores, heads, columns, _), = _select_and_retrain(
-        data, all_rows, None, [best["lr"]], [best["l21"]], best["steps"],
-        grid.batch_size, grid.seed, [k], progress, "refit", screen)
-    weight, bias = heads[0]
-    order = torch.argsort(columns[0])  # LinearHead keeps columns sorted
-    head = LinearHead(weight[0][order].numpy().copy(), bias[0].numpy().copy(),
-                      columns[0][order].numpy().astype(np.int64))
-    config = _config(best, grid, "l21", "lr", "steps", "fraction", "n_features")
-    config["screened_to"] = None if screen is None else screen.budget  # candidates per fold
-    return FitResult("HEAD2TOE", head, config, table, scores[0].numpy().astype(np.float32),
-                     time.perf_counter() - start)
+    refits: dict = {}
+    # variants whose CV picked the same (lambda, lr, steps) share the final selection run
+    for config in dict.fromkeys((b["l21"], b["lr"], b["steps"]) for b in best.values()):
+        l21, lr, steps = config
+        wanted = {name: ([best[name]["n_features"]], plan[name][1]) for name in plan
+                  if (best[name]["l21"], best[name]["lr"], best[name]["steps"]) == config}
+        for name, _, scores, heads, columns, _ in _select_and_retrain(
+                data, all_rows, None, [lr], [l21], steps, grid.batch_size, grid.seed, wanted,
+                progress, "refit", screen):
+            refits[name] = (scores, heads, columns)
+    seconds = time.perf_counter() - start
+    results = {}
+    for name in plan:
+        scores, heads, columns = refits[name]
+        weight, bias = heads[0]
+        order = torch.argsort(columns[0])  # LinearHead keeps columns sorted
+        head = LinearHead(weight[0][order].numpy().copy(), bias[0].numpy().copy(),
+                          columns[0][order].numpy().astype(np.int64))
+        config = _config(best[name], grid, "l21", "lr", "steps", "fraction", "n_features")
+        config["screened_to"] = None if screen is None else screen.budget  # candidates per fold
+        if extra[name]:
+            config["kept_columns"] = extra[name]
+        results[name] = FitResult(name, head, config, tables[name],
+                                  scores[0].numpy().astype(np.float32), seconds)
+    return results
