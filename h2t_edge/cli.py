@@ -429,6 +429,38 @@ def bench(task_root, out, batch, warmup, repeat, calib, quiet) -> None:
     click.echo(f"\nwrote {Path(out) / 'bench.json'} and {Path(out) / 'bench.md'}")
 
 
+# --- nc (issue 12): neural-collapse diagnostics and one-layer fine-tuning -------------------
+
+
+@cli.command()
+@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.option("--task", "task_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="A fitted task (e.g. OUT/head2toe from `h2t-edge fit` on this cache): show its selected "
+                   "share per tap and the rank correlation with NC1.")
+@click.option("--output", "-o", default=None, type=click.Path(dir_okay=False),
+              help="Writes OUT.json and OUT.png. [default: CACHE/nc1]")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def diagnose(cache, task_dir, output, quiet) -> None:
+    """NC1 (within-class variability collapse) of every tap on the cache's training features."""
+    from .diagnose import diagnose as run_diagnose
+    from .diagnose import write_diagnosis
+
+    bars = StageBars(not quiet)
+    result = run_diagnose(cache, task_dir, progress=bars.stage("NC1 per tap"))
+    bars.close()
+    paths = write_diagnosis(result, output or Path(cache) / "nc1")
+    with_task = result.task is not None
+    click.echo(f"{'tap':<24} {'features':>8} {'NC1':>10}" + (f" {'selected':>8} {'share':>7}" if with_task else ""))
+    for t in result.taps:
+        click.echo(f"{t.name:<24} {t.features:>8} {t.nc1:>10.4g}"
+                   + (f" {t.selected:>8} {100 * t.selected_share:>6.1f}%" if with_task else ""))
+    click.echo(f"pre-logits NC1 {result.prelogits_nc1:.4g} ({result.examples} examples, {result.classes} classes)")
+    if with_task:
+        click.echo(f"Spearman(NC1, selected share) = {result.spearman_nc1_vs_share:+.3f}; "
+                   f"Spearman(NC1, fraction of the tap selected) = {result.spearman_nc1_vs_fraction:+.3f}")
+    click.echo(f"wrote {paths['json']} and {paths['png']}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
