@@ -17,21 +17,26 @@ import json
 import shutil
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from runtime.errors import ImageError
-from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256, read_json
+from runtime.io import FileLock, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
+from runtime.schema import validate
 
 from .datasets import ImageDataset
 from .errors import CacheError
+from .schemas import CACHE_MANIFEST, LAYOUT
 
 CACHE_FORMAT = "h2t-edge/feature-cache"
 LAYOUT_KEY = "h2t_edge.layout"
+MULTI_LAYOUT_KEY = "h2t_edge.multi_layout"  # exporters.multi_export (no torch import here)
 DTYPES = {"float16": np.float16, "float32": np.float32}
+LOCK_NAME = ".lock"  # held (flock) by the process writing the cache
 
 Progress = Callable[[int, int], None]
 
@@ -50,7 +55,14 @@ def read_layout(onnx_path: str | Path, session=None) -> dict:
             f"{onnx_path} has no h2t-edge feature layout in its metadata: "
             "export it with `h2t-edge export` first"
         )
-    return json.loads(meta[LAYOUT_KEY])
+    fix = "export the backbone again with `h2t-edge export`"
+    try:
+        layout = json.loads(meta[LAYOUT_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise CacheError(f"feature layout (metadata {LAYOUT_KEY!r}) of {onnx_path} is not valid JSON ({exc}); "
+                         f"{fix}") from None
+    return validate(layout, LAYOUT, what=f"feature layout (metadata {LAYOUT_KEY!r}) of", source=onnx_path,
+                    error=CacheError, fix=fix)
 
 
 @dataclass
@@ -89,10 +101,8 @@ class FeatureCache:
     @classmethod
     def open(cls, root: str | Path) -> "FeatureCache":
         root = Path(root)
-        manifest = read_json(root / "manifest.json", "feature cache manifest")
-        if manifest.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{root / 'manifest.json'} is not an h2t-edge feature cache")
-        if not manifest.get("complete"):
+        manifest = read_manifest(root)
+        if not manifest["complete"]:
             raise CacheError(
                 f"feature cache {root} is incomplete (an interrupted run): "
                 "rerun the same `h2t-edge extract` command to resume it"
@@ -106,7 +116,23 @@ class FeatureCache:
         n, d = len(manifest["images"]), manifest["layout"]["total_features"]
         if features.shape != (n, d) or labels.shape != (n,) or valid.shape != (n,):
             raise CacheError(f"feature cache {root}: array shapes do not match its manifest; extract again")
+        if (features.dtype != DTYPES[manifest["dtype"]] or labels.dtype != np.int64 or valid.dtype != bool
+                or not np.array_equal(labels, manifest["labels"])):
+            raise CacheError(f"feature cache {root}: array dtypes or labels do not match its manifest; extract again")
         return cls(root, manifest, features, labels, valid)
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The validated `manifest.json` of the cache at `root` (CacheError naming the file and field otherwise)."""
+    path = Path(root) / "manifest.json"
+    return validate(read_json(path, "feature cache manifest"), CACHE_MANIFEST, what="feature cache manifest",
+                    source=path, error=CacheError, fix="delete the cache and extract again (or pass --overwrite)")
+
+
+def cache_lock(root: str | Path) -> FileLock:
+    """The lock a process holds on `root/.lock` while it writes the cache there."""
+    return FileLock(Path(root) / LOCK_NAME, f"feature cache {root}", "wait for it to finish, or choose another "
+                    "--cache directory", CacheError)
 
 
 def extract_features(
@@ -131,44 +157,156 @@ def extract_features(
     on_error: 'raise' stops at the first unreadable image with an error naming it; 'skip' records
     it in the manifest, stores zeros and marks the row invalid.
     """
+    caches = _extract(onnx_path, dataset, {None: cache_dir}, batch_size=batch_size, dtype=dtype,
+                      on_error=on_error, providers=providers, overwrite=overwrite, progress=progress,
+                      backend=backend, backend_options=backend_options)
+    return caches[None]
+
+
+def extract_features_multi(
+    onnx_path: str | Path,
+    dataset: ImageDataset,
+    cache_dirs: dict[int, str | Path],
+    **options,
+) -> dict[int, FeatureCache]:
+    """One backbone pass over `dataset` with a multi-target-size export
+    (`exporters.multi_export.export_backbone_multi`), written as one FeatureCache per target size.
+
+    cache_dirs: {T: directory}, a subset of the export's target sizes. Each cache holds exactly
+    what a single-T export's cache holds (same layout, same features); its backbone identity is
+    the multi export's sha256. Options as for `extract_features`; resumable the same way (a batch
+    is rerun only where some cache lacks it).
+    """
+    return _extract(onnx_path, dataset, dict(cache_dirs), **options)
+
+
+def read_multi_layout(onnx_path: str | Path, session=None) -> dict:
+    """The per-target-size layouts stored in a multi-target-size export's ONNX metadata."""
+    if session is None:
+        import onnx
+
+        model = onnx.load(str(onnx_path), load_external_data=False)
+        meta = {p.key: p.value for p in model.metadata_props}
+    else:
+        meta = session.get_modelmeta().custom_metadata_map
+    if MULTI_LAYOUT_KEY not in meta:
+        raise CacheError(f"{onnx_path} is not a multi-target-size export (no {MULTI_LAYOUT_KEY} metadata); "
+                         "export it with `exporters.multi_export.export_backbone_multi` or `h2t-edge train`")
+    return json.loads(meta[MULTI_LAYOUT_KEY])
+
+
+@dataclass
+class _CacheWriter:
+    """One cache being filled by `_extract`: where its features come from and what is done."""
+
+    root: Path
+    layout: dict
+    outputs: list[str]  # ONNX output per tap, in layout order
+    done: np.ndarray  # bool[batches]
+    features: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    manifest: dict | None = None
+    skipped: dict | None = None
+
+    def open(self) -> None:
+        self.features = np.load(self.root / "features.npy", mmap_mode="r+")
+        self.valid = np.load(self.root / "valid.npy")
+        self.manifest = read_json(self.root / "manifest.json", "feature cache manifest")
+        self.skipped = {s["index"]: s for s in self.manifest["skipped"]}
+
+    def write(self, b: int, rows: range, block: np.ndarray, errors, paths) -> None:
+        for row, message in errors:
+            block[row - rows.start] = 0
+            self.skipped[row] = {"index": row, "path": paths[row], "error": message}
+        if block.shape[1] != self.features.shape[1]:
+            raise CacheError(f"the backbone gives {block.shape[1]} features per image, the layout of {self.root} "
+                             f"says {self.features.shape[1]}; export the backbone again")
+        stored = block.astype(self.features.dtype)
+        if not np.isfinite(stored).all():
+            raise CacheError(f"features of images {rows.start}..{rows.stop - 1} overflow {self.features.dtype} "
+                             f"(|x| > {np.finfo(self.features.dtype).max:g}); extract with --dtype float32")
+        self.features[rows.start:rows.stop] = stored
+        self.valid[rows.start:rows.stop] = True
+        for row, _ in errors:
+            self.valid[row] = False
+        # Order matters for resuming: data first, then the record that it is there.
+        self.features.flush()
+        _save_npy(self.root / "valid.npy", self.valid)
+        if errors:
+            self.manifest["skipped"] = sorted(self.skipped.values(), key=lambda s: s["index"])
+            atomic_write_json(self.root / "manifest.json", self.manifest)
+        self.done[b] = True
+        _save_npy(self.root / "progress.npy", self.done)
+
+    def finish(self) -> None:
+        self.features = None
+        self.manifest["complete"] = True
+        atomic_write_json(self.root / "manifest.json", self.manifest)
+
+
+def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: int = 32,
+             dtype: str = "float16", on_error: str = "raise", providers="auto", overwrite: bool = False,
+             progress: Progress | None = None, backend: str = "onnxruntime",
+             backend_options: dict | None = None) -> dict:
+    """Fill one cache per key of cache_dirs; key None is a single-T export, an int T a target size
+    of a multi-target-size export."""
     from runtime.backends import create_runner
 
     if dtype not in DTYPES:
         raise CacheError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if on_error not in ("raise", "skip"):
         raise CacheError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    onnx_path, root = Path(onnx_path), Path(cache_dir)
+    onnx_path = Path(onnx_path)
     options = dict(backend_options or {})
     if backend == "onnxruntime":
         options.setdefault("providers", providers)
     runner = create_runner(onnx_path, backend, **options)
-    with runner:
-        layout = read_layout(onnx_path, getattr(runner, "session", None))
-        header = {
-            "format": CACHE_FORMAT,
-            "version": 1,
-            "backbone": {"name": layout["backbone"], "weights": layout["weights"],
-                         "onnx_sha256": file_sha256(onnx_path), "onnx": str(onnx_path.resolve())},
-            "layout": layout,
-            "dataset": {"source": dataset.source, "fingerprint": dataset.fingerprint()},
-            "images": list(dataset.paths),
-            "labels": dataset.labels.tolist(),
-            "classes": list(dataset.classes),
-            "dtype": dtype,
-            "batch_size": batch_size,
-            # ONNX Runtime reports its execution provider; other backends their name.
-            "provider": getattr(runner, "provider", runner.name),
-        }
+    with runner, ExitStack() as locks:
+        session = getattr(runner, "session", None)
+        if None in cache_dirs:
+            layout = read_layout(onnx_path, session)
+            targets = {None: (layout, [t["output"] for t in layout["taps"]])}
+        else:
+            multi = read_multi_layout(onnx_path, session)
+            missing = [t for t in cache_dirs if str(t) not in multi["layouts"]]
+            if missing:
+                raise CacheError(f"{onnx_path} was exported for target sizes {multi['target_sizes']}, not "
+                                 f"{missing}; export it again with every target size you need")
+            targets = {t: (multi["layouts"][str(t)], multi["outputs"][str(t)]) for t in cache_dirs}
+        onnx_sha256 = file_sha256(onnx_path)
         batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
-        done = _open_or_start(root, header, len(batches), overwrite)
-        if done.all():
-            return FeatureCache.open(root)
-        features = np.load(root / "features.npy", mmap_mode="r+")
-        valid = np.load(root / "valid.npy")
-        manifest = read_json(root / "manifest.json", "feature cache manifest")
-        skipped = {s["index"]: s for s in manifest["skipped"]}
-        cfg = PreprocessConfig.from_dict(layout["preprocess"], source=f"{onnx_path} layout")
-        outputs = [(t["output"], t["offset"], t["features"]) for t in layout["taps"]]
+        writers = {}
+        for key, (layout, outputs) in targets.items():
+            header = {
+                "format": CACHE_FORMAT,
+                "version": 1,
+                "backbone": {"name": layout["backbone"], "weights": layout["weights"],
+                             "onnx_sha256": onnx_sha256, "onnx": str(onnx_path.resolve())},
+                "layout": layout,
+                "dataset": {"source": dataset.source, "fingerprint": dataset.fingerprint()},
+                "images": list(dataset.paths),
+                "labels": dataset.labels.tolist(),
+                "classes": list(dataset.classes),
+                "dtype": dtype,
+                "batch_size": batch_size,
+                # ONNX Runtime reports its execution provider; other backends their name.
+                "provider": getattr(runner, "provider", runner.name),
+            }
+            root = Path(cache_dirs[key])
+            missing = [name for name in [layout["input"], *outputs]
+                       if name not in (*runner.input_names, *runner.output_names)]
+            if missing:
+                raise CacheError(f"{onnx_path} has no tensor(s) {missing[:5]} that its layout names; "
+                                 "export the backbone again")
+            locks.enter_context(cache_lock(root))
+            writers[key] = _CacheWriter(root, layout, outputs, _open_or_start(root, header, len(batches), overwrite))
+        if all(w.done.all() for w in writers.values()):
+            return {key: FeatureCache.open(w.root) for key, w in writers.items()}
+        for w in writers.values():
+            w.open()
+        cfg = PreprocessConfig.from_dict(next(iter(targets.values()))[0]["preprocess"],
+                                         source=f"{onnx_path} layout")
+        input_name = next(iter(targets.values()))[0]["input"]
 
         def load(rows: range) -> tuple[np.ndarray, list[tuple[int, str]]]:
             images = np.zeros((len(rows), *cfg.input_size), dtype=np.float32)
@@ -182,45 +320,34 @@ def extract_features(
                     errors.append((row, str(exc)))
             return images, errors
 
-        todo = [b for b, d in zip(batches, done) if not d]
+        todo = [b for b in range(len(batches)) if not all(w.done[b] for w in writers.values())]
         finished = len(batches) - len(todo)
         if progress:
             progress(finished * batch_size, len(dataset))
         # Decode and resize the next batch on a thread while the current one runs.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load, todo[0])
-            for k, rows in enumerate(todo):
+            pending = pool.submit(load, batches[todo[0]])
+            for k, b in enumerate(todo):
+                rows = batches[b]
                 images, errors = pending.result()
                 if k + 1 < len(todo):
-                    pending = pool.submit(load, todo[k + 1])
-                result = runner.infer({layout["input"]: images})
-                block = np.concatenate([result[name] for name, _, _ in outputs], axis=1)
-                if not np.isfinite(block).all():
-                    raise CacheError(
-                        f"the backbone produced NaN/inf features for images {rows.start}..{rows.stop - 1} "
-                        f"(first: {dataset.paths[rows.start]}); check the ONNX file {onnx_path}"
-                    )
-                for row, message in errors:
-                    block[row - rows.start] = 0
-                    skipped[row] = {"index": row, "path": dataset.paths[row], "error": message}
-                features[rows.start:rows.stop] = block.astype(features.dtype)
-                valid[rows.start:rows.stop] = True
-                for row, _ in errors:
-                    valid[row] = False
-                # Order matters for resuming: data first, then the record that it is there.
-                features.flush()
-                _save_npy(root / "valid.npy", valid)
-                if errors:
-                    manifest["skipped"] = sorted(skipped.values(), key=lambda s: s["index"])
-                    atomic_write_json(root / "manifest.json", manifest)
-                done[batches.index(rows)] = True
-                _save_npy(root / "progress.npy", done)
+                    pending = pool.submit(load, batches[todo[k + 1]])
+                result = runner.infer({input_name: images})
+                for w in writers.values():
+                    if w.done[b]:
+                        continue
+                    block = np.concatenate([result[name] for name in w.outputs], axis=1)
+                    if not np.isfinite(block).all():
+                        raise CacheError(
+                            f"the backbone produced NaN/inf features for images {rows.start}..{rows.stop - 1} "
+                            f"(first: {dataset.paths[rows.start]}); check the ONNX file {onnx_path}"
+                        )
+                    w.write(b, rows, block, errors, dataset.paths)
                 if progress:
                     progress(min(len(dataset), (finished + k + 1) * batch_size), len(dataset))
-        del features
-        manifest["complete"] = True
-        atomic_write_json(root / "manifest.json", manifest)
-    return FeatureCache.open(root)
+        for w in writers.values():
+            w.finish()
+    return {key: FeatureCache.open(w.root) for key, w in writers.items()}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -235,7 +362,7 @@ def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) ->
     """Return the per-batch done flags, creating the cache files if needed."""
     manifest_path = root / "manifest.json"
     if manifest_path.exists() and not overwrite:
-        old = read_json(manifest_path, "feature cache manifest")
+        old = read_manifest(root)
         mismatch = [k for k in ("format", "backbone", "layout", "dataset", "images", "labels", "dtype", "batch_size")
                     if _identity(old.get(k), k) != _identity(header[k], k)]
         if mismatch:
@@ -244,11 +371,18 @@ def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) ->
                 "choose another --cache directory or pass --overwrite to rebuild it"
             )
         try:
-            return np.load(root / "progress.npy")
+            done = np.load(root / "progress.npy")
         except (OSError, ValueError) as exc:
             raise CacheError(f"{root}/progress.npy is damaged ({exc}); pass --overwrite to rebuild") from exc
-    if root.exists() and overwrite:
-        shutil.rmtree(root)
+        if done.shape != (n_batches,) or done.dtype != bool:
+            raise CacheError(f"{root}/progress.npy does not match the cache's {n_batches} batches; "
+                             "pass --overwrite to rebuild")
+        return done
+    if overwrite and root.is_dir():
+        # Everything but the lock file this process holds.
+        for child in root.iterdir():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     root.mkdir(parents=True, exist_ok=True)
     n, d = len(header["images"]), header["layout"]["total_features"]
     features = np.lib.format.open_memmap(root / "features.npy", mode="w+", dtype=DTYPES[header["dtype"]], shape=(n, d))
