@@ -123,3 +123,38 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class FileLock:
+    """An exclusive, non-blocking `flock` on `path` for as long as the `with` block runs.
+
+    A second holder is refused at once with `error(message)` naming the lock, the process that
+    holds it and `fix`, instead of two writers interleaving their output. The kernel drops the
+    lock when its holder exits, even on SIGKILL, so a killed run never blocks the next one.
+    """
+
+    def __init__(self, path: str | os.PathLike, what: str, fix: str, error: type[Exception] = ArtifactError):
+        self.path, self.what, self.fix, self.error = Path(path), what, fix, error
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise self.error(f"{self.what} is being written by {holder} (it holds the lock {self.path}); "
+                             f"{self.fix}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode("ascii"))
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
