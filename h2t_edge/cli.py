@@ -188,23 +188,39 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 
 
 @cli.command()
-@click.argument("cache", type=click.Path(exists=True, file_okay=False))
+@click.argument("caches", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Task output directory.")
 @click.option("--task", default=None, help="Task name (default: the output folder's name).")
 @click.option("--method", "methods", multiple=True, type=click.Choice(["HEAD2TOE", "LINEAR"]),
-              default=("HEAD2TOE", "LINEAR"), show_default=True)
+              default=("HEAD2TOE", "LINEAR"), show_default=True, help="With one cache: the methods to fit.")
+@click.option("--target-size", "-T", "target_sizes", multiple=True, type=int,
+              help="With folders of T<size>/ caches (as `h2t-edge train` writes them): only these target sizes.")
 @GRID_OPTION
 @MAX_CANDIDATES_OPTION
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def fit(cache, out, task, methods, grid, max_candidates, quiet) -> None:
+def fit(caches, out, task, methods, target_sizes, grid, max_candidates, quiet) -> None:
     """Select features (group lasso) and fit the task head, choosing F, lambda, lr and steps by CV.
 
-    Writes OUT/head2toe/ and OUT/linear/ (task.json + head.safetensors) and OUT/report.json.
+    With one CACHE: writes OUT/head2toe/ and OUT/linear/ (task.json + head.safetensors) and
+    OUT/report.json. With several caches of the same images at different target sizes (or -T):
+    fits HEAD2TOE and HEAD2TOE+LINEAR at each T and LINEAR once, and keeps the best CV accuracy
+    in OUT/model/ (see `h2t-edge train`).
     """
+    bars = StageBars(not quiet)
+    if len(caches) > 1 or target_sizes or not (Path(caches[0]) / "manifest.json").exists():
+        from .train import fit_caches
+
+        selection = fit_caches(caches, out, target_sizes=target_sizes, grid=_grid(grid, max_candidates),
+                               task=task, progress=bars)
+        bars.close()
+        for c in selection.candidates:
+            click.echo(f"{'*' if c is selection.chosen else ' '} {c.key:<22} CV {100 * c.cv_accuracy:5.1f}% "
+                       f"+- {100 * c.cv_se:.1f}  {c.n_features:,} of {c.candidates:,} features")
+        click.echo(f"chosen: {selection.chosen.key} in {selection.model_dir}; report: {Path(out) / 'report.html'}")
+        return
     from .pipeline import fit_step
 
-    bars = StageBars(not quiet)
-    report = fit_step(cache, out, task=task, methods=methods, grid=_grid(grid, max_candidates),
+    report = fit_step(caches[0], out, task=task, methods=methods, grid=_grid(grid, max_candidates),
                       progress=bars)
     bars.close()
     for method, head in report.heads.items():
@@ -213,6 +229,49 @@ def fit(cache, out, task, methods, grid, max_candidates, quiet) -> None:
                    + ", ".join(f"{k}={v}" for k, v in head.config.items() if k != "grid"))
         click.echo(_cv_summary(report.cv[method]))
     click.echo(f"wrote {report.out} (report.json has every CV row)")
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(exists=True))
+@click.option("--output", "-o", "task_dir", required=True, type=click.Path(file_okay=False),
+              help="Task folder: model/, model.onnx + model.json, candidates/, report.json, report.html.")
+@click.option("--test", "test", type=click.Path(exists=True), default=None,
+              help="Test set (class folders or .csv/.jsonl manifest): report test accuracy and a confusion matrix.")
+@click.option("--backbone", "-b", default="efficientnet_lite0", show_default=True)
+@click.option("--weights", default="bundled", show_default=True,
+              help="'bundled', 'random', 'hub' or a .pth/.safetensors file.")
+@click.option("--target-size", "-T", "target_sizes", multiple=True, type=int,
+              help="Target sizes searched by CV (repeatable). Default: the backbone's small, medium and large "
+                   "sizes (512, 2048, 8192 for CNNs; the paper's for resnet50 and ViT-B/16).")
+@click.option("--tap", "taps", multiple=True, help="Only taps matching this name or pattern (repeatable).")
+@GRID_OPTION
+@MAX_CANDIDATES_OPTION
+@click.option("--no-guard", is_flag=True,
+              help="Choose among HEAD2TOE fits only (the paper), not the best of HEAD2TOE, LINEAR and HEAD2TOE+LINEAR.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Exports and feature caches (default: TASK_DIR/work); share one between tasks.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, max_candidates, no_guard,
+          cache_dir, batch_size, on_error, quiet) -> None:
+    """Train a task on your images in one command: export, extract (one pass for every T), fit with CV
+    over T (HEAD2TOE, LINEAR, HEAD2TOE+LINEAR), compile the best, test, and write report.html.
+
+    DATASET is a folder of class subfolders or a .csv/.jsonl manifest. Rerun the same command to
+    resume: finished steps are not redone."""
+    from .train import summary_table, train as run_train
+
+    bars = StageBars(not quiet)
+    result = run_train(dataset, task_dir, test=test, backbone=backbone, weights=weights,
+                       target_sizes=target_sizes or None, grid=_grid(grid, max_candidates), taps=taps or None,
+                       guard=not no_guard, cache_dir=cache_dir, batch_size=batch_size, on_error=on_error,
+                       progress=bars, log=lambda message: click.echo(message, err=True))
+    bars.close()
+    click.echo(summary_table(result))
+    click.echo("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.timings.items())
+               + (f" (kept: {', '.join(result.skipped)})" if result.skipped else ""))
+    click.echo(f"wrote {result.graph} and {result.task_dir / 'report.html'}")
 
 
 def _cv_summary(rows: list[dict]) -> str:
@@ -459,6 +518,103 @@ def diagnose(cache, task_dir, output, quiet) -> None:
         click.echo(f"Spearman(NC1, selected share) = {result.spearman_nc1_vs_share:+.3f}; "
                    f"Spearman(NC1, fraction of the tap selected) = {result.spearman_nc1_vs_fraction:+.3f}")
     click.echo(f"wrote {paths['json']} and {paths['png']}")
+
+
+@cli.command()
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False), help="Fine-tuned task directory.")
+@click.option("--method", type=click.Choice(["LAYER-FT", "SCL-FT"]), default="SCL-FT", show_default=True,
+              help="LAYER-FT: tune one block + head; SCL-FT: also add the block's pooled output to the pre-logits.")
+@click.option("--layer", default="last-stage", show_default=True,
+              help="Block to tune: 'last-stage' (first block of the last stage, the paper's best choice), "
+                   "'middle' (the paper's Table-3 choice), 'nc1' (the block whose output has the lowest NC1; "
+                   "SOURCE must be a feature cache) or a segment name (see `h2t-edge taps`).")
+@click.option("--backbone", "-b", default=None, help="Backbone for an image dataset [default: efficientnet_lite0; "
+                                                     "a feature cache names its own].")
+@click.option("--weights", default=None, help="Backbone weights source [default: bundled, or the cache's].")
+@click.option("--epochs", default=200, show_default=True, help="Epochs (the paper's 200; fewer only to save time).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=0.1, show_default=True, help="Initial learning rate (cosine decay to 1e-4).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--test", "test_set", default=None, type=click.Path(exists=True),
+              help="An image dataset with the same classes: report its accuracy.")
+@click.option("--compile", "graph", default=None, type=click.Path(dir_okay=False),
+              help="Also compile the task graph (GRAPH.onnx + GRAPH.json sidecar) for `h2t-edge predict`.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def finetune(source, out, method, layer, backbone, weights, epochs, batch_size, lr, seed, test_set, graph,
+             quiet) -> None:
+    """Fine-tune one backbone block plus a linear head (Layer-FT / SCL-FT), everything else frozen.
+
+    SOURCE is a feature cache (its images, labels and backbone are used) or an image dataset. The
+    frozen prefix runs once; each epoch trains only the tuned block and what follows it.
+    """
+    from .finetune import FineTuneConfig, compile_finetuned_step, finetune_step
+
+    bars = StageBars(not quiet)
+    config = FineTuneConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    report = finetune_step(source, out, method=method, layer=layer, backbone=backbone, weights=weights,
+                           config=config, test=test_set, progress=bars)
+    bars.close()
+    task, r = report.task, report.task.report
+    click.echo(f"{method} on {task.backbone['name']} block {task.layer}: {r['tuned_parameters']:,} tuned weights "
+               f"({100 * r['tuned_fraction']:.1f}% of the backbone); prefix pass {report.prefix_seconds:.1f} s, "
+               f"training {report.train_seconds:.1f} s; final train accuracy {100 * r['history'][-1]['train_acc']:.1f}%")
+    if report.test_accuracy is not None:
+        click.echo(f"test accuracy {100 * report.test_accuracy:.1f}%")
+    click.echo(f"wrote {report.out} ({report.task_bytes / 1e6:.2f} MB per task: tuned block + head, fp32)")
+    if graph:
+        path, size, _ = compile_finetuned_step(report.out, graph)
+        click.echo(f"wrote {path} ({size / 1e6:.2f} MB) and {path.with_suffix('.json').name}")
+
+
+# --- search (issue 11): which backbone to transfer, under a latency budget -------------------
+
+
+@cli.command()
+@click.argument("dataset", type=click.Path(exists=True))
+@click.option("--pool", default=None, help="Comma-separated backbone names. [default: every registered backbone]")
+@click.option("--weights", "weight_items", multiple=True, metavar="NAME=SOURCE",
+              help="Weights for a pool backbone without bundled ones: a .pth/.safetensors file, 'hub' or "
+                   "'random' (repeatable).")
+@click.option("--budget-ms", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Drop backbones whose batch-1 p50 latency (backbone with all taps) exceeds this.")
+@BACKEND_OPTION
+@PRECISION_OPTION
+@click.option("--fit", "fit_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Fit HEAD2TOE on the top K backbones and report each strategy's regret.")
+@click.option("--test", "test_data", type=click.Path(exists=True), default=None,
+              help="Test images for the --fit accuracies (default: CV accuracy on DATASET).")
+@click.option("--target-size", "-T", default=512, show_default=True, help="Features per tap after pooling.")
+@click.option("--grid", type=click.Choice(["paper", "quick"]), default="quick", show_default=True,
+              help="CV grid of the --fit HEAD2TOE fits.")
+@click.option("--latency-repeat", default=30, show_default=True, help="Timed batch-1 runs per backbone.")
+@click.option("--out", "-o", default="h2t-search", show_default=True, type=click.Path(file_okay=False),
+              help="Writes OUT/search.json and OUT/search.png; exports and feature caches are kept here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def search(dataset, pool, weight_items, budget_ms, backend, precision, fit_k, test_data, target_size, grid,
+           latency_repeat, out, quiet) -> None:
+    """Rank the backbone pool for DATASET: ImageNet top-1, kNN and linear-probe proxies on the
+    pre-logits and on all layers, the paper's hybrid; latency on BACKEND; optional HEAD2TOE fits.
+
+    DATASET is a folder with one subfolder per class, or a .csv/.jsonl manifest.
+    """
+    from .search import search_models
+
+    weights = {}
+    for item in weight_items:
+        name, sep, source = item.partition("=")
+        if not sep or not name or not source:
+            raise click.BadParameter(f"{item!r}: use NAME=SOURCE", param_hint="--weights")
+        weights[name] = source
+    _backend_options(backend, precision)  # rejects --precision with onnxruntime
+    bars = StageBars(not quiet)
+    report = search_models(dataset, out, pool=[p.strip() for p in pool.split(",") if p.strip()] if pool else None,
+                           weights=weights, budget_ms=budget_ms, backend=backend, precision=precision, fit_k=fit_k,
+                           test=test_data, target_size=target_size, grid=_grid(grid), latency_repeat=latency_repeat,
+                           progress=bars)
+    bars.close()
+    click.echo(report.table())
+    click.echo(f"\nwrote {report.paths['json']}" + (f" and {report.paths['png']}" if report.paths.get("png") else ""))
 
 
 def main() -> None:
