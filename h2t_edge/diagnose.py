@@ -72,13 +72,28 @@ def nc1(features: np.ndarray, labels: np.ndarray, rtol: float | None = None) -> 
 
 
 def tap_nc1(cache: FeatureCache, taps: list[str] | None = None, progress=None) -> dict[str, float]:
-    """{tap name: NC1 of that tap's features} on the cache's valid rows, in layout order."""
-    names = [t["name"] for t in cache.layout["taps"]] if taps is None else list(taps)
+    """{tap name: NC1 of that tap's features} on the cache's valid rows, in layout order (one tap's
+    columns in memory at a time)."""
     labels = cache.labels[cache.valid]
+    return _per_tap(cache.layout, lambda cols: cache.arrays(cols)[0], labels, taps, progress)
+
+
+def nc1_per_tap(features: np.ndarray, labels: np.ndarray, layout: dict, taps: list[str] | None = None,
+                progress=None) -> dict[str, float]:
+    """{tap name: NC1} from features float[n, D] laid out as `layout` (all taps concatenated)."""
+    return _per_tap(layout, lambda cols: features[:, cols], labels, taps, progress)
+
+
+def _per_tap(layout: dict, columns, labels, taps, progress) -> dict[str, float]:
+    by_name = {t["name"]: t for t in layout["taps"]}
+    names = list(by_name) if taps is None else list(taps)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise FitError(f"the feature layout has no tap {unknown[0]!r}")
     out = {}
     for i, name in enumerate(names):
-        x, _ = cache.arrays(cache.tap_columns(name))
-        out[name] = nc1(x, labels)
+        tap = by_name[name]
+        out[name] = nc1(columns(slice(tap["offset"], tap["offset"] + tap["features"])), labels)
         if progress:
             progress(i + 1, len(names))
     return out
@@ -160,21 +175,34 @@ def diagnose(cache: FeatureCache | str | os.PathLike, task_dir: str | os.PathLik
         head = TaskHead.load(task_dir)
         check_same_backbone(head, cache)
     values = tap_nc1(cache, progress=progress)
-    selected = {k: len(v) for k, v in head.per_tap_indices().items()} if head is not None else {}
-    total = len(head.features) if head is not None else 0
+    return build_diagnosis(cache.layout, values, examples=int(cache.valid.sum()), classes=len(cache.classes),
+                           source=str(cache.root), selected=None if head is None else head.features,
+                           task=None if head is None else head.task,
+                           method="HEAD2TOE" if head is None else head.method)
+
+
+def build_diagnosis(layout: dict, values: dict[str, float], *, examples: int, classes: int, source: str = "",
+                    selected: np.ndarray | None = None, task: str | None = None,
+                    method: str = "HEAD2TOE") -> Diagnosis:
+    """Put NC1 per tap (`tap_nc1` / `nc1_per_tap`) beside a selection: int[k] indices into the
+    layout's concatenated features (a fitted head's `features`), or None for NC1 alone."""
     taps = []
-    for depth, tap in enumerate(cache.layout["taps"]):
+    if selected is not None:
+        selected = np.asarray(selected, dtype=np.int64)
+        if selected.size == 0:
+            raise FitError("the selection is empty: a fitted head keeps at least one feature")
+    for depth, tap in enumerate(layout["taps"]):
         row = TapDiagnosis(tap["name"], depth, int(tap["features"]), values[tap["name"]])
-        if head is not None:
-            row.selected = selected.get(tap["name"], 0)
-            row.selected_share = row.selected / total
+        if selected is not None:
+            lo, hi = tap["offset"], tap["offset"] + tap["features"]
+            row.selected = int(((selected >= lo) & (selected < hi)).sum())
+            row.selected_share = row.selected / len(selected)
             row.selected_fraction = row.selected / row.features
         taps.append(row)
-    result = Diagnosis(str(cache.root), cache.manifest["backbone"]["name"], len(cache.classes),
-                       int(cache.valid.sum()), cache.layout["pre_logits"], taps)
-    if head is not None:
+    result = Diagnosis(source, layout["backbone"], classes, examples, layout["pre_logits"], taps)
+    if selected is not None:
         finite = [t for t in taps if np.isfinite(t.nc1)]
-        result.task, result.method = head.task, head.method
+        result.task, result.method = task, method
         result.spearman_nc1_vs_share = spearman([t.nc1 for t in finite], [t.selected_share for t in finite])
         result.spearman_nc1_vs_fraction = spearman([t.nc1 for t in finite], [t.selected_fraction for t in finite])
     return result

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from h2t_edge.artifacts import TaskHead
-from h2t_edge.diagnose import diagnose, nc1, prelogits_nc1, spearman, write_diagnosis
+from h2t_edge.diagnose import diagnose, nc1, nc1_per_tap, prelogits_nc1, spearman, tap_nc1, write_diagnosis
 from h2t_edge.errors import FitError
 from h2t_edge.features import CACHE_FORMAT, FeatureCache
 from runtime.io import atomic_write_json
@@ -115,6 +115,7 @@ def test_diagnose_per_tap_with_selection(tmp_path):
     for i, tap in enumerate(result.taps):
         assert tap.nc1 == pytest.approx(nc1_reference(x[:, 6 * i:6 * (i + 1)], y), rel=1e-6)
     assert result.taps[0].nc1 < result.taps[1].nc1 < result.taps[2].nc1
+    assert nc1_per_tap(x, y, cache.layout) == pytest.approx(tap_nc1(cache), rel=1e-12)
     assert [t.selected for t in result.taps] == [5, 2, 1]
     assert result.taps[0].selected_share == pytest.approx(5 / 8)
     assert result.taps[1].selected_fraction == pytest.approx(2 / 6)
