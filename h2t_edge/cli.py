@@ -617,6 +617,69 @@ def search(dataset, pool, weight_items, budget_ms, backend, precision, fit_k, te
     click.echo(f"\nwrote {report.paths['json']}" + (f" and {report.paths['png']}" if report.paths.get("png") else ""))
 
 
+# -- serving: Triton model repositories and `serve` (h2t_edge.triton_repo, h2t_edge.serve) -------------
+
+
+@cli.command("export-triton")
+@click.argument("task_graphs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="Model repository folder.")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--max-queue-delay-us", default=100, show_default=True, type=click.IntRange(0),
+              help="How long Triton's dynamic batcher waits to fill a batch.")
+@click.option("--tensorrt", type=click.Choice(["FP16", "FP32", "off"]), default="FP16", show_default=True,
+              help="ONNX Runtime's TensorRT accelerator on GPU servers ('off' leaves it out).")
+@click.option("--version", "model_version", default=1, show_default=True, type=click.IntRange(1),
+              help="Version folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace model folders that exist.")
+def export_triton(task_graphs, output, max_batch_size, max_queue_delay_us, tensorrt, model_version, overwrite) -> None:
+    """Write a Triton model repository: one onnxruntime model per TASK_GRAPH (with its sidecar)."""
+    from .triton_repo import export_repository
+
+    dirs = export_repository(task_graphs, output, overwrite=overwrite, version=model_version,
+                             max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                             tensorrt=None if tensorrt == "off" else tensorrt)
+    for model_dir in dirs:
+        click.echo(f"{model_dir.name}: {model_dir}/config.pbtxt, {model_dir}/{model_version}/model.onnx")
+
+
+@cli.command()
+@click.argument("task_graphs", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="HTTP port (0: a free one).")
+@click.option("--grpc-port", default=None, type=click.IntRange(0, 65535), help="gRPC port  [default: PORT + 1]")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every one).")
+@click.option("--max-batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--max-queue-delay-us", default=500, show_default=True, type=click.IntRange(0))
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances per task.")
+@click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads per instance.")
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="Keep the served repository and the server log here (default: a temporary folder).")
+def serve(task_graphs, port, grpc_port, host, max_batch_size, max_queue_delay_us, instances, threads, workdir) -> None:
+    """Serve TASK_GRAPHs on Triton Inference Server (HTTP and gRPC), one model per task, until Ctrl-C."""
+    import signal as signals
+    import threading
+
+    from .serve import serve as start_server
+
+    server = start_server(task_graphs, host=host, http_port=port, grpc_port=grpc_port, workdir=workdir,
+                          max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                          instances=instances, threads=threads)
+    stopped = threading.Event()
+    signals.signal(signals.SIGTERM, lambda *_: stopped.set())
+    try:
+        click.echo(f"serving on http://{server.endpoints.http} and grpc {server.endpoints.grpc} "
+                   f"(log: {server.log_path}); Ctrl-C stops")
+        while not stopped.wait(0.5) and server.running:
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        died = not server.running
+        server.stop()
+    if died:
+        raise click.ClickException(f"tritonserver stopped unexpectedly: {server.log_tail()}")
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
