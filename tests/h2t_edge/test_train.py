@@ -1,0 +1,203 @@
+"""`h2t-edge train`: export -> one-pass extraction -> fit over T with the LINEAR guard -> compile ->
+test -> report, on a tiny generated task; resuming; the HEAD2TOE+LINEAR variant; the HTML report."""
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from h2t_edge import select, train as train_mod
+from h2t_edge.artifacts import TaskHead
+from h2t_edge.cli import cli
+from h2t_edge.select import HEAD2TOE_KEEP, SearchGrid, fit_head2toe, fit_head2toe_variants
+from h2t_edge.tasks.dsprites import build_dsprites_task
+from h2t_edge.train import Candidate, choose, default_target_sizes, open_caches, summary_table
+from runtime.predictor import Predictor
+
+SIZES = (16, 64)
+TINY = SearchGrid(lrs=(0.1,), steps=(60,), l21s=(1e-3, 1e-5), fractions=(0.005, 0.05), folds=2, batch_size=32)
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    return build_dsprites_task(tmp_path_factory.mktemp("dspr"), n_train=40, n_test=20, bins=3, seed=4)
+
+
+@pytest.fixture(scope="module")
+def trained(task, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    train_csv = task["train"].to_manifest(root / "train.jsonl")
+    test_dir = Path(task["test"].paths[0]).parent.parent  # a class-folder tree
+    out = root / "task"
+    log = []
+    report = train_mod.train(train_csv, out, test=test_dir, target_sizes=SIZES, grid=TINY, log=log.append,
+                             cache_dir=root / "cache")
+    return report, out, root, test_dir
+
+
+def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
+    report, out, _, _ = trained
+    sel = report.selection
+    keys = {c.key for c in sel.candidates}
+    assert keys == {"LINEAR", "HEAD2TOE@T16", "HEAD2TOE@T64", f"{HEAD2TOE_KEEP}@T16", f"{HEAD2TOE_KEEP}@T64"}
+    assert sel.chosen.cv_accuracy == max(c.cv_accuracy for c in sel.candidates)
+    linear = sel.by_key()["LINEAR"]
+    assert sel.chosen.cv_accuracy >= linear.cv_accuracy  # the guard, in CV
+    # the guard variant keeps every pre-logits feature
+    for t in SIZES:
+        head = TaskHead.load(sel.by_key()[f"{HEAD2TOE_KEEP}@T{t}"].path)
+        pre = [tap for tap in head.layout["taps"] if tap["name"] == head.layout["pre_logits"]][0]
+        assert set(range(pre["offset"], pre["offset"] + pre["features"])) <= set(head.features.tolist())
+        assert len(head.features) > pre["features"]
+    # the chosen head is in model/ and compiled; the graph agrees with the cached test features
+    model = TaskHead.load(out / "model")
+    assert model.config["chosen"]["method"] == sel.chosen.method
+    predictions = Predictor.load(out / "model.onnx").predict_paths(list(task["test"].paths))
+    graph_acc = float(np.mean([p.index == y for p, y in zip(predictions, task["test"].labels)]))
+    assert abs(graph_acc - sel.chosen.test_accuracy) <= 1 / len(task["test"]) + 1e-9
+    data = json.loads((out / "report.json").read_text())
+    assert data["chosen"]["key"] == sel.chosen.key
+    assert np.asarray(data["confusion"]["matrix"]).sum() == len(task["test"])
+    assert np.trace(np.asarray(data["confusion"]["matrix"])) / len(task["test"]) == pytest.approx(
+        sel.chosen.test_accuracy)
+    assert {c["target_size"] for c in data["cv_curves"]} == set(SIZES)
+    assert "*" in summary_table(report)
+
+
+def test_rerun_redoes_nothing(trained, monkeypatch):
+    report, out, root, _ = trained
+    for name in ("fit_head2toe_variants", "fit_linear"):
+        monkeypatch.setattr(select, name, lambda *a, **k: pytest.fail("refitted a kept fit"))
+    monkeypatch.setattr(train_mod, "_export_multi", lambda *a, **k: pytest.fail("exported again"))
+    import h2t_edge.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "compile_step", lambda *a, **k: pytest.fail("compiled again"))
+    test_dir = trained[3]
+    again = train_mod.train(root / "train.jsonl", out, test=test_dir, target_sizes=SIZES, grid=TINY,
+                            cache_dir=root / "cache")
+    assert set(again.skipped) == {"export", "extract train", "extract test", "fit", "compile"}
+    assert again.selection.chosen.key == report.selection.chosen.key
+
+
+def test_changed_grid_refits_only_the_fits(trained, tmp_path):
+    _, out, root, _ = trained
+    copy = tmp_path / "task"
+    shutil.copytree(out, copy)
+    grid = SearchGrid(**{**TINY.to_dict(), "steps": (40,)})
+    again = train_mod.train(root / "train.jsonl", copy, target_sizes=SIZES[:1], grid=grid, cache_dir=root / "cache")
+    assert "fit" not in again.skipped and "extract train" in again.skipped
+    assert all(c.config["steps"] == 40 for c in again.selection.candidates)
+
+
+def test_fit_cli_takes_several_caches_and_chooses_t(trained, tmp_path, monkeypatch):
+    import h2t_edge.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None: TINY)  # keep the test fast
+    report, out, root, _ = trained
+    features = next((root / "cache" / "features").iterdir())
+    train_root = next(p for p in features.iterdir() if p.name.startswith("train"))
+    assert sorted(open_caches([train_root])) == list(SIZES)
+    result = CliRunner().invoke(cli, ["fit", str(train_root / "T16"), str(train_root / "T64"), "-o",
+                                      str(tmp_path / "fit"), "--grid", "quick", "-q"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "chosen" in result.output
+    chosen = json.loads((tmp_path / "fit" / "selection.json").read_text())["chosen"]
+    assert TaskHead.load(tmp_path / "fit" / "model").config["chosen"]["method"] in chosen
+
+
+def test_choose_prefers_cv_then_fewer_features():
+    def c(method, t, acc, k):
+        return Candidate(method, t, acc, 0.01, k, 100, {}, 1.0, "")
+    assert choose([c("LINEAR", 16, 0.8, 10), c("HEAD2TOE", 16, 0.7, 5)]).method == "LINEAR"
+    assert choose([c("LINEAR", 16, 0.8, 10), c("HEAD2TOE", 64, 0.8, 5)]).method == "HEAD2TOE"
+    assert default_target_sizes("efficientnet_lite0") == (512, 2048, 8192)
+    assert default_target_sizes("resnet50") == (1024, 16384, 40000)
+
+
+def test_keep_variant_shares_selection_and_contains_kept_columns():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    x = rng.normal(size=(60, 200)).astype(np.float32)
+    x[:, 150:] += y[:, None] * 0.5  # the "pre-logits" are informative
+    keep = np.arange(180, 200)
+    grid = SearchGrid(lrs=(0.1,), steps=(40,), l21s=(1e-3,), fractions=(0.02, 0.1), folds=2, batch_size=16)
+    both = fit_head2toe_variants(x, y, 3, grid, keep=keep)
+    plain = fit_head2toe(x, y, 3, grid)
+    # adding the variant does not change HEAD2TOE
+    np.testing.assert_array_equal(both["HEAD2TOE"].head.features, plain.head.features)
+    np.testing.assert_array_equal(both["HEAD2TOE"].head.weight, plain.head.weight)
+    guard = both[HEAD2TOE_KEEP]
+    assert set(keep) <= set(guard.head.features.tolist())
+    assert len(guard.head.features) == len(keep) + int(200 * guard.config["fraction"])
+    assert guard.config["kept_columns"] == len(keep)
+    # the extra columns are the best-ranked others of the shared relevance
+    extra = sorted(set(guard.head.features.tolist()) - set(keep))
+    ranked = [c for c in np.argsort(-guard.scores, kind="stable") if c not in set(keep)]
+    assert extra == sorted(ranked[:len(extra)])
+
+
+# ----------------------------------------------------------------------------- the HTML report
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHECK = """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  const keys = {};
+  document.querySelectorAll('[data-key]').forEach(e => { keys[e.dataset.key] = e.textContent; });
+  const out = document.createElement('pre');
+  out.id = 'h2t-check';
+  out.textContent = JSON.stringify({images: images.length,
+    broken: images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.id), keys: keys});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def _lookup(data, dotted: str):
+    node = data
+    parts = dotted.split(".")
+    i = 0
+    while i < len(parts):  # keys may contain dots (HEAD2TOE@T16 does not, file names might)
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if isinstance(node, dict) and key in node:
+                node, i = node[key], j
+                break
+        else:
+            raise KeyError(dotted)
+    return node
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(trained, tmp_path):
+    _, out, _, _ = trained
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained
+    checked = tmp_path / "report.html"
+    checked.write_text(page.replace("</body>", CHECK + "</body>"))
+    profile = tmp_path / "profile"
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
+        capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="h2t-check">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert check["images"] == 4 and check["broken"] == []
+    data = json.loads((out / "report.json").read_text())
+    assert len(check["keys"]) > 20
+    for key, text in check["keys"].items():
+        value = _lookup(data, key)
+        if isinstance(value, float) and (key.endswith("accuracy") or key.endswith("cv_se")):
+            assert float(text) == pytest.approx(100 * value, abs=0.051), key
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            assert float(text) == pytest.approx(value, abs=0.051), key
+        elif isinstance(value, str):
+            assert text == value, key
