@@ -19,3 +19,8 @@ class FitError(H2TEdgeError):
 
 class TaskArtifactError(H2TEdgeError):
     """A task artifact that is missing, malformed, or from another backbone."""
+
+
+class ServingError(H2TEdgeError):
+    """A task graph that cannot be served, a Triton model repository that is invalid, or a serving
+    engine (Triton server, Ray) that cannot start."""
