@@ -37,6 +37,7 @@ from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 from .errors import H2TEdgeError
 from .features import FeatureCache, extract_features
+from .plots import save_figure
 from .select import FitResult, SearchGrid, fit_head2toe, fit_linear, fit_regularized, predict_logits
 from .tasks.registry import GROUPS, N_TEST, N_TRAIN, N_VAL, TaskData, build_task, get_task
 
@@ -435,14 +436,7 @@ def plot_gains(records: list[dict], path: str | os.PathLike) -> Path | None:
         ax.set_ylabel("HEAD2TOE − LINEAR, test accuracy (points)")
         ax.set_title(f"{backbone}: median over seeds, bars span the per-seed gains", fontsize=9)
         ax.legend(handles=[Patch(color=c, label=g) for g, c in colours.items()], loc="upper left")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def _paired_gains(records, backbone, task) -> np.ndarray:

@@ -38,6 +38,7 @@ import torch
 from runtime.io import atomic_write_json
 
 from .errors import FitError, H2TEdgeError
+from .plots import save_figure
 
 Progress = Callable[[str, int, int], None]
 
@@ -531,11 +532,4 @@ def plot_search(report: SearchReport, path: str | os.PathLike) -> Path | None:
     ax.set_ylabel("proxy accuracy (%)")
     ax.set_title("model search: task-aware proxies against latency", fontsize=10)
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path, dpi=110)
