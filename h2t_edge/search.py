@@ -343,9 +343,19 @@ class SearchReport:
                 fit = f" {100 * c.fit['accuracy']:>8.1f}%" if c.fit else f" {'-':>9}"
             status = c.status + (f": {c.reason}" if c.reason else "")
             lines.append(f"{rank:>2} {c.name:<22} {top1:>11} {lat:>7} {scores}{fit}  {status}")
+        sources = {}
+        for c in cands:
+            if c.imagenet_top1_source:
+                sources.setdefault(c.imagenet_top1_source, []).append(c.name)
+        lines += [f"ImageNet top-1 of {', '.join(names)}: {src}" for src, names in sources.items()]
         lines += ["", "strategy picks (B = models a strategy may fit):"]
         for row in self.strategies:
-            regret = "" if row.get("regret") is None else f"  regret {100 * row['regret']:.1f} points"
+            if row.get("regret") is not None:
+                regret = f"  regret {100 * row['regret']:.1f} points"
+            elif self.oracle is not None and row["picks"]:
+                regret = "  regret n/a (a pick was not fitted: raise --fit)"
+            else:
+                regret = ""
             lines.append(f"  {row['strategy']:<18} B={row['budget']}  {', '.join(row['picks']) or '-'}{regret}")
         if self.oracle is not None:
             lines.append(f"regret = best HEAD2TOE {self.meta['fit_metric']} over the fitted backbones "

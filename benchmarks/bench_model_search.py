@@ -1,0 +1,334 @@
+"""Model search over the bundled-weight backbones on the offline task suite (issue 11).
+
+    flock /work/coord/heavy.lock python benchmarks/bench_model_search.py --phase fits --minutes 19
+    flock /work/coord/heavy.lock python benchmarks/bench_model_search.py --phase search --minutes 19
+    python benchmarks/bench_model_search.py --phase report
+
+Phase `fits`: for each task (task-major, so a partial run covers whole tasks) and backbone, extract
+the train and test features at T (the `h2t-edge eval` caches in --work-dir; the seconds of each
+fresh extraction are kept in WORK/extract_seconds.json) and fit LINEAR and HEAD2TOE (quick grid,
+seed 0) through `h2t_edge.evaluate.run_eval` (records in WORK/evals.json). Phase `search`: the
+search's proxies on the train features of every backbone (timed; WORK/proxies.json). Phase
+`report`: strategies, picks, regrets, rank correlations and the search time against fitting every
+backbone, into benchmarks/results/model_search.{json,md}. Every phase is resumable and stops
+starting new work after --minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from runtime.io import atomic_write_json, atomic_write_text, read_json
+
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2_100")
+# natural and structured tasks alternate, so that a partial run still covers both groups
+TASK_ORDER = ("dspr_loc", "digits", "count2d", "fashion_mnist", "distance2d", "animal_mnist", "dspr_orient")
+RESULTS = Path(__file__).parent / "results" / "model_search"
+
+
+def _tasks(names: list[str] | None) -> list[str]:
+    from h2t_edge.tasks.registry import list_tasks
+
+    installed = [s.name for s in list_tasks(include_optional=False) if s.missing() is None]
+    order = [t for t in TASK_ORDER if t in installed] + [t for t in installed if t not in TASK_ORDER]
+    return [t for t in order if not names or t in names]
+
+
+def _log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def phase_fits(tasks: list[str], work: Path, target_size: int, deadline: float) -> None:
+    from h2t_edge.evaluate import _backbone_onnx, _features, run_eval
+    from h2t_edge.tasks.registry import build_task
+
+    times_path = work / "extract_seconds.json"
+    times = read_json(times_path, "extraction times") if times_path.exists() else {}
+    for task in tasks:
+        for backbone in BACKBONES:
+            if time.time() > deadline:
+                _log("time is up; rerun to continue")
+                return
+            key = f"{task}/{backbone}/T{target_size}"
+            data = build_task(task, None, 0)
+            onnx = _backbone_onnx(work, backbone, target_size, "bundled", _log)
+            start = time.perf_counter()
+            _features(work, backbone, target_size, onnx, data, 32, _log)
+            seconds = time.perf_counter() - start
+            if key not in times and seconds > 5:  # a fresh (or resumed: then marked) extraction
+                times[key] = {"seconds": seconds, "images": len(data.train) + len(data.test),
+                              "train_images": len(data.train)}
+                atomic_write_json(times_path, times)
+            run_eval([task], work / "evals", methods=("LINEAR", "HEAD2TOE"), backbones=(backbone,), seeds=(0,),
+                     protocol="quick", target_sizes=(target_size,), work_dir=work, log=_log)
+
+
+def _task_features(work: Path, task: str, backbone: str, target_size: int):
+    """The train/test caches of `phase_fits` (extracted there; built here on first use)."""
+    from h2t_edge.evaluate import _backbone_onnx, _features
+    from h2t_edge.tasks.registry import build_task
+
+    onnx = _backbone_onnx(work, backbone, target_size, "bundled", _log)
+    return onnx, _features(work, backbone, target_size, onnx, build_task(task, None, 0), 32, _log)
+
+
+def phase_search(tasks: list[str], work: Path, target_size: int, deadline: float) -> None:
+    """Proxies of every backbone on every task's training features (timed), and each backbone's
+    batch-1 latency on ONNX Runtime (the graph the search extracts with)."""
+    from h2t_edge.search import PROXIES, measure_latency, proxy_scores
+
+    from h2t_edge.evaluate import load_results
+
+    path = work / "proxies.json"
+    store = read_json(path, "proxy results") if path.exists() else {"proxies": {}, "latency": {}}
+    # only cells whose fits are done: the fits phase times the extraction, which must not be cached before it
+    fitted = {(r["task"], r["backbone"]) for r in load_results(work / "evals.json") if r["method"] == "HEAD2TOE"}
+    for task in tasks:
+        for backbone in BACKBONES:
+            key = f"{task}/{backbone}/T{target_size}"
+            if key in store["proxies"] or (task, backbone) not in fitted:
+                continue
+            if time.time() > deadline:
+                _log("time is up; rerun to continue")
+                return
+            onnx, feats = _task_features(work, task, backbone, target_size)
+            x, y = feats.train.arrays()
+            scores, seconds = proxy_scores(x, y, feats.pre_logits(), tuple(PROXIES))
+            store["proxies"][key] = {"scores": scores, "seconds": seconds}
+            _log(f"{key}: " + ", ".join(f"{p} {100 * v:.1f}% ({seconds[p]:.1f} s)" for p, v in scores.items()))
+            if backbone not in store["latency"]:
+                store["latency"][backbone] = measure_latency(onnx, "onnxruntime", "fp32", warmup=10, repeat=50)
+                _log(f"{backbone}: batch-1 p50 {store['latency'][backbone].get('p50_ms')} ms")
+            atomic_write_json(path, store)
+
+
+def _spearman_kendall(a: list[float], b: list[float]) -> tuple[float | None, float | None]:
+    """Rank correlations (ties averaged; tau-b); None where either side is constant."""
+    from scipy.stats import kendalltau, spearmanr
+
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return None, None
+    return float(spearmanr(a, b).statistic), float(kendalltau(a, b).statistic)
+
+
+def _read(path: Path, empty):
+    return read_json(path, path.stem) if path.exists() else empty
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def build_report(tasks: list[str], work: Path, target_size: int) -> dict:
+    """Everything the results files show, from WORK's records (only tasks with every piece)."""
+    from exporters.backbones import get_backbone_spec
+    from h2t_edge.evaluate import load_results
+    from h2t_edge.search import AGNOSTIC, PROXIES, Candidate, add_regrets, strategies
+
+    records = {(r["task"], r["backbone"], r["method"]): r for r in load_results(work / "evals.json")
+               if r["protocol"] == "quick" and r["seed"] == 0}
+    store = _read(work / "proxies.json", {"proxies": {}, "latency": {}})
+    times = _read(work / "extract_seconds.json", {})
+    predictors = [AGNOSTIC, *PROXIES]
+    out_tasks, missing = [], []
+    for task in tasks:
+        keys = [f"{task}/{b}/T{target_size}" for b in BACKBONES]
+        if not all(k in store["proxies"] for k in keys) or not all(
+                (task, b, m) in records for b in BACKBONES for m in ("LINEAR", "HEAD2TOE")):
+            missing.append(task)
+            continue
+        rows, cands = [], []
+        for b, key in zip(BACKBONES, keys):
+            spec = get_backbone_spec(b)
+            h2t, lin = records[(task, b, "HEAD2TOE")], records[(task, b, "LINEAR")]
+            t = times.get(key)
+            train_extract = None if t is None else t["seconds"] * t["train_images"] / t["images"]
+            rows.append({"backbone": b, "imagenet_top1": spec.imagenet_top1, **store["proxies"][key],
+                         "latency_ms": store["latency"].get(b, {}).get("p50_ms"),
+                         "linear_test": lin["test_accuracy"], "head2toe_test": h2t["test_accuracy"],
+                         "head2toe_cv": h2t["cv_accuracy"], "head2toe_fit_seconds": h2t["fit_seconds"],
+                         "linear_fit_seconds": lin["fit_seconds"], "train_extract_seconds": train_extract})
+            cands.append(Candidate(b, "bundled", spec.imagenet_top1, spec.imagenet_top1_source,
+                                   scores=store["proxies"][key]["scores"]))
+        picks = strategies(cands, tuple(PROXIES), budget=2)
+        oracle = add_regrets(picks, {r["backbone"]: r["head2toe_test"] for r in rows})
+        correlations = {}
+        for target in ("head2toe_test", "linear_test"):
+            truth = [r[target] for r in rows]
+            for p in predictors:
+                pred = [r["imagenet_top1"] if p == AGNOSTIC else r["scores"][p] for r in rows]
+                rho, tau = _spearman_kendall(pred, truth)
+                correlations[f"{p}|{target}"] = {"spearman": rho, "kendall": tau}
+        extract = sum(r["train_extract_seconds"] or 0.0 for r in rows)
+        search_s = extract + sum(sum(r["seconds"].values()) for r in rows)
+        fit_all_s = extract + sum(r["head2toe_fit_seconds"] for r in rows)
+        hybrid = next(x for x in picks if x["strategy"] == "hybrid_linear")
+        hybrid_s = search_s + sum(r["head2toe_fit_seconds"] for r in rows if r["backbone"] in hybrid["picks"])
+        out_tasks.append({"task": task, "backbones": rows, "strategies": picks, "oracle": oracle,
+                          "best": max(rows, key=lambda r: r["head2toe_test"])["backbone"],
+                          "correlations": correlations,
+                          "seconds": {"train_extraction": extract, "proxies": search_s - extract, "search": search_s,
+                                      "search_plus_hybrid_fits": hybrid_s, "fit_every_backbone": fit_all_s}})
+    summary = {"tasks": [t["task"] for t in out_tasks], "missing_tasks": missing, "correlations": {},
+               "regret": {}, "seconds": {}}
+    for p in predictors:
+        for target in ("head2toe_test", "linear_test"):
+            vals = [t["correlations"][f"{p}|{target}"] for t in out_tasks]
+            summary["correlations"][f"{p}|{target}"] = {
+                "spearman": _mean(v["spearman"] for v in vals), "kendall": _mean(v["kendall"] for v in vals),
+                "defined_on": sum(v["spearman"] is not None for v in vals)}
+    if out_tasks:
+        for i, row in enumerate(out_tasks[0]["strategies"]):
+            name = f"{row['strategy']}@{row['budget']}"
+            regrets = [t["strategies"][i]["regret"] for t in out_tasks]
+            summary["regret"][name] = {"mean": _mean(regrets), "max": max(regrets),
+                                       "zero_on": sum(r == 0 for r in regrets)}
+        for k in out_tasks[0]["seconds"]:
+            summary["seconds"][k] = float(sum(t["seconds"][k] for t in out_tasks))
+    return {"meta": {"backbones": list(BACKBONES), "target_size": target_size, "grid": "quick", "seed": 0,
+                     "proxies": {p: PROXIES[p][0] for p in PROXIES}, "knn_k": 1, "linear_folds": 3,
+                     "latency": "ONNX Runtime CPU, batch 1, p50 of 50 runs, backbone with all taps at T",
+                     "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count()},
+            "summary": summary, "tasks": out_tasks}
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def _corr(v) -> str:
+    return "–" if v is None else f"{v:+.2f}"
+
+
+def report_markdown(data: dict) -> str:
+    from h2t_edge.search import AGNOSTIC, PROXIES
+
+    s, meta = data["summary"], data["meta"]
+    labels = {AGNOSTIC: "ImageNet top-1 (task-agnostic)", **{p: PROXIES[p][0] for p in PROXIES}}
+    lines = ["# Model search: which backbone to transfer (HEAD2TOE on the offline task suite)", "",
+             f"Backbones: {', '.join(meta['backbones'])}; T = {meta['target_size']}; HEAD2TOE and LINEAR with the "
+             f"quick grid (3-fold CV, 500 steps), seed 0, test accuracy on each task's test set. Proxies on the "
+             f"1,000 training images only: kNN = 1-NN leave-one-out accuracy (cosine); linear = 3-fold CV accuracy "
+             f"of a standardised logistic regression (C = 1, L-BFGS); 'all layers' = the same on every tap's "
+             f"pooled features (what HEAD2TOE selects from). Latency: {meta['latency']}. {meta['cpu_count']} CPU "
+             f"cores, {meta['date']}.", "",
+             f"Tasks covered: {', '.join(s['tasks']) or 'none'}."
+             + (f" Not covered (not finished in the time of the session): {', '.join(s['missing_tasks'])}."
+                if s["missing_tasks"] else ""), ""]
+    lines += ["## Rank correlation of each predictor with the backbones' accuracy", "",
+              "Mean over tasks of the per-task correlation across the 4 backbones (with 4 backbones one task's "
+              "Spearman moves in steps of 0.2, so read the means, not single tasks).", "",
+              "| predictor | Spearman vs HEAD2TOE | Kendall vs HEAD2TOE | Spearman vs LINEAR | Kendall vs LINEAR |",
+              "|---|---:|---:|---:|---:|"]
+    for p, label in labels.items():
+        h, lin = s["correlations"][f"{p}|head2toe_test"], s["correlations"][f"{p}|linear_test"]
+        lines.append(f"| {label} | {_corr(h['spearman'])} | {_corr(h['kendall'])} | {_corr(lin['spearman'])} "
+                     f"| {_corr(lin['kendall'])} |")
+    lines += ["", "## Regret of each strategy (HEAD2TOE test accuracy, points)", "",
+              "Regret = best HEAD2TOE test accuracy over the 4 backbones minus the best among the strategy's picks; "
+              "B = how many backbones the strategy fits. Hybrid (the paper's): the top ImageNet backbone plus the "
+              "proxy's best other one.", "",
+              "| strategy | B | " + " | ".join(s["tasks"]) + " | mean | max | zero regret on |",
+              "|---|---:|" + "---:|" * (len(s["tasks"]) + 3)]
+    for i, row in enumerate(data["tasks"][0]["strategies"] if data["tasks"] else []):
+        name = f"{row['strategy']}@{row['budget']}"
+        cells = []
+        for t in data["tasks"]:
+            r = t["strategies"][i]
+            cells.append(f"{_pct(r['regret'])} ({'/'.join(x.replace('efficientnet_', '').replace('_100', '') for x in r['picks'])})")
+        sm = s["regret"][name]
+        lines.append(f"| {row['strategy']} | {row['budget']} | " + " | ".join(cells)
+                     + f" | **{_pct(sm['mean'])}** | {_pct(sm['max'])} | {sm['zero_on']}/{len(data['tasks'])} |")
+    lines += ["", "## Per task and backbone (%)", "",
+              "| task | backbone | ImageNet top-1 | kNN | linear | kNN all | linear all | LINEAR test | HEAD2TOE test "
+              "| HEAD2TOE fit s | p50 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for t in data["tasks"]:
+        for r in t["backbones"]:
+            sc = r["scores"]
+            best = "**" if r["backbone"] == t["best"] else ""
+            lines.append(f"| {t['task']} | {r['backbone']} | {r['imagenet_top1']} | {_pct(sc['knn'])} | "
+                         f"{_pct(sc['linear'])} | {_pct(sc['knn_all'])} | {_pct(sc['linear_all'])} | "
+                         f"{_pct(r['linear_test'])} | {best}{_pct(r['head2toe_test'])}{best} | "
+                         f"{r['head2toe_fit_seconds']:.0f} | "
+                         + ("–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}") + " |")
+    lines += ["", "## Search time against fitting every backbone (seconds, 2-core CPU)", "",
+              "search = extraction of the training images + all four proxies, for every backbone; fit every "
+              "backbone = the same extraction + a quick-grid HEAD2TOE fit per backbone; search + hybrid = the "
+              "search plus the HEAD2TOE fits of the hybrid (linear) picks. Train extraction time is the measured "
+              "train+test extraction scaled by the share of training images.", "",
+              "| task | extraction | proxies | search | search + hybrid fits | fit every backbone | search / fit all |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for t in data["tasks"] + ([{"task": "**all**", "seconds": s["seconds"]}] if data["tasks"] else []):
+        x = t["seconds"]
+        lines.append(f"| {t['task']} | {x['train_extraction']:.0f} | {x['proxies']:.0f} | {x['search']:.0f} | "
+                     f"{x['search_plus_hybrid_fits']:.0f} | {x['fit_every_backbone']:.0f} | "
+                     f"{x['search'] / x['fit_every_backbone']:.2f} |")
+    lines += ["", "## Does the multi-layer proxy predict HEAD2TOE better?", "", verdict(data), ""]
+    return "\n".join(lines)
+
+
+def verdict(data: dict) -> str:
+    """The answer, computed from the numbers (mean Spearman and mean regret, multi-layer vs pre-logits)."""
+    from h2t_edge.search import PROXIES
+
+    s = data["summary"]
+    if not data["tasks"]:
+        return "No task finished yet."
+
+    def rho(p):
+        return s["correlations"][f"{p}|head2toe_test"]["spearman"]
+
+    pre = [p for p in PROXIES if PROXIES[p][1] == "pre_logits"]
+    multi = [p for p in PROXIES if PROXIES[p][1] == "all"]
+    best_pre = max(pre, key=lambda p: -2 if rho(p) is None else rho(p))
+    best_multi = max(multi, key=lambda p: -2 if rho(p) is None else rho(p))
+    reg = {p: s["regret"][f"{p}@1"]["mean"] for p in PROXIES}
+    better = (rho(best_multi) or -2) > (rho(best_pre) or -2)
+    return (f"On {len(data['tasks'])} task(s), the best multi-layer proxy ({PROXIES[best_multi][0]}) has a mean "
+            f"Spearman correlation with HEAD2TOE test accuracy of {_corr(rho(best_multi))} against "
+            f"{_corr(rho(best_pre))} for the best pre-logits proxy ({PROXIES[best_pre][0]}); mean regret of its "
+            f"B = 1 pick {_pct(reg[best_multi])} points against {_pct(reg[best_pre])}. "
+            + ("So on these tasks the multi-layer proxy predicts HEAD2TOE accuracy better than the paper's "
+               "pre-logits proxies." if better else
+               "So on these tasks the multi-layer proxy does not predict HEAD2TOE accuracy better than the "
+               "paper's pre-logits proxies.")
+            + " With 4 backbones and few tasks this is weak evidence either way.")
+
+
+def phase_report(tasks: list[str], work: Path, target_size: int) -> dict:
+    data = build_report(tasks, work, target_size)
+    atomic_write_json(RESULTS.with_suffix(".json"), data)
+    atomic_write_text(RESULTS.with_suffix(".md"), report_markdown(data) + "\n")
+    print(f"wrote {RESULTS.with_suffix('.json')} and {RESULTS.with_suffix('.md')} "
+          f"({len(data['tasks'])} tasks; missing: {data['summary']['missing_tasks']})")
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--phase", choices=("fits", "search", "report"), required=True)
+    parser.add_argument("--task", action="append", help="only these tasks (repeatable); default: every installed one")
+    parser.add_argument("--work-dir", default="/work/scratch/search/suite")
+    parser.add_argument("--target-size", "-T", type=int, default=512)
+    parser.add_argument("--minutes", type=float, default=19.0, help="start no new cell after this long")
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 60 * args.minutes
+    tasks = _tasks(args.task)
+    if args.phase == "fits":
+        phase_fits(tasks, work, args.target_size, deadline)
+    elif args.phase == "search":
+        phase_search(tasks, work, args.target_size, deadline)
+    else:
+        phase_report(tasks, work, args.target_size)
+
+
+if __name__ == "__main__":
+    main()
