@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -148,18 +148,21 @@ def extract_features(
     progress: Progress | None = None,
     backend: str = "onnxruntime",
     backend_options: dict | None = None,
+    batch_source: "BatchSource | None" = None,
 ) -> FeatureCache:
     """Extract pooled tap features of `dataset` with the exported backbone into `cache_dir`.
 
     backend: 'onnxruntime' (providers picks its execution providers), 'openvino' or 'tensorrt';
     backend_options go to the backend's loader (`runtime.backends.create_runner`).
+    batch_source: where batches are computed (default `local_batches`; `h2t_edge.distributed`
+    has one on Ray); the cache is written here either way.
 
     on_error: 'raise' stops at the first unreadable image with an error naming it; 'skip' records
     it in the manifest, stores zeros and marks the row invalid.
     """
     caches = _extract(onnx_path, dataset, {None: cache_dir}, batch_size=batch_size, dtype=dtype,
                       on_error=on_error, providers=providers, overwrite=overwrite, progress=progress,
-                      backend=backend, backend_options=backend_options)
+                      backend=backend, backend_options=backend_options, batch_source=batch_source)
     return caches[None]
 
 
@@ -244,12 +247,58 @@ class _CacheWriter:
         atomic_write_json(self.root / "manifest.json", self.manifest)
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """Everything needed to compute cache batches anywhere (this process or a Ray worker)."""
+
+    onnx_path: Path
+    backend: str
+    backend_options: dict  # for `runtime.backends.create_runner`
+    input_name: str
+    outputs: list[str]  # the ONNX outputs any cache being filled needs
+    preprocess: PreprocessConfig
+    paths: list[str]  # every image of the dataset, by row
+    on_error: str
+
+
+# (runner, job, batches, todo) -> (batch index, {output: float32[rows, d]}, [(row, error)]) for each
+# batch index in todo, in any order. The runner is the caller's, already active.
+BatchSource = Callable[..., Iterator[tuple[int, dict, list]]]
+
+
+def load_rows(job: BatchJob, rows: range) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode and preprocess images `rows` of the job: (float32[len(rows), 3, H, W], [(row, error)])."""
+    images = np.zeros((len(rows), *job.preprocess.input_size), dtype=np.float32)
+    errors = []
+    for j, row in enumerate(rows):
+        try:
+            images[j] = preprocess_image(load_image(job.paths[row]), job.preprocess)
+        except ImageError as exc:
+            if job.on_error == "raise":
+                raise ImageError(f"{exc} (use --on-error skip to skip and count such images)") from exc
+            errors.append((row, str(exc)))
+    return images, errors
+
+
+def local_batches(runner, job: BatchJob, batches: list[range], todo: list[int]):
+    """The default BatchSource: batches in order on `runner`, decoding the next batch on a
+    thread while the current one runs."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load_rows, job, batches[todo[0]])
+        for k, b in enumerate(todo):
+            images, errors = pending.result()
+            if k + 1 < len(todo):
+                pending = pool.submit(load_rows, job, batches[todo[k + 1]])
+            yield b, runner.infer({job.input_name: images}), errors
+
+
 def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: int = 32,
              dtype: str = "float16", on_error: str = "raise", providers="auto", overwrite: bool = False,
              progress: Progress | None = None, backend: str = "onnxruntime",
-             backend_options: dict | None = None) -> dict:
+             backend_options: dict | None = None, batch_source: "BatchSource | None" = None) -> dict:
     """Fill one cache per key of cache_dirs; key None is a single-T export, an int T a target size
-    of a multi-target-size export."""
+    of a multi-target-size export. batch_source computes the missing batches (default
+    `local_batches`, in this process)."""
     from runtime.backends import create_runner
 
     if dtype not in DTYPES:
@@ -304,47 +353,35 @@ def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: 
             return {key: FeatureCache.open(w.root) for key, w in writers.items()}
         for w in writers.values():
             w.open()
-        cfg = PreprocessConfig.from_dict(next(iter(targets.values()))[0]["preprocess"],
-                                         source=f"{onnx_path} layout")
-        input_name = next(iter(targets.values()))[0]["input"]
-
-        def load(rows: range) -> tuple[np.ndarray, list[tuple[int, str]]]:
-            images = np.zeros((len(rows), *cfg.input_size), dtype=np.float32)
-            errors = []
-            for j, row in enumerate(rows):
-                try:
-                    images[j] = preprocess_image(load_image(dataset.paths[row]), cfg)
-                except ImageError as exc:
-                    if on_error == "raise":
-                        raise ImageError(f"{exc} (use --on-error skip to skip and count such images)") from exc
-                    errors.append((row, str(exc)))
-            return images, errors
-
+        first_layout = next(iter(targets.values()))[0]
+        job = BatchJob(
+            onnx_path=onnx_path, backend=backend, backend_options=options, input_name=first_layout["input"],
+            outputs=sorted({name for w in writers.values() for name in w.outputs}),
+            preprocess=PreprocessConfig.from_dict(first_layout["preprocess"], source=f"{onnx_path} layout"),
+            paths=list(dataset.paths), on_error=on_error,
+        )
         todo = [b for b in range(len(batches)) if not all(w.done[b] for w in writers.values())]
         finished = len(batches) - len(todo)
         if progress:
             progress(finished * batch_size, len(dataset))
-        # Decode and resize the next batch on a thread while the current one runs.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(load, batches[todo[0]])
-            for k, b in enumerate(todo):
-                rows = batches[b]
-                images, errors = pending.result()
-                if k + 1 < len(todo):
-                    pending = pool.submit(load, batches[todo[k + 1]])
-                result = runner.infer({input_name: images})
-                for w in writers.values():
-                    if w.done[b]:
-                        continue
-                    block = np.concatenate([result[name] for name in w.outputs], axis=1)
-                    if not np.isfinite(block).all():
-                        raise CacheError(
-                            f"the backbone produced NaN/inf features for images {rows.start}..{rows.stop - 1} "
-                            f"(first: {dataset.paths[rows.start]}); check the ONNX file {onnx_path}"
-                        )
-                    w.write(b, rows, block, errors, dataset.paths)
-                if progress:
-                    progress(min(len(dataset), (finished + k + 1) * batch_size), len(dataset))
+        for k, (b, result, errors) in enumerate((batch_source or local_batches)(runner, job, batches, todo)):
+            rows = batches[b]
+            for w in writers.values():
+                if w.done[b]:
+                    continue
+                shapes = [result[name].shape[1:] for name in w.outputs]
+                if shapes != [(t["features"],) for t in w.layout["taps"]]:
+                    raise CacheError(f"{onnx_path} outputs per-image shapes {shapes} for taps {w.outputs}, its "
+                                     f"layout says {[t['features'] for t in w.layout['taps']]}; export it again")
+                block = np.concatenate([result[name] for name in w.outputs], axis=1)
+                if not np.isfinite(block).all():
+                    raise CacheError(
+                        f"the backbone produced NaN/inf features for images {rows.start}..{rows.stop - 1} "
+                        f"(first: {dataset.paths[rows.start]}); check the ONNX file {onnx_path}"
+                    )
+                w.write(b, rows, block, errors, dataset.paths)
+            if progress:
+                progress(min(len(dataset), (finished + k + 1) * batch_size), len(dataset))
         for w in writers.values():
             w.finish()
     return {key: FeatureCache.open(w.root) for key, w in writers.items()}
