@@ -167,7 +167,13 @@ def export(backbone: str, weights: str, target_size: int, tap_names: tuple[str, 
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @BACKEND_OPTION
 @PRECISION_OPTION
-def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrite, quiet, backend, precision) -> None:
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+              help="Compute batches on Ray: a cluster address ('auto', 'ray://host:10001'), or none to start "
+                   "a local instance. The cache is the same as without it.")
+@click.option("--shard-batches", default=4, show_default=True, type=click.IntRange(1),
+              help="With --ray: consecutive batches per Ray shard (the unit of scheduling and resuming).")
+def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrite, quiet, backend, precision,
+            ray_address, shard_batches) -> None:
     """Run the exported backbone over DATASET and cache the features.
 
     DATASET is a folder with one subfolder per class, or a .csv/.jsonl manifest with `path` and
@@ -177,10 +183,15 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
     from .features import extract_features
 
     ds = load_dataset(dataset)
+    source = None
+    if ray_address is not None:
+        from .distributed import RayBatches
+
+        source = RayBatches(address=ray_address, shard_batches=shard_batches)
     bars = StageBars(not quiet)
     fc = extract_features(backbone_onnx, ds, cache, batch_size=batch_size, dtype=dtype, on_error=on_error,
                           overwrite=overwrite, progress=bars.stage("extract"), backend=backend,
-                          backend_options=_backend_options(backend, precision))
+                          backend_options=_backend_options(backend, precision), batch_source=source)
     bars.close()
     skipped = len(fc.manifest["skipped"])
     click.echo(f"cached {fc.features.shape[0]} images x {fc.features.shape[1]} features ({dtype}) in {cache} "
