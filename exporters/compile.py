@@ -1,7 +1,9 @@
-"""Compile one task into a compact ONNX graph: image in, class probabilities and logits out.
+"""Compile tasks into compact ONNX graphs: one task (probabilities and logits out) or several tasks
+on one backbone pass (one logits output per task).
 
-The graph is composed of small named pieces: the backbone truncated after the deepest tap the task
-uses, `PoolNormalize` for each used tap, a `Gather` of the selected features and the linear head.
+The graph is composed of small named pieces: the backbone truncated after the deepest tap any task
+uses, the pooling of each used tap (`PoolNormalize` without its normalisation), a `Gather` of the
+selected features scaled by their tap's inverse L2 norm (`SelectedFeatures`), and the linear heads.
 Inputs are plain data (a feature layout, selected indices, head weights); nothing here knows how
 the head was fitted.
 """
@@ -18,7 +20,8 @@ from torch import nn
 
 from .backbones import Backbone, TapSpec
 from .errors import ExportError
-from .export import DEFAULT_OPSET, TappedBackbone, check_probe, export_module
+from .export import DEFAULT_OPSET, INPUT_NAME, TappedBackbone, check_probe, export_module
+from .pooling import tap_norm
 
 OUTPUT_NAMES = ("probabilities", "logits")
 
@@ -39,20 +42,6 @@ class TaskGraphSummary:
         return 1.0 - self.backbone_parameters_kept / max(1, self.backbone_parameters_total)
 
 
-class GatherFeatures(nn.Module):
-    """Concatenate the selected columns of each tap's features: [B, f_t] per tap -> [B, k]."""
-
-    def __init__(self, local_indices: Sequence[np.ndarray]):
-        super().__init__()
-        self.n = len(local_indices)
-        for i, idx in enumerate(local_indices):
-            self.register_buffer(f"index_{i}", torch.as_tensor(np.asarray(idx, dtype=np.int64)))
-
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        parts = [f.index_select(1, getattr(self, f"index_{i}")) for i, f in enumerate(features)]
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
-
 class LinearHead(nn.Module):
     """logits = x @ W + b; returns (softmax probabilities, logits)."""
 
@@ -66,22 +55,97 @@ class LinearHead(nn.Module):
         return torch.softmax(logits, dim=1), logits
 
 
+@dataclass(frozen=True)
+class HeadSpec:
+    """One task's head as plain data: `features` int64[k] sorted indices into the layout's
+    concatenated features, `weight` float32[k, C], `bias` float32[C]; `name` names its output."""
+
+    name: str
+    features: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def __post_init__(self) -> None:
+        weight = np.asarray(self.weight, dtype=np.float32)
+        if weight.ndim != 2 or weight.shape[0] != len(self.features) or np.shape(self.bias) != (weight.shape[1],):
+            raise ExportError(
+                f"head {self.name!r} shapes do not agree: {len(self.features)} features, weight {weight.shape}, "
+                f"bias {np.shape(self.bias)}"
+            )
+
+
+class SelectedFeatures(nn.Module):
+    """images float32[B, 3, H, W] -> float32[B, K]: the union of the features some heads read, each
+    divided by its layer's L2 norm, in layout order.
+
+    Each tap is pooled once and its norm taken once, over all its pooled features (that is what
+    extraction normalised by), but only the K gathered features are scaled: the head sees exactly
+    what it was fitted on without normalising every pooled feature.
+    """
+
+    def __init__(self, backbone: Backbone, layout: dict, features: np.ndarray):
+        super().__init__()
+        used, local = split_by_tap(layout, features)
+        taps = [backbone.tap(name) for name in used]
+        _check_layout_matches(backbone, layout, taps)
+        self.taps: list[TapSpec] = taps
+        self.tapped = TappedBackbone(backbone, taps, int(layout["target_size"]), layout.get("cls_token", "pool"),
+                                     normalize=False)
+        for i, idx in enumerate(local):
+            self.register_buffer(f"index_{i}", torch.as_tensor(idx))
+        # Which tap each gathered feature comes from: expands the [B, taps] inverse norms to [B, K].
+        owner = np.concatenate([np.full(len(idx), i) for i, idx in enumerate(local)])
+        self.register_buffer("owner", torch.as_tensor(owner, dtype=torch.int64))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pooled = self.tapped(images)
+        gathered = [p.index_select(1, getattr(self, f"index_{i}")) for i, p in enumerate(pooled)]
+        norms = torch.cat([tap_norm(p) for p in pooled], dim=1)
+        x = torch.cat(gathered, dim=1) if len(gathered) > 1 else gathered[0]
+        if len(pooled) == 1:
+            return x / norms
+        return x / norms.index_select(1, self.owner)
+
+
 class TaskGraph(nn.Module):
     """images -> (probabilities, logits) for one task."""
 
     def __init__(self, backbone: Backbone, layout: dict, features: np.ndarray, weight: np.ndarray,
                  bias: np.ndarray):
         super().__init__()
-        used, local = split_by_tap(layout, features)
-        taps = [backbone.tap(name) for name in used]
-        _check_layout_matches(backbone, layout, taps)
-        self.taps: list[TapSpec] = taps
-        self.tapped = TappedBackbone(backbone, taps, int(layout["target_size"]), layout.get("cls_token", "pool"))
-        self.gather = GatherFeatures(local)
+        self.features = SelectedFeatures(backbone, layout, features)
+        self.taps = self.features.taps
         self.head = LinearHead(weight, bias)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.gather(self.tapped(images)))
+        return self.head(self.features(images))
+
+
+class MultiTaskGraph(nn.Module):
+    """images -> one float32[B, C_t] logits tensor per head, from one pass of the backbone.
+
+    The backbone runs up to the deepest tap any head reads; every tap is pooled and normalised once;
+    each head then takes its own columns of the shared selected features.
+    """
+
+    def __init__(self, backbone: Backbone, layout: dict, heads: Sequence[HeadSpec]):
+        super().__init__()
+        union = np.unique(np.concatenate([np.asarray(h.features, dtype=np.int64) for h in heads]))
+        self.features = SelectedFeatures(backbone, layout, union)
+        self.taps = self.features.taps
+        self.n = len(heads)
+        for i, h in enumerate(heads):
+            columns = np.searchsorted(union, np.asarray(h.features, dtype=np.int64))
+            self.register_buffer(f"columns_{i}", torch.as_tensor(columns, dtype=torch.int64))
+            self.register_buffer(f"weight_{i}", torch.as_tensor(np.asarray(h.weight, dtype=np.float32)))
+            self.register_buffer(f"bias_{i}", torch.as_tensor(np.asarray(h.bias, dtype=np.float32)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.features(images)
+        return tuple(
+            x.index_select(1, getattr(self, f"columns_{i}")) @ getattr(self, f"weight_{i}") + getattr(self, f"bias_{i}")
+            for i in range(self.n)
+        )
 
 
 def split_by_tap(layout: dict, features: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
@@ -124,25 +188,47 @@ def compile_task_graph(
     backbone: Backbone, layout: dict, features: np.ndarray, weight: np.ndarray, bias: np.ndarray,
     opset: int = DEFAULT_OPSET,
 ) -> tuple[onnx.ModelProto, TaskGraphSummary]:
-    """Build the per-task ONNX graph.
+    """Build the per-task ONNX graph: images -> (probabilities, logits), both float32[B, C].
 
     features: int64[k] sorted indices into the layout's concatenated features;
     weight: float32[k, C]; bias: float32[C].
     """
-    weight = np.asarray(weight, dtype=np.float32)
-    if weight.ndim != 2 or weight.shape[0] != len(features) or np.shape(bias) != (weight.shape[1],):
-        raise ExportError(
-            f"head shapes do not agree: {len(features)} features, weight {weight.shape}, bias {np.shape(bias)}"
-        )
-    graph = TaskGraph(backbone, layout, features, weight, bias).eval()
+    head = HeadSpec("task", np.asarray(features), np.asarray(weight, dtype=np.float32), np.asarray(bias))
+    graph = TaskGraph(backbone, layout, head.features, head.weight, head.bias).eval()
     model = export_module(graph, backbone.input_size, OUTPUT_NAMES, opset)
-    kept = max(t.segment for t in graph.taps) + 1
-    summary = TaskGraphSummary(
-        taps_used=[t.name for t in graph.taps],
+    return model, _summary(backbone, graph.taps, [head])
+
+
+def compile_multitask_graph(
+    backbone: Backbone, layout: dict, heads: Sequence[HeadSpec], opset: int = DEFAULT_OPSET,
+) -> tuple[onnx.ModelProto, TaskGraphSummary]:
+    """Build one ONNX graph for several tasks on the same backbone export: images -> one output per
+    head, named after it, holding its logits float32[B, C_h] (softmax them for probabilities).
+
+    All heads must index the same `layout` (features from one exported backbone).
+    """
+    if not heads:
+        raise ExportError("no task heads to compile")
+    names = [h.name for h in heads]
+    reserved = {INPUT_NAME, *OUTPUT_NAMES}
+    bad = sorted({n for n in names if not n or n in reserved or names.count(n) > 1})
+    if bad:
+        raise ExportError(
+            f"task names must be unique, non-empty and not one of {sorted(reserved)}; got {bad}: "
+            "rename the tasks (the `task` field of task.json, set by `fit --task`)"
+        )
+    graph = MultiTaskGraph(backbone, layout, heads).eval()
+    model = export_module(graph, backbone.input_size, names, opset)
+    return model, _summary(backbone, graph.taps, heads)
+
+
+def _summary(backbone: Backbone, taps: Sequence[TapSpec], heads: Sequence[HeadSpec]) -> TaskGraphSummary:
+    kept = max(t.segment for t in taps) + 1
+    return TaskGraphSummary(
+        taps_used=[t.name for t in taps],
         segments_kept=kept,
         segments_total=len(backbone.segments),
         backbone_parameters_kept=backbone.segment_parameters(kept - 1),
         backbone_parameters_total=backbone.segment_parameters(),
-        head_parameters=int(weight.size + weight.shape[1]),
+        head_parameters=int(sum(np.size(h.weight) + np.size(h.bias) for h in heads)),
     )
-    return model, summary

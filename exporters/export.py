@@ -36,17 +36,19 @@ class TappedBackbone(nn.Module):
     """images float32[B, 3, H, W] -> tuple of float32[B, features_t], one per tap, in tap order.
 
     Runs the backbone only up to the segment of the deepest requested tap. cls_token: how token taps
-    treat a class token ('pool', 'only', 'separate'; see `exporters.pooling`).
+    treat a class token ('pool', 'only', 'separate'; see `exporters.pooling`). normalize=False returns
+    the pooled features before the per-tap unit normalisation (see `PoolNormalize`).
     """
 
-    def __init__(self, backbone: Backbone, taps: Sequence[TapSpec], target_size: int, cls_token: str = "pool"):
+    def __init__(self, backbone: Backbone, taps: Sequence[TapSpec], target_size: int, cls_token: str = "pool",
+                 normalize: bool = True):
         super().__init__()
         if not taps:
             raise ExportError("no taps requested")
         _check_cls_token(backbone, cls_token)
         self.taps = list(taps)
         self.plans = [plan_tap_pool(t.kind, t.shape, target_size, cls_token) for t in self.taps]
-        self.pools = nn.ModuleList(PoolNormalize(p) for p in self.plans)
+        self.pools = nn.ModuleList(PoolNormalize(p, normalize) for p in self.plans)
         last = max(t.segment for t in self.taps)
         self.segments = nn.ModuleList(m for _, m in backbone.segments[: last + 1])
         # Plain list: these modules are already registered through `segments`.

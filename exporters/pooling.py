@@ -102,18 +102,22 @@ class PoolNormalize(nn.Module):
 
     Conv maps flatten in (C, h', w') order and tokens in (window, D) order, after the class token's
     D features where it is kept apart; the feature indices that selection stores refer to this order.
+    normalize=False returns the pooled features unnormalised, for graphs that scale only the few
+    features a head reads by the layer's inverse norm (`tap_norm`).
     """
 
-    def __init__(self, plan: TapPool):
+    def __init__(self, plan: TapPool, normalize: bool = True):
         super().__init__()
         self.plan = plan
+        self.normalize = normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self.plan
         if plan.kind == "conv":
-            if plan.global_pool:
-                x = x.mean(dim=(2, 3))
-            elif plan.window != (1, 1):
+            # A global pool too is a window (over the whole map), not a mean over axes: it exports as
+            # AveragePool, which ONNX Runtime runs in its blocked (NCHWc) conv layout, where a mean
+            # over axes first reorders the whole map back to NCHW.
+            if plan.window != (1, 1):
                 x = nn.functional.avg_pool2d(x, plan.window, plan.window)
         elif plan.kind == "tokens":
             if plan.cls_token == "only":
@@ -123,8 +127,12 @@ class PoolNormalize(nn.Module):
             else:
                 x = _pool_tokens(x, plan)
         x = x.flatten(1)
-        norm = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        return x / norm.clamp_min(NORM_EPS)
+        return x / tap_norm(x) if self.normalize else x
+
+
+def tap_norm(features: torch.Tensor) -> torch.Tensor:
+    """The zero-aware L2 norm that `PoolNormalize` divides by: float32[B, f] -> float32[B, 1]."""
+    return torch.linalg.vector_norm(features, dim=1, keepdim=True).clamp_min(NORM_EPS)
 
 
 def _pool_tokens(x: torch.Tensor, plan: TapPool) -> torch.Tensor:

@@ -61,3 +61,46 @@ def test_compile_refuses_other_weights(lite0_onnx):
     random = load_backbone("efficientnet_lite0", weights="random")
     with pytest.raises(ExportError, match="not the one"):
         compile_task_graph(random, layout, np.array([3]), np.ones((1, 2), np.float32), np.zeros(2, np.float32))
+
+
+def test_multitask_graph_equals_each_single_task_graph(lite0, lite0_onnx):
+    from exporters.compile import HeadSpec, compile_multitask_graph
+
+    path, layout = lite0_onnx
+    rng = np.random.default_rng(1)
+    # Early taps only (a short backbone keeps the three exports quick); the tasks share some taps.
+    taps = [{"stem", "blocks.1.0.bn2", "blocks.2.0"}, {"blocks.1.0.bn2", "blocks.2.1.bn1"}, {"blocks.0.0"}]
+    heads = []
+    for i, names in enumerate(taps):
+        features = _selection(layout, names, 30, rng)
+        c = 3 + i
+        heads.append(HeadSpec(f"task{i}", features, rng.normal(size=(len(features), c)).astype(np.float32),
+                              rng.normal(size=c).astype(np.float32)))
+    model, summary = compile_multitask_graph(lite0, layout, heads)
+    assert [o.name for o in model.graph.output] == ["task0", "task1", "task2"]
+    assert summary.taps_used == ["stem", "blocks.0.0", "blocks.1.0.bn2", "blocks.2.0", "blocks.2.1.bn1"]
+    # Only the taps' segments: the deepest used tap decides.
+    assert summary.segments_kept == lite0.tap("blocks.2.1.bn1").segment + 1
+
+    x = rng.normal(size=(3, 3, 224, 224)).astype(np.float32)
+    _, multi = _run(model, x)
+    _, taps_out = _run(str(path), x)
+    features = np.concatenate(taps_out, axis=1)
+    for head, got in zip(heads, multi):
+        single, _ = compile_task_graph(lite0, layout, head.features, head.weight, head.bias)
+        _, (_, single_logits) = _run(single, x)
+        np.testing.assert_allclose(got, single_logits, atol=1e-4)
+        np.testing.assert_allclose(got, features[:, head.features] @ head.weight + head.bias, atol=1e-4)
+
+
+def test_multitask_graph_refuses_clashing_names(lite0, lite0_onnx):
+    from exporters.compile import HeadSpec, compile_multitask_graph
+
+    _, layout = lite0_onnx
+    head = HeadSpec("a", np.array([3]), np.ones((1, 2), np.float32), np.zeros(2, np.float32))
+    with pytest.raises(ExportError, match="unique"):
+        compile_multitask_graph(lite0, layout, [head, head])
+    with pytest.raises(ExportError, match="images"):
+        compile_multitask_graph(lite0, layout, [HeadSpec("images", head.features, head.weight, head.bias)])
+    with pytest.raises(ExportError, match="shapes do not agree"):
+        HeadSpec("b", np.array([3, 4]), np.ones((1, 2), np.float32), np.zeros(2, np.float32))
