@@ -35,11 +35,18 @@ def _import_ray():
 class _ShardWorker:
     """A Ray actor: one backbone session, many shards."""
 
-    def __init__(self, model: Any, job: BatchJob):
+    def __init__(self, model: Any, job: BatchJob, threads: int):
         from runtime.backends import create_runner
 
         self.job = job
-        self.runner = create_runner(model, job.backend, **job.backend_options)
+        options = dict(job.backend_options)
+        # One engine thread per CPU Ray gave the actor (the engines' default is every core of the
+        # node, which oversubscribes it when several actors share a node).
+        if job.backend == "onnxruntime":
+            options.setdefault("intra_op_threads", threads)
+        elif job.backend == "openvino":
+            options.setdefault("num_threads", threads)
+        self.runner = create_runner(model, job.backend, **options)
         self.runner.activate()
 
     def run(self, shard: list[tuple[int, range]]) -> list[tuple[int, dict, list]]:
@@ -100,7 +107,8 @@ class RayBatches:
             cpus = ray.cluster_resources().get("CPU", 1)
             count = max(1, min(len(shards), self.workers or int(cpus // self.cpus_per_worker) or 1))
             actor = ray.remote(num_cpus=self.cpus_per_worker)(_ShardWorker)
-            pool = ActorPool([actor.remote(model_ref, job) for _ in range(count)])
+            threads = max(1, int(self.cpus_per_worker))
+            pool = ActorPool([actor.remote(model_ref, job, threads) for _ in range(count)])
             self.stats = {"shards": len(shards), "workers": count}
             first = True
             for results in pool.map_unordered(lambda a, shard: a.run.remote(shard), shards):
