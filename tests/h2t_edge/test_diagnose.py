@@ -73,12 +73,12 @@ def test_spearman_with_ties():
     assert spearman([1, 2, 2, 5], [1, 2, 3, 4]) == pytest.approx(np.corrcoef(a, b)[0, 1])
 
 
-def _synthetic_cache(root, noise=(0.05, 0.5, 2.0), d=6, k=4, n=80, seed=0) -> FeatureCache:
+def _synthetic_cache(root, noise=(0.05, 0.5, 2.0), d=6, k=4, n=80, seed=0, names=None) -> FeatureCache:
     """A complete feature cache on disk: one tap per noise level, classes spread by that noise."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(k), n // k)
     taps, blocks, offset = [], [], 0
-    names = [f"layer{i}" for i in range(len(noise) - 1)] + ["pre_logits"]
+    names = names or [f"layer{i}" for i in range(len(noise) - 1)] + ["pre_logits"]
     for name, s in zip(names, noise):
         blocks.append(rng.normal(size=(k, d))[y] + s * rng.normal(size=(n, d)))
         taps.append({"name": name, "output": name, "features": d, "offset": offset, "shape": [d]})
@@ -143,3 +143,17 @@ def test_diagnose_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "h2t_edge.cli", "diagnose", str(tmp_path / "cache"), "--task",
                           str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "task.json" in bad.stderr
+
+
+def test_finetune_layer_nc1_picks_the_most_collapsed_block(tmp_path):
+    """`--layer nc1`: the tunable block whose output tap has the lowest NC1 (non-block taps ignored)."""
+    from exporters.backbones import load_backbone
+    from h2t_edge.finetune import choose_layer
+
+    bb = load_backbone("efficientnet_lite0", weights="bundled", input_size=32)
+    cache = _synthetic_cache(tmp_path / "cache", noise=(0.01, 1.0, 0.2, 3.0),
+                             names=["stem", "blocks.3.0", "blocks.5.1", "pre_logits"])
+    assert choose_layer(bb, "nc1", cache) == "blocks.5.1"
+    assert choose_layer(bb, "middle") == "blocks.4.0" and choose_layer(bb, "blocks.2.1") == "blocks.2.1"
+    with pytest.raises(FitError, match="feature cache"):
+        choose_layer(bb, "nc1")
