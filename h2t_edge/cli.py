@@ -302,24 +302,31 @@ def _cv_summary(rows: list[dict]) -> str:
 
 
 @cli.command(name="compile")
-@click.argument("task_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Task graph .onnx path.")
 @click.option("--weights", default=None, help="Override the backbone weights source recorded in the task.")
-def compile_(task_dir, output, weights) -> None:
-    """Fuse the truncated backbone, pooling, feature gather and head into one ONNX graph."""
+def compile_(task_dirs, output, weights) -> None:
+    """Fuse the truncated backbone, pooling, feature gather and head into one ONNX graph.
+
+    With several TASK_DIRS (fitted on the same exported backbone) the graph runs the backbone once
+    and has one logits output per task, named after it."""
+    from .deploy import compile_tasks_step
     from .pipeline import compile_step
 
-    report = compile_step(task_dir, output, weights)
+    if len(task_dirs) == 1:
+        report = compile_step(task_dirs[0], output, weights)
+    else:
+        report = compile_tasks_step(task_dirs, output, weights)
     r = report.summary
     click.echo(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB) and {report.path.with_suffix('.json').name} "
-               f"in {report.seconds:.1f} s")
+               f"in {report.seconds:.1f} s" + (f" for tasks {', '.join(report.tasks)}" if len(task_dirs) > 1 else ""))
     click.echo(f"uses {len(r.taps_used)} taps; keeps {r.segments_kept}/{r.segments_total} backbone segments "
                f"({r.backbone_parameters_kept:,} of {r.backbone_parameters_total:,} parameters, "
                f"{100 * r.backbone_fraction_dropped:.1f}% dropped); head {r.head_parameters:,} parameters")
 
 
 @cli.command()
-@click.argument("task_graph", type=click.Path(exists=True, dir_okay=False))
+@click.argument("task_graph", type=click.Path(exists=True))
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
@@ -328,7 +335,9 @@ def compile_(task_dir, output, weights) -> None:
 @BACKEND_OPTION
 @PRECISION_OPTION
 def predict(task_graph, images, fmt, output, batch_size, on_error, backend, precision) -> None:
-    """Predict labels and probabilities for image files or folders with a compiled task graph."""
+    """Predict labels and probabilities for image files or folders with a compiled task graph
+    (one column per task for a multi-task graph) or a shared-backbone folder from `deploy`."""
+    from runtime.heads import SharedBackbonePredictor
     from runtime.io import atomic_write_text
     from runtime.predictor import Predictor
     from runtime.preprocess import list_images
@@ -336,10 +345,13 @@ def predict(task_graph, images, fmt, output, batch_size, on_error, backend, prec
     paths = []
     for item in images:
         paths += list_images(item) if Path(item).is_dir() else [Path(item)]
-    predictor = Predictor.load(task_graph, backend=backend, **_backend_options(backend, precision))
+    kind = SharedBackbonePredictor if Path(task_graph).is_dir() else Predictor
+    predictor = kind.load(task_graph, backend=backend, **_backend_options(backend, precision))
     results = predictor.predict_paths(paths, batch_size=batch_size, on_error=on_error)
-    rows = [{"path": r.path, "label": r.label, "probability": round(r.probability, 6), "error": r.error or ""}
-            for r in results]
+    tasks = [t.task for t in predictor.tasks]
+    rows = _task_rows(results, tasks) if len(tasks) > 1 else [
+        {"path": r.path, "label": r.label, "probability": round(r.probability, 6), "error": r.error or ""}
+        for r in results]
     if fmt == "json":
         text = json.dumps(rows, indent=2) + "\n"
     elif fmt == "csv":
@@ -348,6 +360,8 @@ def predict(task_graph, images, fmt, output, batch_size, on_error, backend, prec
         writer.writeheader()
         writer.writerows(rows)
         text = buffer.getvalue()
+    elif len(tasks) > 1:
+        text = _task_table(rows, tasks)
     else:
         width = max([len(r["path"]) for r in rows] + [4])
         text = f"{'path':<{width}}  {'label':<16} prob\n" + "".join(
@@ -357,6 +371,51 @@ def predict(task_graph, images, fmt, output, batch_size, on_error, backend, prec
         click.echo(f"wrote {len(rows)} predictions to {output}")
     else:
         click.echo(text, nl=False)
+
+
+def _task_rows(results, tasks: list[str]) -> list[dict]:
+    """Predictions of a multi-task graph: per image, a label and a probability column per task."""
+    rows = []
+    for r in results:
+        row = {"path": r.path}
+        for task in tasks:
+            t = r.tasks.get(task)
+            row[task] = t.label if t else ""
+            row[f"{task}.probability"] = round(t.probability, 6) if t else 0.0
+        rows.append({**row, "error": r.error or ""})
+    return rows
+
+
+def _task_table(rows: list[dict], tasks: list[str]) -> str:
+    """One 'label prob' column per task."""
+    cells = [[f"{r[t]} {r[t + '.probability']:.3f}" if r[t] else "ERROR" for t in tasks] for r in rows]
+    widths = [max([len(t)] + [len(c[i]) for c in cells]) for i, t in enumerate(tasks)]
+    width = max([len(r["path"]) for r in rows] + [4])
+
+    def line(path: str, values: list[str], error: str = "") -> str:
+        return "  ".join([f"{path:<{width}}", *(f"{v:<{w}}" for v, w in zip(values, widths))]) + \
+            (f"  {error}" if error else "") + "\n"
+
+    return line("path", tasks) + "".join(line(r["path"], c, r["error"]) for r, c in zip(rows, cells))
+
+
+@cli.command()
+@click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False),
+              help="Deployment folder: backbone.onnx + backbone.json once, heads/TASK.{safetensors,json} per task.")
+@click.option("--backbone", "backbone_onnx", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The exported backbone the tasks' features came from (default: export it again).")
+@click.option("--weights", default=None, help="Override the backbone weights source recorded in the task.")
+def deploy(task_dirs, output, backbone_onnx, weights) -> None:
+    """Ship the backbone with taps once and a tiny head per task; run it with `predict DIR IMAGES`.
+    Into a folder that has the backbone already, only the new tasks' heads are written."""
+    from .deploy import package_shared_step
+
+    report = package_shared_step(task_dirs, output, backbone_onnx, weights)
+    if report.backbone_written:
+        click.echo(f"wrote {report.root / 'backbone.onnx'} ({report.backbone_bytes / 1e6:.2f} MB)")
+    for task, size in report.heads.items():
+        click.echo(f"wrote head {task}: {size:,} bytes ({100 * size / report.backbone_bytes:.3f}% of the backbone)")
 
 
 @cli.command()

@@ -3,6 +3,8 @@
 Layout (written by the task compiler): `TASK.onnx` and `TASK.json` side by side. The graph
 maps `images: float32[batch, 3, H, W]` (preprocessed as the sidecar's "preprocess" says) to
 `probabilities` and `logits`, both float32[batch, C], C = len(sidecar "classes").
+A multi-task graph (sidecar version 2, `h2t-edge compile A B ...`) instead has one logits output
+per task, float32[batch, C_t], named in the sidecar's "tasks" list with that task's classes.
 """
 
 from __future__ import annotations
@@ -18,16 +20,29 @@ import numpy as np
 from .backends import create_runner
 from .backends.base import Runner
 from .errors import ArtifactError, ImageError
-from .io import read_json
+from .io import file_sha256, read_json
+from .schema import content_sha256
 from .preprocess import PreprocessConfig, load_image, preprocess_image
 
 SIDECAR_FORMAT = "h2t-edge/task-graph"
 SIDECAR_VERSION = 1
+MULTITASK_SIDECAR_VERSION = 2  # "tasks": [{task, classes, outputs: {logits}}] instead of task/classes/outputs
 
 
 def sidecar_path(onnx_path: str | os.PathLike) -> Path:
     """The JSON sidecar of a task graph: same folder, same stem, '.json'."""
     return Path(onnx_path).with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class TaskOutputs:
+    """Where one task's scores are in a graph's outputs: `logits` names its float32[batch, C] logits;
+    `probabilities` names its softmax output, or is None where the runtime applies softmax."""
+
+    task: str
+    classes: tuple[str, ...]
+    logits: str
+    probabilities: str | None = None
 
 
 @dataclass(frozen=True)
@@ -44,8 +59,31 @@ class TaskSidecar:
         default_factory=lambda: {"probabilities": "probabilities", "logits": "logits"}
     )
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Every task of the graph; a single-task sidecar (version 1) has one, built from task/classes/outputs.
+    tasks: tuple[TaskOutputs, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            one = TaskOutputs(self.task, tuple(self.classes), self.outputs["logits"], self.outputs["probabilities"])
+            object.__setattr__(self, "tasks", (one,))
+
+    @property
+    def multitask(self) -> bool:
+        """Written as a multi-task sidecar (version 2), even when it holds a single task."""
+        return not self.outputs
 
     def to_dict(self) -> dict[str, Any]:
+        if self.multitask:
+            return {
+                "format": SIDECAR_FORMAT,
+                "version": MULTITASK_SIDECAR_VERSION,
+                "tasks": [{"task": t.task, "classes": list(t.classes), "outputs": {"logits": t.logits}}
+                          for t in self.tasks],
+                "preprocess": self.preprocess.to_dict(),
+                "input": self.input,
+                "backbone": dict(self.backbone),
+                **self.extra,
+            }
         return {
             "format": SIDECAR_FORMAT,
             "version": SIDECAR_VERSION,
@@ -70,11 +108,13 @@ class TaskSidecar:
             raise ArtifactError(f"task sidecar {source} must hold a JSON object; {fix}")
         if d.get("format") != SIDECAR_FORMAT:
             raise bad("format", f"is {d.get('format')!r}, expected {SIDECAR_FORMAT!r}")
-        if d.get("version") != SIDECAR_VERSION:
+        if d.get("version") not in (SIDECAR_VERSION, MULTITASK_SIDECAR_VERSION):
             raise ArtifactError(
                 f"task sidecar {source}: field 'version' is {d.get('version')!r}, this runtime reads "
-                f"version {SIDECAR_VERSION}; re-compile the task with a matching h2t-edge"
+                f"versions {SIDECAR_VERSION} and {MULTITASK_SIDECAR_VERSION}; re-compile the task with a matching h2t-edge"
             )
+        if d["version"] == MULTITASK_SIDECAR_VERSION:
+            return cls._multitask_from_dict(d, source, bad)
         for key in ("task", "input"):
             if not isinstance(d.get(key), str) or not d[key]:
                 raise bad(key, "must be a non-empty string")
@@ -102,6 +142,64 @@ class TaskSidecar:
             extra={k: v for k, v in d.items() if k not in known},
         )
 
+    @classmethod
+    def _multitask_from_dict(cls, d: dict, source: str, bad) -> "TaskSidecar":
+        tasks = d.get("tasks")
+        if not isinstance(tasks, list) or not tasks:
+            raise bad("tasks", "must be a non-empty list")
+        parsed = []
+        for i, t in enumerate(tasks):
+            where = f"tasks[{i}]"
+            if not isinstance(t, dict) or not isinstance(t.get("task"), str) or not t["task"]:
+                raise bad(where, "must be an object with a non-empty 'task'")
+            classes = t.get("classes")
+            if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+                raise bad(f"{where}.classes", "must be a non-empty list of strings")
+            outputs = t.get("outputs")
+            if not isinstance(outputs, dict) or not isinstance(outputs.get("logits"), str):
+                raise bad(f"{where}.outputs", "must map 'logits' to an output name")
+            parsed.append(TaskOutputs(t["task"], tuple(classes), outputs["logits"], outputs.get("probabilities")))
+        names = [t.task for t in parsed]
+        if len(set(names)) != len(names):
+            raise bad("tasks", f"names a task twice ({names})")
+        if not isinstance(d.get("input"), str) or not d["input"]:
+            raise bad("input", "must be a non-empty string")
+        backbone = d.get("backbone")
+        if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
+            raise bad("backbone", "must be an object with a 'name'")
+        if "preprocess" not in d:
+            raise bad("preprocess", "is missing")
+        known = {"format", "version", "tasks", "preprocess", "input", "backbone"}
+        return cls(
+            task="+".join(names),
+            classes=parsed[0].classes,
+            preprocess=PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}"),
+            backbone=backbone,
+            input=d["input"],
+            outputs={},
+            extra={k: v for k, v in d.items() if k not in known},
+            tasks=tuple(parsed),
+        )
+
+
+def verify_artifact_hash(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike) -> None:
+    """Check the graph or engine at `path` against the sha256 its sidecar recorded when it was written:
+    `build.artifact_sha256` (an engine from `h2t-edge build-engine`) or `graph_sha256` (a compiled task
+    graph). A changed file is refused before use. Sidecars without either (hand-written) are not checked."""
+    build = sidecar.get("build")
+    if isinstance(build, Mapping) and "artifact_sha256" in build:
+        field, expected, what = "build.artifact_sha256", build["artifact_sha256"], "engine"
+    elif "graph_sha256" in sidecar:
+        field, expected, what = "graph_sha256", sidecar["graph_sha256"], "task graph"
+    else:
+        return
+    if not (isinstance(expected, str) and len(expected) == 64):
+        raise ArtifactError(f"task sidecar {sidecar_file}: field '{field}' must be a sha256 (64 hex digits); "
+                            "re-compile the task")
+    if file_sha256(path) != expected.lower():
+        raise ArtifactError(f"{what} {path} does not match the {field} recorded in {sidecar_file} (it changed "
+                            "after it was built); re-compile the task or rebuild the engine")
+
 
 @dataclass
 class Prediction:
@@ -114,6 +212,8 @@ class Prediction:
     probability: float
     probabilities: np.ndarray | None = None  # float32[C], in sidecar class order
     error: str | None = None
+    # Per task, for graphs with several tasks (the fields above are then the first task's).
+    tasks: dict[str, "Prediction"] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -127,6 +227,8 @@ class Prediction:
             "index": self.index,
             "probability": self.probability,
             "error": self.error,
+            **({"tasks": {name: {"label": t.label, "index": t.index, "probability": t.probability}
+                          for name, t in self.tasks.items()}} if len(self.tasks) > 1 else {}),
         }
 
 
@@ -167,12 +269,13 @@ class Predictor:
                 f"task sidecar {sidecar_file} is missing; it must sit next to {path.name} with the "
                 "same stem. Copy it along with the graph or re-compile the task"
             )
-        sidecar = TaskSidecar.from_dict(read_json(sidecar_file, "task sidecar"), source=str(sidecar_file))
-        if backend == "onnxruntime":
-            backend_options = {"providers": providers, "intra_op_threads": intra_op_threads, **backend_options}
-        elif backend == "openvino" and intra_op_threads is not None:
-            backend_options.setdefault("num_threads", intra_op_threads)
-        runner = create_runner(path, backend, **backend_options)
+        raw = read_json(sidecar_file, "task sidecar")
+        if isinstance(raw, dict) and "content_sha256" in raw and content_sha256(raw, "content_sha256") != raw["content_sha256"]:
+            raise ArtifactError(f"task sidecar {sidecar_file} was changed after it was written (its content does not "
+                                "match its content_sha256); re-compile the task")
+        sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
+        verify_artifact_hash(path, sidecar.extra, sidecar_file)
+        runner = create_runner(path, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
         return cls(runner, sidecar, path)
 
     # -- properties -------------------------------------------------------------------------
@@ -196,18 +299,48 @@ class Predictor:
 
     # -- inference --------------------------------------------------------------------------
 
+    @property
+    def tasks(self) -> tuple[TaskOutputs, ...]:
+        """The tasks this graph answers, in output order (one for a single-task graph)."""
+        return self.sidecar.tasks
+
     def predict_arrays(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """images: float32[n, 3, H, W], already preprocessed.
-        Returns (probabilities float32[n, C], logits float32[n, C])."""
-        outputs = self._runner.infer({self.sidecar.input: images})
-        names = self.sidecar.outputs
-        probabilities, logits = outputs[names["probabilities"]], outputs[names["logits"]]
-        if probabilities.shape[-1] != len(self.classes):
-            raise ArtifactError(
-                f"task graph {self.path} outputs {probabilities.shape[-1]} classes but its sidecar "
-                f"lists {len(self.classes)} in 'classes'; re-compile the task"
-            )
-        return probabilities, logits
+        Returns (probabilities float32[n, C], logits float32[n, C]) of the graph's task; a graph
+        with several tasks answers through `predict_tasks`."""
+        if len(self.tasks) > 1:
+            raise ArtifactError(f"task graph {self.path} holds {len(self.tasks)} tasks "
+                                f"({', '.join(t.task for t in self.tasks)}); use predict_tasks")
+        return self.predict_tasks(images)[self.tasks[0].task]
+
+    def predict_tasks(self, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """images: float32[n, 3, H, W], already preprocessed. Returns, per task in output order,
+        (probabilities float32[n, C_t], logits float32[n, C_t])."""
+        return self._scores(self._infer(images))
+
+    def _infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        if not np.isfinite(images).all():
+            raise ImageError("the preprocessed images hold NaN/inf values; preprocess them with "
+                             "runtime.preprocess (pixels scaled to [0, 1], then the sidecar's mean and std)")
+        return self._runner.infer({self.sidecar.input: images})
+
+    def _scores(self, outputs: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each task's (probabilities, logits) from the named outputs of one inference."""
+        scores = {}
+        for t in self.tasks:
+            logits = outputs[t.logits]
+            probabilities = outputs[t.probabilities] if t.probabilities else softmax(logits)
+            if probabilities.shape[-1] != len(t.classes):
+                raise ArtifactError(
+                    f"task graph {self.path} outputs {probabilities.shape[-1]} classes for task {t.task!r} but its "
+                    f"sidecar {sidecar_path(self.path)} lists {len(t.classes)} in 'classes'; re-compile the task"
+                )
+            # A NaN score would still argmax to a confident-looking label: refuse it instead.
+            if not (np.isfinite(probabilities).all() and np.isfinite(logits).all()):
+                raise ArtifactError(f"task graph {self.path} produced NaN/inf scores from finite images (damaged "
+                                    "weights?); re-compile the task")
+            scores[t.task] = (probabilities, logits)
+        return scores
 
     def predict_paths(
         self,
@@ -241,15 +374,22 @@ class Predictor:
                     raise
                 by_position[i] = Prediction(path=path, label="", index=-1, probability=0.0, error=str(exc))
         if arrays:
-            probabilities, _ = self.predict_arrays(np.stack(arrays))
-            for i, probs in zip(positions, probabilities):
-                best = int(np.argmax(probs))
+            scores = self.predict_tasks(np.stack(arrays))
+            for row, i in enumerate(positions):
+                per_task = {}
+                for t in self.tasks:
+                    probs = scores[t.task][0][row]
+                    best = int(np.argmax(probs))
+                    per_task[t.task] = Prediction(path=paths[i], label=t.classes[best], index=best,
+                                                  probability=float(probs[best]), probabilities=probs)
+                first = per_task[self.tasks[0].task]
                 by_position[i] = Prediction(
                     path=paths[i],
-                    label=self.classes[best],
-                    index=best,
-                    probability=float(probs[best]),
-                    probabilities=probs,
+                    label=first.label,
+                    index=first.index,
+                    probability=first.probability,
+                    probabilities=first.probabilities,
+                    tasks=per_task,
                 )
         return [by_position[i] for i in range(len(paths))]
 
@@ -266,13 +406,14 @@ class Predictor:
 
     def _check_graph_matches_sidecar(self) -> None:
         """Catch a sidecar from another compile before it gives wrong labels."""
-        where = f"task graph {self.path} and its sidecar"
+        where = f"task graph {self.path} and its sidecar {sidecar_path(self.path)}"
         if self.sidecar.input not in self._runner.input_names:
             raise ArtifactError(
                 f"{where} disagree: sidecar 'input' is {self.sidecar.input!r}, graph inputs are "
                 f"{self._runner.input_names}; re-compile the task"
             )
-        missing = [n for n in self.sidecar.outputs.values() if n not in self._runner.output_names]
+        named = {n for t in self.tasks for n in (t.logits, t.probabilities) if n}
+        missing = sorted(n for n in named if n not in self._runner.output_names)
         if missing:
             raise ArtifactError(
                 f"{where} disagree: sidecar 'outputs' names {missing}, graph outputs are "
@@ -285,3 +426,24 @@ class Predictor:
                 f"{where} disagree: graph input shape is {shape}, sidecar 'preprocess.input_size' "
                 f"is {expected}; re-compile the task"
             )
+        # One probe inference: the class count and finite scores show only in the outputs, and a
+        # loaded Predictor must never give labels from a mismatched or damaged graph.
+        self.predict_tasks(np.zeros((1, *expected), dtype=np.float32))
+
+
+def runner_options(backend: str, providers, intra_op_threads: int | None, options: Mapping[str, Any]) -> dict:
+    """`create_runner` options from `Predictor.load`'s arguments: providers apply to onnxruntime
+    only, intra_op_threads to onnxruntime and openvino; the rest go to the backend as they are."""
+    options = dict(options)
+    if backend == "onnxruntime":
+        return {"providers": providers, "intra_op_threads": intra_op_threads, **options}
+    if backend == "openvino" and intra_op_threads is not None:
+        options.setdefault("num_threads", intra_op_threads)
+    return options
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of float32[n, C] logits, shifted by the row maximum so it cannot overflow."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

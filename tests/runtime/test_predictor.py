@@ -72,7 +72,7 @@ def _rewrite_sidecar(tiny_task, **changes):
     "changes, match",
     [
         ({"format": "something-else"}, "'format'"),
-        ({"version": 2}, "'version' is 2"),
+        ({"version": 3}, "'version' is 3"),
         ({"classes": []}, "'classes'"),
         ({"classes": ["a", "b"]}, "2 in 'classes'"),
         ({"input": "pixels"}, "'input' is 'pixels'"),

@@ -1,0 +1,142 @@
+"""Several tasks on one backbone: the multi-task graph and the shared-backbone + heads folder.
+
+Heads are random selections on early taps with random weights (what is compiled does not depend on
+how a head was fitted); the reference is always extract (the exported backbone) -> gather -> head.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from h2t_edge.artifacts import TaskHead
+from h2t_edge.cli import cli
+from h2t_edge.deploy import DeployError, compile_tasks_step, package_shared_step
+from runtime.errors import ArtifactError
+from runtime.heads import SharedBackbonePredictor
+from runtime.io import file_sha256
+from runtime.predictor import Predictor
+
+TAPS = ({"stem", "blocks.1.0.bn2"}, {"blocks.1.0.bn2", "blocks.2.0"}, {"blocks.0.0.bn1", "blocks.2.1.bn1"})
+
+
+def _head(layout, sha, name, taps, classes, seed):
+    rng = np.random.default_rng(seed)
+    chosen = [t["offset"] + rng.choice(t["features"], 12, replace=False) for t in layout["taps"] if t["name"] in taps]
+    features = np.sort(np.concatenate(chosen))
+    return TaskHead(
+        task=name, method="HEAD2TOE", classes=[f"{name}-{c}" for c in range(classes)], features=features,
+        weight=rng.normal(size=(len(features), classes)).astype(np.float32),
+        bias=rng.normal(size=classes).astype(np.float32), layout=layout,
+        backbone={"name": layout["backbone"], "weights": layout["weights"], "onnx_sha256": sha},
+    )
+
+
+@pytest.fixture(scope="module")
+def tasks(lite0_onnx, tmp_path_factory):
+    path, layout = lite0_onnx
+    root = tmp_path_factory.mktemp("tasks")
+    sha = file_sha256(path)
+    return [_head(layout, sha, f"t{i}", taps, 2 + i, i).save(root / f"t{i}") for i, taps in enumerate(TAPS)]
+
+
+@pytest.fixture(scope="module")
+def reference(lite0_onnx, tasks):
+    """Images and each task's logits through extract -> gather -> head."""
+    import onnxruntime as ort
+
+    path, _ = lite0_onnx
+    x = np.random.default_rng(7).normal(size=(3, 3, 224, 224)).astype(np.float32)
+    taps = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    features = np.concatenate(taps, axis=1)
+    return x, {TaskHead.load(d).task: TaskHead.load(d).logits(features) for d in tasks}
+
+
+@pytest.fixture(scope="module")
+def multitask_graph(tasks, tmp_path_factory):
+    return compile_tasks_step(tasks, tmp_path_factory.mktemp("graph") / "tasks.onnx")
+
+
+def test_multitask_graph_predicts_every_task_like_the_pipeline(multitask_graph, reference):
+    x, expected = reference
+    assert multitask_graph.tasks == ["t0", "t1", "t2"]
+    sidecar = json.loads(multitask_graph.path.with_suffix(".json").read_text())
+    assert sidecar["version"] == 2
+    assert [t["classes"] for t in sidecar["tasks"]] == [[f"t{i}-{c}" for c in range(2 + i)] for i in range(3)]
+    with Predictor.load(multitask_graph.path, providers=["CPUExecutionProvider"]) as predictor:
+        assert [t.task for t in predictor.tasks] == ["t0", "t1", "t2"]
+        scores = predictor.predict_tasks(x)
+        with pytest.raises(ArtifactError, match="predict_tasks"):
+            predictor.predict_arrays(x)
+    for task, logits in expected.items():
+        probabilities, got = scores[task]
+        np.testing.assert_allclose(got, logits, atol=1e-4)
+        np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+        assert (probabilities.argmax(1) == logits.argmax(1)).all()
+
+
+def test_tasks_from_other_backbone_exports_are_refused(tasks, tmp_path):
+    other = TaskHead.load(tasks[1])
+    other.backbone = {**other.backbone, "onnx_sha256": "f" * 64}
+    other.task = "other"
+    other.save(tmp_path / "other")
+    with pytest.raises(DeployError, match=r"task 'other' .*other.* task 't0' .*t0"):
+        compile_tasks_step([tasks[0], tmp_path / "other"], tmp_path / "x.onnx")
+    with pytest.raises(DeployError, match="more than once"):
+        compile_tasks_step([tasks[0], tasks[0]], tmp_path / "x.onnx")
+
+
+def test_shared_backbone_and_heads_compose_to_the_same_results(lite0_onnx, tasks, reference, tmp_path):
+    path, _ = lite0_onnx
+    x, expected = reference
+    report = package_shared_step(tasks[:2], tmp_path / "deploy", backbone_onnx=path)
+    assert report.backbone_written and set(report.heads) == {"t0", "t1"}
+    # A head is tiny next to the backbone.
+    assert max(report.heads.values()) < 0.01 * report.backbone_bytes
+    backbone = tmp_path / "deploy" / "backbone.onnx"
+    stamp = backbone.stat().st_mtime_ns
+    # Adding a task writes only its head.
+    again = package_shared_step(tasks[2:], tmp_path / "deploy")
+    assert not again.backbone_written and backbone.stat().st_mtime_ns == stamp
+    with SharedBackbonePredictor.load(tmp_path / "deploy", providers=["CPUExecutionProvider"]) as predictor:
+        scores = predictor.predict_tasks(x)
+    assert list(scores) == ["t0", "t1", "t2"]
+    for task, logits in expected.items():
+        np.testing.assert_allclose(scores[task][1], logits, atol=1e-4)
+
+
+def test_shared_folder_refuses_a_head_of_another_export(lite0_onnx, tasks, tmp_path):
+    path, _ = lite0_onnx
+    package_shared_step(tasks[:1], tmp_path / "deploy", backbone_onnx=path)
+    meta = tmp_path / "deploy" / "heads" / "t0.json"
+    data = json.loads(meta.read_text())
+    data["layout_sha256"] = "0" * 64
+    meta.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="layout_sha256"):
+        SharedBackbonePredictor.load(tmp_path / "deploy")
+    with pytest.raises(DeployError, match="not the backbone export"):
+        package_shared_step(tasks[:1], tmp_path / "other", backbone_onnx=meta)
+
+
+def test_cli_compile_and_predict_one_column_per_task(multitask_graph, tasks, photos, tmp_path):
+    runner = CliRunner()
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("chelsea", "coffee"):
+        shutil.copy(photos[name], images)
+    result = runner.invoke(cli, ["predict", str(multitask_graph.path), str(images)])
+    assert result.exit_code == 0, result.output
+    header, *rows = result.output.splitlines()
+    assert header.split() == ["path", "t0", "t1", "t2"]
+    assert len(rows) == 2 and all(r.split()[1].startswith("t0-") and r.split()[5].startswith("t2-") for r in rows)
+    result = runner.invoke(cli, ["predict", str(multitask_graph.path), str(images), "--format", "csv"])
+    assert result.output.splitlines()[0] == "path,t0,t0.probability,t1,t1.probability,t2,t2.probability,error"
+
+
+def test_multitask_graph_passes_the_tensorrt_check(multitask_graph):
+    from exporters.trt_check import check_tensorrt
+
+    report = check_tensorrt(multitask_graph.path)
+    assert report.ok, report.summary()
