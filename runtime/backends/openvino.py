@@ -138,7 +138,7 @@ class OpenVinoRunner(Runner):
 
     @property
     def output_names(self) -> list[str]:
-        return [p.get_any_name() for p in self.compiled_model.outputs]
+        return [_output_name(p) for p in self.compiled_model.outputs]
 
     def input_shapes(self) -> dict[str, list[Dim]]:
         return {p.get_any_name(): _dims(p.get_partial_shape(), p.get_any_name())
@@ -149,12 +149,21 @@ class OpenVinoRunner(Runner):
         output name -> array (copies, safe to keep across calls)."""
         self._check_feed(feed)
         results = self._request.infer(feed)
-        return {p.get_any_name(): np.asarray(results[p]) for p in self.compiled_model.outputs}
+        return {_output_name(p): np.asarray(results[p]) for p in self.compiled_model.outputs}
 
     def _input_specs(self) -> dict[str, InputSpec]:
         shapes = self.input_shapes()
         return {p.get_any_name(): InputSpec(_numpy_dtype(p.get_element_type()), shapes[p.get_any_name()])
                 for p in self.compiled_model.inputs}
+
+
+def _output_name(port) -> str:
+    """The graph's name for an output. Compiling fuses nodes and merges their tensor names (a task's
+    logits `t0` also becomes `matmul`), and `get_any_name` may then pick the internal one; the Result
+    node the ONNX reader made for the output is still named '<output>/sink_port_0'."""
+    names = port.get_names()
+    graph_name = port.get_node().get_friendly_name().split("/sink_port_")[0]
+    return graph_name if graph_name in names else port.get_any_name()
 
 
 def _dims(partial_shape, name: str) -> list[Dim]:

@@ -140,3 +140,13 @@ def test_multitask_graph_passes_the_tensorrt_check(multitask_graph):
 
     report = check_tensorrt(multitask_graph.path)
     assert report.ok, report.summary()
+
+
+def test_multitask_graph_on_openvino_names_each_task(multitask_graph, reference):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed: pip install 'h2t-edge[openvino]'")
+    x, expected = reference
+    # OpenVINO merges the names of fused tensors; each task's output must keep the task's name.
+    with Predictor.load(multitask_graph.path, backend="openvino") as predictor:
+        scores = predictor.predict_tasks(x)
+    for task, logits in expected.items():
+        np.testing.assert_allclose(scores[task][1], logits, atol=1e-4)
