@@ -150,3 +150,26 @@ def test_multitask_graph_on_openvino_names_each_task(multitask_graph, reference)
         scores = predictor.predict_tasks(x)
     for task, logits in expected.items():
         np.testing.assert_allclose(scores[task][1], logits, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_multitask_engine_on_tensorrt_matches_onnxruntime(multitask_graph, reference, tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'h2t-edge[tensorrt]'")
+    from h2t_edge.engines import build_engine
+    from runtime.backends.tensorrt import gpu_name
+    from runtime.errors import BackendUnavailable
+
+    try:
+        gpu_name()
+    except BackendUnavailable as exc:
+        pytest.skip(f"no usable NVIDIA GPU: {exc}")
+    x, expected = reference
+    graph = tmp_path / multitask_graph.path.name
+    shutil.copy(multitask_graph.path, graph)
+    shutil.copy(multitask_graph.path.with_suffix(".json"), graph.with_suffix(".json"))
+    report = build_engine(graph, "tensorrt", "fp32", max_batch=4, cache_dir=tmp_path / "cache")
+    assert json.loads(report.sidecar.read_text())["version"] == 2  # the task sidecar travels with the engine
+    with Predictor.load(report.path, backend="tensorrt") as predictor:
+        scores = predictor.predict_tasks(x)
+    for task, logits in expected.items():
+        np.testing.assert_allclose(scores[task][1], logits, atol=1e-3)
