@@ -126,16 +126,12 @@ class TaskSidecar:
             isinstance(outputs.get(k), str) for k in ("probabilities", "logits")
         ):
             raise bad("outputs", "must map 'probabilities' and 'logits' to output names")
-        backbone = d.get("backbone")
-        if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
-            raise bad("backbone", "must be an object with a 'name'")
-        if "preprocess" not in d:
-            raise bad("preprocess", "is missing")
+        backbone, preprocess = _backbone_and_preprocess(d, source, bad)
         known = {"format", "version", "task", "classes", "preprocess", "input", "outputs", "backbone"}
         return cls(
             task=d["task"],
             classes=tuple(classes),
-            preprocess=PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}"),
+            preprocess=preprocess,
             backbone=backbone,
             input=d["input"],
             outputs=outputs,
@@ -164,22 +160,28 @@ class TaskSidecar:
             raise bad("tasks", f"names a task twice ({names})")
         if not isinstance(d.get("input"), str) or not d["input"]:
             raise bad("input", "must be a non-empty string")
-        backbone = d.get("backbone")
-        if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
-            raise bad("backbone", "must be an object with a 'name'")
-        if "preprocess" not in d:
-            raise bad("preprocess", "is missing")
+        backbone, preprocess = _backbone_and_preprocess(d, source, bad)
         known = {"format", "version", "tasks", "preprocess", "input", "backbone"}
         return cls(
             task="+".join(names),
             classes=parsed[0].classes,
-            preprocess=PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}"),
+            preprocess=preprocess,
             backbone=backbone,
             input=d["input"],
             outputs={},
             extra={k: v for k, v in d.items() if k not in known},
             tasks=tuple(parsed),
         )
+
+
+def _backbone_and_preprocess(d: dict, source: str, bad) -> tuple[dict, PreprocessConfig]:
+    """The 'backbone' and 'preprocess' fields every task sidecar version has, validated."""
+    backbone = d.get("backbone")
+    if not isinstance(backbone, dict) or not isinstance(backbone.get("name"), str):
+        raise bad("backbone", "must be an object with a 'name'")
+    if "preprocess" not in d:
+        raise bad("preprocess", "is missing")
+    return backbone, PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}")
 
 
 def verify_artifact_hash(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike) -> None:
