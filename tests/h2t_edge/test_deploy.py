@@ -173,3 +173,19 @@ def test_multitask_engine_on_tensorrt_matches_onnxruntime(multitask_graph, refer
         scores = predictor.predict_tasks(x)
     for task, logits in expected.items():
         np.testing.assert_allclose(scores[task][1], logits, atol=1e-3)
+
+
+def test_cli_deploy_then_add_a_task_and_predict(lite0_onnx, tasks, photos, tmp_path):
+    path, _ = lite0_onnx
+    runner = CliRunner()
+    out = tmp_path / "device"
+    result = runner.invoke(cli, ["deploy", str(tasks[0]), "-o", str(out), "--backbone", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "wrote head t0" in result.output and "backbone.onnx" in result.output
+    result = runner.invoke(cli, ["deploy", str(tasks[1]), "-o", str(out)])
+    assert result.exit_code == 0 and "backbone.onnx" not in result.output, result.output
+    assert sorted(p.name for p in (out / "heads").iterdir()) == ["t0.json", "t0.safetensors", "t1.json", "t1.safetensors"]
+    result = runner.invoke(cli, ["predict", str(out), str(photos["chelsea"]), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.output)
+    assert row["t0"].startswith("t0-") and row["t1"].startswith("t1-") and 0 < row["t1.probability"] <= 1
