@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from h2t_edge.cli import cli
 
 COMMANDS = ["backbones", "taps", "export", "extract", "fit", "compile", "predict", "demo", "check", "build-engine",
-            "bench", "tasks", "eval", "search"]
+            "bench", "tasks", "eval", "search", "deploy"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
