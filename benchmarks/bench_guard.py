@@ -1,0 +1,143 @@
+"""The LINEAR guard of `h2t-edge train` on the offline task suite: chosen model against LINEAR and HEAD2TOE.
+
+    flock /work/coord/heavy.lock python benchmarks/bench_guard.py --task dspr_loc --seeds 0,1 --grid quick
+
+For each task and seed (one target size; features from the `h2t-edge eval` caches in --work-dir)
+it fits HEAD2TOE and HEAD2TOE+LINEAR from one group-lasso run (`fit_head2toe_variants`, the
+pre-logits kept) and LINEAR on the pre-logits, all on the same CV folds, takes the candidate with
+the best CV accuracy (the guard; ties: fewer features) and records every test accuracy. Results
+are appended to benchmarks/results/guard.json as each cell ends (a rerun skips finished cells);
+guard.md is rewritten from it with the issue's two checks:
+
+- per task: the chosen model's mean test accuracy is at most 1 SE below LINEAR's, where SE is the
+  larger of the binomial standard error of LINEAR's test accuracy, sqrt(p (1 - p) / n_test), and
+  the standard error over seeds of the paired difference (chosen - LINEAR);
+- structured tasks: sum of (chosen - LINEAR) >= 90% of the sum of (HEAD2TOE - LINEAR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from h2t_edge.evaluate import _backbone_onnx, _features, best_cv_accuracy, grid_for, holdout_accuracy
+from h2t_edge.select import HEAD2TOE_KEEP, fit_head2toe_variants, fit_linear
+from h2t_edge.tasks.registry import GROUPS, build_task, list_tasks
+from h2t_edge.train import Candidate, choose
+from runtime.io import atomic_write_json, atomic_write_text, read_json
+
+RESULTS = Path(__file__).parent / "results" / "guard"
+METHODS = ("LINEAR", "HEAD2TOE", HEAD2TOE_KEEP)
+
+
+def run_cell(task: str, seed: int, protocol: str, target_size: int, work: Path, log) -> dict:
+    data = build_task(task, None, seed)
+    onnx = _backbone_onnx(work, "efficientnet_lite0", target_size, "bundled", log)
+    feats = _features(work, "efficientnet_lite0", target_size, onnx, data, 32, log)
+    x, y, xt, yt = feats.arrays()
+    pre = feats.pre_logits()
+    n_classes = len(data.train.classes)
+    grid = grid_for(protocol, seed)
+    start = time.perf_counter()
+    results = fit_head2toe_variants(x, y, n_classes, grid, keep=np.arange(pre.start, pre.stop))
+    h2t_seconds = time.perf_counter() - start
+    results["LINEAR"] = fit_linear(x[:, pre], y, n_classes, grid)
+    tests = {"LINEAR": (xt[:, pre], yt)}
+    methods = {}
+    for name, result in results.items():
+        xs, ys = tests.get(name, (xt, yt))
+        methods[name] = {"cv_accuracy": best_cv_accuracy(result), "test_accuracy": holdout_accuracy(result, xs, ys),
+                         "n_features": int(len(result.head.features)), "config": result.config,
+                         "fit_seconds": h2t_seconds if name != "LINEAR" else result.fit_seconds}
+    chosen = choose([Candidate(m, target_size, v["cv_accuracy"], 0.0, v["n_features"], 0, {}, 0.0, "")
+                     for m, v in methods.items()]).method
+    return {"task": task, "group": data.spec.group, "seed": seed, "protocol": protocol, "target_size": target_size,
+            "n_test": int(len(yt)), "methods": methods, "chosen": chosen,
+            "load": os.getloadavg()[0]}
+
+
+def summarize(entries: list[dict]) -> tuple[list[dict], dict]:
+    rows = []
+    for task in dict.fromkeys(e["task"] for e in entries):
+        es = [e for e in entries if e["task"] == task]
+        acc = {m: np.array([e["methods"][m]["test_accuracy"] for e in es]) for m in METHODS}
+        chosen = np.array([e["methods"][e["chosen"]]["test_accuracy"] for e in es])
+        p, n = acc["LINEAR"].mean(), es[0]["n_test"]
+        diff = chosen - acc["LINEAR"]
+        se = max(math.sqrt(p * (1 - p) / n), float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0)
+        rows.append({"task": task, "group": es[0]["group"], "seeds": [e["seed"] for e in es],
+                     **{m: float(acc[m].mean()) for m in METHODS}, "chosen": float(chosen.mean()),
+                     "chosen_methods": [e["chosen"] for e in es], "se": se,
+                     "within_1se_of_linear": bool(chosen.mean() >= p - se)})
+    structured = [r for r in rows if r["group"] == "structured"]
+    gain_h2t = sum(r["HEAD2TOE"] - r["LINEAR"] for r in structured)
+    gain_chosen = sum(r["chosen"] - r["LINEAR"] for r in structured)
+    checks = {"all_within_1se_of_linear": all(r["within_1se_of_linear"] for r in rows),
+              "structured_gain_kept": gain_chosen / gain_h2t if gain_h2t > 0 else None,
+              "structured_gain_kept_ok": gain_h2t > 0 and gain_chosen >= 0.9 * gain_h2t,
+              "tasks": len(rows)}
+    return rows, checks
+
+
+def write_markdown(entries: list[dict]) -> str:
+    rows, checks = summarize(entries)
+    protocols = sorted({(e["protocol"], e["target_size"]) for e in entries})
+    lines = ["# The LINEAR guard on the task suite (EfficientNet-Lite0)", "",
+             "Chosen = the best CV accuracy among HEAD2TOE, LINEAR and HEAD2TOE+LINEAR (pre-logits always kept), "
+             "all on the same folds (`h2t-edge train`). Test accuracy (%), mean over seeds. "
+             f"Protocol / T: {', '.join(f'{p} / {t}' for p, t in protocols)}. SE: the larger of LINEAR's binomial "
+             "test SE and the over-seeds SE of the paired difference (chosen - LINEAR).", "",
+             "| task | group | seeds | LINEAR | HEAD2TOE | HEAD2TOE+LINEAR | chosen | chosen per seed | SE | "
+             "chosen >= LINEAR - 1 SE |", "|---|---|---|---:|---:|---:|---:|---|---:|---|"]
+    order = [s.name for s in list_tasks()]
+    for r in sorted(rows, key=lambda r: (GROUPS.index(r["group"]), order.index(r["task"]))):
+        lines.append(f"| {r['task']} | {r['group']} | {','.join(map(str, r['seeds']))} | {100 * r['LINEAR']:.1f} | "
+                     f"{100 * r['HEAD2TOE']:.1f} | {100 * r[HEAD2TOE_KEEP]:.1f} | **{100 * r['chosen']:.1f}** | "
+                     f"{', '.join(r['chosen_methods'])} | {100 * r['se']:.1f} | {'yes' if r['within_1se_of_linear'] else 'NO'} |")
+    kept = checks["structured_gain_kept"]
+    lines += ["", f"- every task within 1 SE of LINEAR: **{'yes' if checks['all_within_1se_of_linear'] else 'no'}**",
+              f"- structured-task gain over LINEAR kept by the chosen model: "
+              f"**{'–' if kept is None else f'{100 * kept:.0f}%'}** of HEAD2TOE's (target >= 90%)", "",
+              "CV accuracy (%) per cell:", "", "| task | seed | LINEAR | HEAD2TOE | HEAD2TOE+LINEAR | chosen | fit s (H2T, shared) | load |",
+              "|---|---:|---:|---:|---:|---|---:|---:|"]
+    for e in entries:
+        m = e["methods"]
+        lines.append(f"| {e['task']} | {e['seed']} | " + " | ".join(f"{100 * m[k]['cv_accuracy']:.1f}" for k in METHODS)
+                     + f" | {e['chosen']} | {m['HEAD2TOE']['fit_seconds']:.0f} | {e['load']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", action="append", help="repeatable; default: every default task")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--grid", choices=("quick", "paper"), default="quick")
+    parser.add_argument("--target-size", type=int, default=512)
+    parser.add_argument("--work-dir", default="h2t-eval")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    path = RESULTS.with_suffix(".json")
+    entries = read_json(path, "guard results")["results"] if path.exists() else []
+    if not args.report_only:
+        tasks = args.task or [s.name for s in list_tasks(include_optional=False)]
+        for task in tasks:
+            for seed in (int(s) for s in args.seeds.split(",")):
+                key = (task, seed, args.grid, args.target_size)
+                if any((e["task"], e["seed"], e["protocol"], e["target_size"]) == key for e in entries):
+                    continue
+                entry = run_cell(task, seed, args.grid, args.target_size, Path(args.work_dir), print)
+                entries.append(entry)
+                atomic_write_json(path, {"format": "h2t-edge/guard-bench", "version": 1, "results": entries})
+                m = entry["methods"]
+                print(f"{task} seed {seed}: chosen {entry['chosen']}; test " + ", ".join(
+                    f"{k} {100 * m[k]['test_accuracy']:.1f}" for k in METHODS), flush=True)
+    atomic_write_text(RESULTS.with_suffix(".md"), write_markdown(entries))
+
+
+if __name__ == "__main__":
+    main()
