@@ -4,21 +4,31 @@ A task directory holds:
 - `head.safetensors`: `features` int64[k] (sorted indices into the layout's concatenated
   features), `weight` float32[k, C], `bias` float32[C], and `index/<tap>` int64 local indices;
 - `task.json`: classes, method, target size, the full feature layout, preprocessing, backbone
-  identity, the chosen hyperparameters, the CV tables and the sha256 of `head.safetensors`
-  (written last, so a half-written pair is detected on load).
+  identity, the chosen hyperparameters, the CV tables, the sha256 of `head.safetensors` and
+  `content_sha256`, the sha256 of task.json's own other fields (canonical JSON).
+
+Both files are staged before either replaces an old one (`runtime.io.atomic_write_files`), so a
+failed write keeps the previous artifact; task.json goes last, so a crash between the two renames
+leaves a pair whose hashes disagree, which `load` refuses. `load` validates task.json against
+`schemas.TASK`, checks both hashes, the tensors' names, dtypes, shapes and ranges, and refuses
+NaN/inf weights, so an edited or damaged artifact is an error naming the file, never a head that
+predicts. `save` refuses NaN/inf weights too: a non-finite head is never written.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from runtime.io import atomic_write_bytes, atomic_write_json, read_json
+from runtime.io import atomic_write_files, read_json
+from runtime.schema import content_sha256, validate
 
 from .errors import TaskArtifactError
+from .schemas import TASK
 
 TASK_FORMAT = "h2t-edge/task"
 
@@ -55,7 +65,9 @@ class TaskHead:
         from safetensors.numpy import save
 
         root = Path(root)
-        root.mkdir(parents=True, exist_ok=True)
+        if not (np.isfinite(self.weight).all() and np.isfinite(self.bias).all()):
+            raise TaskArtifactError(f"the {self.method} head of task {self.task!r} has NaN/inf weights; it is not "
+                                    f"written to {root}. Check the features (re-extract) and the learning rate")
         tensors = {
             "features": np.ascontiguousarray(self.features, dtype=np.int64),
             "weight": np.ascontiguousarray(self.weight, dtype=np.float32),
@@ -63,8 +75,7 @@ class TaskHead:
         }
         tensors.update({f"index/{k}": v.astype(np.int64) for k, v in self.per_tap_indices().items()})
         blob = save(tensors)
-        atomic_write_bytes(root / "head.safetensors", blob)
-        atomic_write_json(root / "task.json", {
+        meta = {
             "format": TASK_FORMAT,
             "version": 1,
             "task": self.task,
@@ -79,7 +90,13 @@ class TaskHead:
             "report": self.report,
             "layout": self.layout,
             "head_sha256": hashlib.sha256(blob).hexdigest(),
-        })
+        }
+        meta["content_sha256"] = content_sha256(meta, "content_sha256")
+        for name in ("head.safetensors", "task.json"):  # temporary files a killed earlier save left behind
+            for stale in root.glob(f".{name}.*.tmp"):
+                stale.unlink()
+        atomic_write_files({root / "head.safetensors": blob,
+                            root / "task.json": (json.dumps(meta, indent=2) + "\n").encode("utf-8")})
         return root
 
     @classmethod
@@ -87,24 +104,54 @@ class TaskHead:
         from safetensors.numpy import load
 
         root = Path(root)
-        meta = read_json(root / "task.json", "task artifact")
-        if meta.get("format") != TASK_FORMAT or meta.get("version") != 1:
-            raise TaskArtifactError(f"{root / 'task.json'} is not an h2t-edge task artifact (version 1)")
-        head_path = root / "head.safetensors"
+        meta_path, head_path = root / "task.json", root / "head.safetensors"
+        fix = "fit the task again"
+        meta = validate(read_json(meta_path, "task artifact"), TASK, what="task artifact", source=meta_path,
+                        error=TaskArtifactError, fix=fix)
+        if content_sha256(meta, "content_sha256") != meta["content_sha256"]:
+            raise TaskArtifactError(f"{meta_path} was changed after it was written (its content does not match its "
+                                    f"content_sha256); {fix}")
         try:
             blob = head_path.read_bytes()
         except OSError as exc:
-            raise TaskArtifactError(f"cannot read {head_path}: {exc}; fit the task again") from exc
+            raise TaskArtifactError(f"cannot read {head_path}: {exc}; {fix}") from exc
         if hashlib.sha256(blob).hexdigest() != meta["head_sha256"]:
             raise TaskArtifactError(
-                f"{head_path} does not match {root / 'task.json'} (interrupted or mixed write); fit the task again"
+                f"{head_path} does not match the head_sha256 in {meta_path} (changed, or an interrupted or mixed "
+                f"write); {fix}"
             )
-        t = load(blob)
-        head = cls(
+        t = _read_tensors(blob, head_path, meta)
+        return cls(
             task=meta["task"], method=meta["method"], classes=list(meta["classes"]),
             features=t["features"], weight=t["weight"], bias=t["bias"], layout=meta["layout"],
-            backbone=meta["backbone"], config=meta.get("config", {}), report=meta.get("report", {}),
+            backbone=meta["backbone"], config=meta["config"], report=meta["report"],
         )
-        if head.weight.shape != (len(head.features), len(head.classes)):
-            raise TaskArtifactError(f"{head_path}: weight shape {head.weight.shape} does not match the classes")
-        return head
+
+
+def _read_tensors(blob: bytes, head_path: Path, meta: dict) -> dict[str, np.ndarray]:
+    """The head's tensors, checked against task.json: features int64[k] sorted, unique and inside the
+    layout; weight float32[k, C] and bias float32[C], finite."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    def bad(why: str) -> TaskArtifactError:
+        return TaskArtifactError(f"{head_path}: {why}; fit the task again")
+
+    try:
+        t = load(blob)
+    except (SafetensorError, ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise bad(f"not a readable safetensors file ({exc})") from None
+    k, c, d = meta["n_features"], len(meta["classes"]), meta["layout"]["total_features"]
+    expected = {"features": (np.int64, (k,)), "weight": (np.float32, (k, c)), "bias": (np.float32, (c,))}
+    for name, (dtype, shape) in expected.items():
+        if name not in t:
+            raise bad(f"tensor {name!r} is missing")
+        if t[name].dtype != dtype or t[name].shape != shape:
+            raise bad(f"tensor {name!r} is {t[name].dtype}{list(t[name].shape)}, expected "
+                      f"{np.dtype(dtype)}{list(shape)} (n_features={k}, {c} classes)")
+    features = t["features"]
+    if features.size and (features[0] < 0 or features[-1] >= d or np.any(np.diff(features) <= 0)):
+        raise bad(f"tensor 'features' must be sorted, unique indices in [0, {d})")
+    if not (np.isfinite(t["weight"]).all() and np.isfinite(t["bias"]).all()):
+        raise bad("the head has NaN/inf weights")
+    return t

@@ -108,7 +108,9 @@ class ImageDataset:
         lines = []
         for p, label in zip(self.paths, self.labels.tolist()):
             value = label if int_names else self.classes[label]
-            lines.append(json.dumps({"path": p, "label": value}, ensure_ascii=False))
+            # A file name that is not UTF-8 (kept by Python as surrogate escapes) is written \u-escaped,
+            # so the manifest stays valid UTF-8 and reads back to the same bytes.
+            lines.append(json.dumps({"path": p, "label": value}, ensure_ascii=not _utf8(p)))
         return atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -132,7 +134,10 @@ def from_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
 
     Classes are the sorted subfolder names (hidden ones skipped), unless `classes` fixes the list and
     its order (then every subfolder must be one of them). Examples are ordered by class, then path.
-    Image suffixes are matched case-insensitively against `IMAGE_EXTENSIONS`.
+    Image suffixes are matched case-insensitively against `IMAGE_EXTENSIONS`; other files and hidden
+    files or folders (names starting with '.') are left out. Symlinked image files are followed and
+    listed by their target; symlinked folders inside a class are not entered; a broken symlink is an
+    error. File names need not be UTF-8 (they are kept as Python's surrogate escapes).
     """
     root = Path(root)
     if not root.is_dir():
@@ -154,10 +159,15 @@ def from_folder(root: str | os.PathLike, classes: Sequence[str] | None = None) -
     labels: list[int] = []
     index = {name: i for i, name in enumerate(class_names)}
     for name in sorted(found, key=index.__getitem__):
-        images = sorted(
-            p for p in (root / name).rglob("*")
-            if _is_image(p) and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        )
+        # Symlinked files are followed (the dataset lists their targets); symlinked folders are not
+        # descended into (rglob), so a link loop cannot hang the scan. A broken link is an error.
+        candidates = [p for p in (root / name).rglob("*")
+                      if _is_image(p) and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        broken = [str(p) for p in candidates if p.is_symlink() and not p.exists()]
+        if broken:
+            raise DatasetError(f"class folder {root / name} has {len(broken)} broken symlink(s) ({_first(broken)}); "
+                               "repair or remove them")
+        images = sorted(p for p in candidates if p.is_file())
         if not images:
             raise DatasetError(
                 f"class folder {root / name} has no images (suffixes {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -312,6 +322,14 @@ def _check_known(found: list[str], classes: Sequence[str] | None, where: str, wh
             "fix the names or the class list"
         )
     return class_names
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_image(path: Path) -> bool:

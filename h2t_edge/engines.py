@@ -13,7 +13,6 @@ result as it loads the task) with a "build" entry added; otherwise it holds only
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
@@ -23,10 +22,11 @@ from pathlib import Path
 from runtime.backends.base import BatchProfile
 from runtime.io import atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig
+from runtime.schema import content_sha256
 
 from . import __version__
 from .errors import H2TEdgeError
-from .features import LAYOUT_KEY
+from .features import LAYOUT_KEY, read_layout
 
 BUILD_FORMAT = "h2t-edge/engine-build"
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
@@ -76,7 +76,7 @@ def graph_preprocess(graph: Path) -> PreprocessConfig:
             f"{graph} has neither a task sidecar {sidecar.name} nor a feature layout in its metadata, so the "
             "calibration images cannot be preprocessed; keep the sidecar next to the graph"
         )
-    return PreprocessConfig.from_dict(json.loads(meta[LAYOUT_KEY])["preprocess"], source=f"{graph} layout")
+    return PreprocessConfig.from_dict(read_layout(graph)["preprocess"], source=f"{graph} layout")
 
 
 def build_engine(
@@ -140,7 +140,10 @@ def _write_sidecar(graph: Path, output: Path, build: dict) -> Path:
     if sidecar.is_file() and output.suffix == ".engine":
         record = read_json(sidecar, "engine record")
         data = {**data, "key": record["key"], "engine_sha256": record["engine_sha256"]}
-    return atomic_write_json(sidecar, {**data, "build": build})
+    data = {**data, "build": build}
+    if "content_sha256" in data:  # a task sidecar signs its content: sign the engine's copy again
+        data["content_sha256"] = content_sha256(data, "content_sha256")
+    return atomic_write_json(sidecar, data)
 
 
 def _build_onnxruntime(graph: Path, output: Path, precision: str, batches) -> dict:

@@ -221,9 +221,6 @@ class _CacheWriter:
         for row, message in errors:
             block[row - rows.start] = 0
             self.skipped[row] = {"index": row, "path": paths[row], "error": message}
-        if block.shape[1] != self.features.shape[1]:
-            raise CacheError(f"the backbone gives {block.shape[1]} features per image, the layout of {self.root} "
-                             f"says {self.features.shape[1]}; export the backbone again")
         stored = block.astype(self.features.dtype)
         if not np.isfinite(stored).all():
             raise CacheError(f"features of images {rows.start}..{rows.stop - 1} overflow {self.features.dtype} "
@@ -342,14 +339,17 @@ def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: 
                 "provider": getattr(runner, "provider", runner.name),
             }
             root = Path(cache_dirs[key])
-            missing = [name for name in [layout["input"], *outputs]
-                       if name not in (*runner.input_names, *runner.output_names)]
-            if missing:
+            missing = [name for name in outputs if name not in runner.output_names]
+            if layout["input"] not in runner.input_names or len(outputs) != len(layout["taps"]) or missing:
                 raise CacheError(f"{onnx_path} has no tensor(s) {missing[:5]} that its layout names; "
                                  "export the backbone again")
             locks.enter_context(cache_lock(root))
             writers[key] = _CacheWriter(root, layout, outputs, _open_or_start(root, header, len(batches), overwrite))
         if all(w.done.all() for w in writers.values()):
+            for w in writers.values():  # a run killed after its last batch, before marking its cache complete
+                w.open()
+                if not w.manifest["complete"]:
+                    w.finish()
             return {key: FeatureCache.open(w.root) for key, w in writers.items()}
         for w in writers.values():
             w.open()
@@ -398,6 +398,8 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) -> np.ndarray:
     """Return the per-batch done flags, creating the cache files if needed."""
     manifest_path = root / "manifest.json"
+    for stale in root.glob(".*.tmp"):  # temporary files of writes that a killed run left half done
+        stale.unlink()
     if manifest_path.exists() and not overwrite:
         old = read_manifest(root)
         mismatch = [k for k in ("format", "backbone", "layout", "dataset", "images", "labels", "dtype", "batch_size")

@@ -6,6 +6,8 @@ report. The CLI (`h2t_edge.cli`) only parses arguments and prints these reports.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256
+from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, file_sha256
+from runtime.schema import content_sha256
 
 from .artifacts import TaskHead
 from .errors import TaskArtifactError
@@ -74,8 +77,31 @@ def _head_from_fit(result, cache: FeatureCache, task: str, offset: int, grid) ->
         backbone={k: v for k, v in cache.manifest["backbone"].items() if k != "onnx"},
         config={**result.config, "grid": grid.to_dict()},
         report={"cv_table": result.cv_table, "fit_seconds": result.fit_seconds,
-                "train_examples": int(cache.valid.sum())},
+                "train_examples": int(cache.valid.sum()), "cache_manifest_sha256": _cache_identity(cache)},
     )
+
+
+def _cache_identity(cache: FeatureCache) -> str:
+    return file_sha256(cache.root / "manifest.json")
+
+
+def _finished_fit(head_dir: Path, cache: FeatureCache, task: str, method: str, grid) -> TaskHead | None:
+    """The head an earlier (interrupted) `fit_step` already wrote for this cache, task, method and
+    grid, or None: a rerun after a kill refits only the methods that were not saved yet."""
+    from runtime.errors import H2TRuntimeError
+
+    from .errors import H2TEdgeError
+
+    if not (head_dir / "task.json").is_file():
+        return None
+    try:
+        head = TaskHead.load(head_dir)
+    except (H2TEdgeError, H2TRuntimeError):
+        return None  # damaged or foreign: fit again and overwrite it
+    same = (head.task == task and head.method == method
+            and head.report.get("cache_manifest_sha256") == _cache_identity(cache)
+            and head.config.get("grid") == json.loads(json.dumps(grid.to_dict())))
+    return head if same else None
 
 
 def fit_step(
@@ -83,7 +109,8 @@ def fit_step(
     methods: Sequence[str] = ("HEAD2TOE", "LINEAR"), grid=None, progress: Progress | None = None,
 ) -> FitReport:
     """Fit the requested methods on a feature cache; writes OUT/<method>/ task artifacts and
-    OUT/report.json with the CV tables."""
+    OUT/report.json with the CV tables. A method whose artifact OUT/<method>/ is already there, from
+    the same cache, task and grid, is kept, not refitted: rerunning an interrupted fit resumes it."""
     from .select import SearchGrid, fit_head2toe, fit_linear
 
     grid = grid or SearchGrid.paper()
@@ -93,6 +120,10 @@ def fit_step(
     n_classes = len(cache.classes)
     heads, cv, seconds = {}, {}, {}
     for method in methods:
+        done = _finished_fit(out / method.lower(), cache, task, method, grid)
+        if done is not None:
+            heads[method], cv[method], seconds[method] = done, done.report["cv_table"], done.report["fit_seconds"]
+            continue
         if method == "HEAD2TOE":
             x, y = cache.arrays()
             result = fit_head2toe(x, y, n_classes, grid=grid, progress=progress)
@@ -153,7 +184,7 @@ def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = No
     path = Path(out)
     if path.suffix != ".onnx":
         path = path.with_suffix(".onnx")
-    atomic_write_bytes(path, model.SerializeToString())
+    blob = model.SerializeToString()
     sidecar = {
         "format": "h2t-edge/task-graph",
         "version": 1,
@@ -164,13 +195,15 @@ def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = No
         "input": "images",
         "outputs": {"probabilities": OUTPUT_NAMES[0], "logits": OUTPUT_NAMES[1]},
         "backbone": head.backbone,
-        "graph_sha256": file_sha256(path),
+        "graph_sha256": hashlib.sha256(blob).hexdigest(),
         "taps_used": summary.taps_used,
         "n_features": int(len(head.features)),
         "segments_kept": summary.segments_kept,
         "segments_total": summary.segments_total,
     }
-    atomic_write_json(path.with_suffix(".json"), sidecar)
+    sidecar["content_sha256"] = content_sha256(sidecar, "content_sha256")  # edits are refused at load
+    # Both staged before either replaces an old one: a failed write keeps the previous pair.
+    atomic_write_files({path: blob, path.with_suffix(".json"): (json.dumps(sidecar, indent=2) + "\n").encode()})
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar)
 
 

@@ -15,3 +15,8 @@ class ArtifactError(H2TRuntimeError):
 
 class BackendUnavailable(H2TRuntimeError):
     """The requested inference backend or provider cannot be loaded on this machine."""
+
+
+class ArtifactWriteError(ArtifactError, OSError):
+    """An artifact could not be written (a full disk, no permission); the previous file is unchanged.
+    Also an OSError, so callers that catch OSError keep working."""

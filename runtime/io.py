@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ArtifactWriteError
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -36,9 +36,13 @@ def atomic_write_files(files: Mapping[str | os.PathLike, bytes]) -> list[Path]:
             staged.append((path, _stage(path, data)))
         for path, tmp_name in staged:
             os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         for _, tmp_name in staged:
             Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, ArtifactWriteError):
+            failed = next((str(p) for p in map(Path, files) if p not in {s for s, _ in staged}), str(path))
+            raise ArtifactWriteError(exc.errno, f"cannot write {failed} ({exc.strerror or exc}); the previous "
+                                     "file(s) are unchanged. Free disk space or fix permissions and run again") from exc
         raise
     for directory in dict.fromkeys(path.parent for path, _ in staged):
         _fsync_directory(directory)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .errors import ArtifactError, ImageError
 
@@ -39,12 +39,18 @@ RESAMPLE_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 CROP_MODES = ("center", "squash", "border")
+# Largest network input side a config may ask for (real backbones use 224..1024).
+MAX_INPUT_SIDE = 8192
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
 )
 
 ImageLike = Union[Image.Image, str, os.PathLike]
+
+MAX_IMAGE_PIXELS_ENV = "H2T_EDGE_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's own default
+EXIF_ORIENTATION = 0x0112
 
 
 @dataclass(frozen=True)
@@ -85,18 +91,20 @@ class PreprocessConfig:
         def bad(field: str, why: str) -> ArtifactError:
             return ArtifactError(f"preprocess config field '{field}' {why}")
 
-        if len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) <= 0:
-            raise bad("input_size", f"must be (3, H, W) with H, W > 0, got {self.input_size}")
+        if (len(self.input_size) != 3 or self.input_size[0] != 3 or min(self.input_size) <= 0
+                or max(self.input_size) > MAX_INPUT_SIDE):
+            raise bad("input_size", f"must be (3, H, W) with 0 < H, W <= {MAX_INPUT_SIDE}, got {self.input_size}")
         for field in ("mean", "std"):
             values = getattr(self, field)
-            if len(values) != 3:
-                raise bad(field, f"must have 3 values (R, G, B), got {values}")
+            if len(values) != 3 or not all(math.isfinite(v) for v in values):
+                raise bad(field, f"must have 3 finite values (R, G, B), got {values}")
         if min(self.std) <= 0:
             raise bad("std", f"must be positive, got {self.std}")
         if self.interpolation not in RESAMPLE_FILTERS:
             raise bad("interpolation", f"must be one of {sorted(RESAMPLE_FILTERS)}, got {self.interpolation!r}")
-        if not (math.isfinite(self.crop_pct) and self.crop_pct > 0):
-            raise bad("crop_pct", f"must be a positive number, got {self.crop_pct}")
+        # Bounded so that the resize before the crop (side / crop_pct) stays a sane size.
+        if not (math.isfinite(self.crop_pct) and 0.1 <= self.crop_pct <= 10):
+            raise bad("crop_pct", f"must be a number in [0.1, 10], got {self.crop_pct}")
         if self.crop_mode not in CROP_MODES:
             raise bad("crop_mode", f"must be one of {list(CROP_MODES)}, got {self.crop_mode!r}")
 
@@ -168,20 +176,55 @@ class PreprocessConfig:
         )
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def max_image_pixels() -> int:
+    """The largest image (width x height) `load_image` decodes: $H2T_EDGE_MAX_IMAGE_PIXELS, else
+    Pillow's default of 89,478,485 (a 0.25 GiB RGBA image). Larger files are refused as possible
+    decompression bombs (a few KB of PNG can inflate to gigabytes)."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+    if value is None:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ImageError(f"{MAX_IMAGE_PIXELS_ENV}={value!r} must be a positive whole number of pixels")
+    return limit
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
     """Open and fully decode an image as RGB, converting any mode like timm's loader does.
 
+    - EXIF orientation is applied (a phone photo stored sideways is turned upright), so the
+      network sees the image as a viewer shows it; extraction and the runtime both read images
+      here, so training features and on-device predictions see the same pixels.
+    - Modes: CMYK, grayscale (L), LA, RGBA and palette images (with or without transparency)
+      become RGB with their alpha dropped, as `PIL.Image.convert('RGB')` does in timm. 16-bit
+      grayscale (I;16) is scaled to 8 bits (v / 257), where Pillow's convert would clip it at 255.
+    - Images over `max_pixels` (default `max_image_pixels()`) are refused before decoding.
+
     Raises ImageError naming the path and the reason for a missing, unreadable, non-image,
-    truncated or corrupt file. Truncated files are errors on purpose (no LOAD_TRUNCATED_IMAGES):
-    a half-grey image would give a confident, wrong prediction.
+    truncated, oversized or corrupt file. Truncated files are errors on purpose (no
+    LOAD_TRUNCATED_IMAGES): a half-grey image would give a confident, wrong prediction.
     """
     path = Path(path)
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    # Pillow refuses images over 2x its own limit as soon as it opens them; a raised limit must win.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+
+    def too_big(detail: str) -> ImageError:
+        return ImageError(f"image {path} is {detail}, over the limit of {limit:,} pixels (decompression bomb "
+                          f"guard); if it is a genuine image, raise the limit with {MAX_IMAGE_PIXELS_ENV}=<pixels>")
+
     try:
         with Image.open(path) as img:
+            if img.width * img.height > limit:
+                raise too_big(f"{img.width}x{img.height}")
             img.load()  # Image.open only reads the header; decode now so corruption shows here.
             if img.width == 0 or img.height == 0:
                 raise ImageError(f"image {path} has zero size ({img.width}x{img.height})")
-            return img.convert("RGB")
+            return _to_rgb(_upright(img))
     except ImageError:
         raise
     except FileNotFoundError:
@@ -190,10 +233,29 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"image {path} is a directory, not an image file") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"cannot read image {path}: not an image file Pillow can identify") from None
+    except Image.DecompressionBombError as exc:
+        raise too_big(f"too large ({exc})") from None
     # Pillow's decoders signal corruption with many types (OSError, SyntaxError, EOFError,
-    # struct.error, ValueError, DecompressionBombError...), so any failure here is the file's.
+    # struct.error, ValueError...), so any failure here is the file's.
     except Exception as exc:  # noqa: BLE001
         raise ImageError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from None
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation tag says (no copy when there is nothing to turn)."""
+    if img.getexif().get(EXIF_ORIENTATION, 1) in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode.startswith("I;16"):
+        pixels = np.asarray(img, dtype=np.uint32)
+        img = Image.fromarray(((pixels + 128) // 257).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        # Via RGBA: the same colours as a direct convert, without Pillow's transparency warning.
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 def preprocess_image(img: Image.Image, cfg: PreprocessConfig) -> np.ndarray:

@@ -1,0 +1,53 @@
+"""Fixtures of the reliability tests: a tiny backbone, tiny image folders, a cache and a fitted task
+built from them in well under a second, and the tiny task graph of the runtime tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))  # tiny_task
+
+from tiny_backbone import write_backbone, write_image_folder  # noqa: E402
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, task_sidecar_dict  # noqa: E402
+
+from h2t_edge.select import SearchGrid  # noqa: E402
+from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
+
+TINY_GRID = SearchGrid(lrs=(0.1,), steps=(30,), l21s=(1e-3,), fractions=(0.1, 0.5), folds=2, batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """{backbone: ONNX at T=48, backbone12: at T=12, images: class folders, cache: float32 cache,
+    task: fitted task dir (head2toe/, linear/)} built once."""
+    from h2t_edge.datasets import from_folder
+    from h2t_edge.features import extract_features
+    from h2t_edge.pipeline import fit_step
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {"backbone": write_backbone(root / "bb48.onnx", 48), "backbone12": write_backbone(root / "bb12.onnx", 12),
+           "images": write_image_folder(root / "images")}
+    out["dataset"] = from_folder(out["images"])
+    extract_features(out["backbone"], out["dataset"], root / "cache", batch_size=4, dtype="float32")
+    out["cache"] = root / "cache"
+    fit_step(out["cache"], root / "task", grid=TINY_GRID)
+    out["task"] = root / "task"
+    return out
+
+
+@pytest.fixture
+def tiny_graph(tmp_path) -> TinyTaskGraph:
+    """The runtime tests' tiny task graph (images -> mean colour -> linear head), with a sidecar that
+    records the graph's sha256 as the compiler does."""
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=(3, len(TASK_CLASSES))).astype(np.float32) * 4
+    bias = rng.normal(size=len(TASK_CLASSES)).astype(np.float32)
+    path = tmp_path / "tiny.onnx"
+    atomic_write_bytes(path, build_task_graph(weights, bias, TASK_PREPROCESS.height,
+                                              TASK_PREPROCESS.width).SerializeToString())
+    atomic_write_json(path.with_suffix(".json"), {**task_sidecar_dict(), "graph_sha256": file_sha256(path)})
+    return TinyTaskGraph(path=path, weights=weights, bias=bias)

@@ -1,0 +1,168 @@
+"""Property-based tests: every JSON artifact loader, fed damaged or adversarial input, either refuses
+it with the project's typed error naming the file, or gives an artifact that is sound (its arrays
+agree with it and its predictions are finite). Never another exception, never a hang."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from json_mutations import damaged, damaged_text
+from tiny_backbone import tiny_layout, write_backbone
+from tiny_task import task_sidecar_dict
+
+from h2t_edge.artifacts import TaskHead
+from h2t_edge.datasets import from_folder
+from h2t_edge.errors import H2TEdgeError
+from h2t_edge.features import FeatureCache, extract_features, read_layout
+from runtime.backends.base import BatchProfile
+from runtime.backends.tensorrt import EngineKey, check_engine_record, write_engine_record
+from runtime.errors import H2TRuntimeError
+from runtime.io import file_sha256
+from runtime.predictor import Predictor
+from runtime.schema import content_sha256
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+                derandomize=True)
+
+
+def refused_or_sound(load, names: str, check):
+    """Run `load()`; a typed error must name `names` (the file); a success must pass `check`."""
+    try:
+        result = load()
+    except (H2TEdgeError, H2TRuntimeError) as exc:
+        assert names in str(exc), f"error does not name {names}: {exc}"
+        return None
+    check(result)
+    return result
+
+
+def _sound_cache(cache: FeatureCache) -> None:
+    x, y = cache.arrays()
+    assert x.shape == (int(cache.valid.sum()), cache.layout["total_features"]) and np.isfinite(x).all()
+    assert ((y >= 0) & (y < len(cache.classes))).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_feature_cache_manifest(tiny_root, data):
+    manifest = json.loads((tiny_root["cache"] / "manifest.json").read_text())
+    text = data.draw(damaged_text(manifest))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "cache"
+        shutil.copytree(tiny_root["cache"], root)
+        (root / "manifest.json").write_text(text)
+        refused_or_sound(lambda: FeatureCache.open(root), str(root), _sound_cache)
+
+
+def _sound_head(head: TaskHead) -> None:
+    x = np.random.default_rng(0).normal(size=(3, head.layout["total_features"])).astype(np.float32)
+    logits = head.logits(x)
+    assert logits.shape == (3, len(head.classes)) and np.isfinite(logits).all()
+
+
+@FUZZ
+@given(data=st.data(), seal=st.booleans())
+def test_task_json(tiny_root, data, seal):
+    """seal=True re-signs the damaged task.json (a buggy writer): its fields must still be checked.
+    seal=False is an edit after writing: it must always be refused."""
+    source = tiny_root["task"] / "head2toe"
+    meta = json.loads((source / "task.json").read_text())
+    doc = data.draw(damaged(meta))
+    if seal and isinstance(doc, dict):
+        doc["content_sha256"] = content_sha256(doc, "content_sha256")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "head2toe"
+        shutil.copytree(source, root)
+        (root / "task.json").write_text(json.dumps(doc))
+        head = refused_or_sound(lambda: TaskHead.load(root), str(root), _sound_head)
+        if not seal and doc != meta:
+            assert head is None, "an edited task.json was loaded"
+
+
+@FUZZ
+@given(data=st.data())
+def test_head_safetensors(tiny_root, data):
+    """Damaged head bytes whose hashes are re-signed in task.json: the tensors themselves are checked."""
+    source = tiny_root["task"] / "head2toe"
+    blob = bytearray((source / "head.safetensors").read_bytes())
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    blob = bytes(blob[: data.draw(st.integers(1, len(blob)))])
+    meta = json.loads((source / "task.json").read_text())
+    import hashlib
+
+    meta["head_sha256"] = hashlib.sha256(blob).hexdigest()
+    meta["content_sha256"] = content_sha256(meta, "content_sha256")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "head2toe"
+        shutil.copytree(source, root)
+        (root / "head.safetensors").write_bytes(blob)
+        (root / "task.json").write_text(json.dumps(meta))
+        refused_or_sound(lambda: TaskHead.load(root), str(root), _sound_head)
+
+
+def _sound_predictor(predictor: Predictor) -> None:
+    with predictor:
+        images = np.random.default_rng(0).normal(size=(2, *predictor.preprocess.input_size)).astype(np.float32)
+        probabilities, logits = predictor.predict_arrays(images)
+        assert probabilities.shape == logits.shape == (2, len(predictor.classes))
+        assert np.isfinite(probabilities).all() and np.isfinite(logits).all()
+
+
+@FUZZ
+@given(data=st.data())
+def test_runtime_sidecar(tiny_graph, data):
+    sidecar = tiny_graph.path.with_suffix(".json")
+    original = {**task_sidecar_dict(), "graph_sha256": file_sha256(tiny_graph.path)}
+    sidecar.write_text(data.draw(damaged_text(original)))
+    refused_or_sound(lambda: Predictor.load(tiny_graph.path), str(sidecar), _sound_predictor)
+
+
+@FUZZ
+@given(data=st.data())
+def test_engine_sidecar(tiny_graph, data):
+    """An engine built by `h2t-edge build-engine` carries the task sidecar plus a 'build' record."""
+    engine = tiny_graph.path.with_name("tiny.onnxruntime.fp16.onnx")
+    if not engine.exists():
+        shutil.copy(tiny_graph.path, engine)
+    original = {**task_sidecar_dict(), "graph_sha256": file_sha256(tiny_graph.path),
+                "build": {"backend": "onnxruntime", "precision": "fp16", "artifact": engine.name,
+                          "artifact_sha256": file_sha256(engine), "source_sha256": file_sha256(tiny_graph.path)}}
+    engine.with_suffix(".json").write_text(data.draw(damaged_text(original)))
+    refused_or_sound(lambda: Predictor.load(engine), str(engine.with_suffix(".json")), _sound_predictor)
+
+
+@FUZZ
+@given(data=st.data())
+def test_tensorrt_engine_record(tmp_path, data):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"not really an engine")
+    key = EngineKey("0" * 64, "10.0", "GPU", "fp16", BatchProfile.up_to(8))
+    original = json.loads(write_engine_record(engine, key).read_text())
+    engine.with_suffix(".json").write_text(data.draw(damaged_text(original)))
+    refused_or_sound(lambda: check_engine_record(engine, "10.0", "GPU"), str(engine.with_suffix("")), lambda k: None)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True)
+@given(data=st.data())
+def test_layout_in_onnx_metadata(tiny_root, data):
+    """A backbone whose layout metadata is damaged: read_layout refuses it, or extraction with it gives
+    a sound cache, or extraction refuses it; never a cache whose columns disagree with the graph."""
+    text = data.draw(damaged_text(tiny_layout(48)))
+    small = from_folder(tiny_root["images"]).subset(range(0, 18, 6))
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = write_backbone(Path(tmp) / "bb.onnx", 48, text)
+
+        def extract():
+            read_layout(onnx_path)
+            return extract_features(onnx_path, small, Path(tmp) / "cache", batch_size=2, dtype="float32")
+
+        refused_or_sound(extract, str(onnx_path), _sound_cache)
