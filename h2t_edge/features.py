@@ -221,7 +221,8 @@ class _CacheWriter:
         for row, message in errors:
             block[row - rows.start] = 0
             self.skipped[row] = {"index": row, "path": paths[row], "error": message}
-        stored = block.astype(self.features.dtype)
+        with np.errstate(over="ignore"):  # overflow is checked just below, with the fix in the message
+            stored = block.astype(self.features.dtype)
         if not np.isfinite(stored).all():
             raise CacheError(f"features of images {rows.start}..{rows.stop - 1} overflow {self.features.dtype} "
                              f"(|x| > {np.finfo(self.features.dtype).max:g}); extract with --dtype float32")

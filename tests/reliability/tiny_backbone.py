@@ -34,14 +34,24 @@ def tiny_layout(target_size: int) -> dict:
             "total_features": target_size + PRE_LOGITS, "taps": taps, "probe": [0.0]}
 
 
-def tiny_backbone(target_size: int = 48, layout: dict | str | None = None) -> onnx.ModelProto:
-    """The tiny graph with `layout` (default: the true one; a str is stored as it is) in its metadata."""
+def tiny_backbone(target_size: int = 48, layout: dict | str | None = None, first: str | None = None,
+                  scale: float = 1.0) -> onnx.ModelProto:
+    """The tiny graph with `layout` (default: the true one; a str is stored as it is) in its metadata.
+
+    first: an elementwise op applied to the images before the "pool" tap (e.g. "Sqrt": NaN on
+    negative normalized pixels); scale multiplies that tap (e.g. 1e6 overflows float16)."""
     if target_size not in TARGET_SIZES:
         raise ValueError(f"target_size must be one of {TARGET_SIZES}")
     kernel = int(16 / math.sqrt(target_size / 3))
     conv = np.random.default_rng(0).normal(size=(PRE_LOGITS, 3, 1, 1)).astype(np.float32)
-    nodes = [
-        helper.make_node("AveragePool", ["images"], ["pooled"], kernel_shape=[kernel, kernel], strides=[kernel, kernel]),
+    source = "images"
+    nodes = []
+    if first is not None:
+        nodes.append(helper.make_node(first, ["images"], ["first"]))
+        source = "first"
+    nodes.append(helper.make_node("Mul", [source, "scale"], ["scaled"]))
+    nodes += [
+        helper.make_node("AveragePool", ["scaled"], ["pooled"], kernel_shape=[kernel, kernel], strides=[kernel, kernel]),
         helper.make_node("Flatten", ["pooled"], ["pool"], axis=1),
         helper.make_node("Conv", ["images", "conv_w"], ["mixed"]),
         helper.make_node("Relu", ["mixed"], ["relu"]),
@@ -53,7 +63,7 @@ def tiny_backbone(target_size: int = 48, layout: dict | str | None = None) -> on
         [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 16, 16])],
         [helper.make_tensor_value_info("pool", TensorProto.FLOAT, ["batch", target_size]),
          helper.make_tensor_value_info("pre_logits", TensorProto.FLOAT, ["batch", PRE_LOGITS])],
-        initializer=[numpy_helper.from_array(conv, "conv_w")],
+        initializer=[numpy_helper.from_array(conv, "conv_w"), numpy_helper.from_array(np.float32(scale), "scale")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     layout = tiny_layout(target_size) if layout is None else layout
@@ -62,9 +72,9 @@ def tiny_backbone(target_size: int = 48, layout: dict | str | None = None) -> on
     return model
 
 
-def write_backbone(path: Path, target_size: int = 48, layout: dict | str | None = None) -> Path:
+def write_backbone(path: Path, target_size: int = 48, layout: dict | str | None = None, **options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tiny_backbone(target_size, layout).SerializeToString())
+    path.write_bytes(tiny_backbone(target_size, layout, **options).SerializeToString())
     return path
 
 
