@@ -312,7 +312,8 @@ def phase_report(tasks: list[str], work: Path, target_size: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=("fits", "search", "report"), required=True)
+    parser.add_argument("--phase", choices=("fits", "search", "all", "report"), required=True,
+                        help="'all': proxies of the fitted cells, then more fits, then their proxies (one lock)")
     parser.add_argument("--task", action="append", help="only these tasks (repeatable); default: every installed one")
     parser.add_argument("--work-dir", default="/work/scratch/search/suite")
     parser.add_argument("--target-size", "-T", type=int, default=512)
@@ -326,6 +327,11 @@ def main() -> None:
         phase_fits(tasks, work, args.target_size, deadline)
     elif args.phase == "search":
         phase_search(tasks, work, args.target_size, deadline)
+    elif args.phase == "all":
+        phase_search(tasks, work, args.target_size, deadline)
+        phase_fits(tasks, work, args.target_size, deadline)
+        phase_search(tasks, work, args.target_size, deadline)
+        phase_report(tasks, work, args.target_size)
     else:
         phase_report(tasks, work, args.target_size)
 
