@@ -195,7 +195,7 @@ def figure_confusion(report: dict) -> str:
     matrix = np.asarray(report["confusion"]["matrix"])
     classes = report["confusion"]["classes"]
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(min(12, 1.5 + 0.45 * n), min(11, 1.2 + 0.42 * n)))
+    fig, ax = plt.subplots(figsize=(min(12, max(4.5, 1.5 + 0.45 * n)), min(11, max(4.0, 1.2 + 0.42 * n))))
     ax.imshow(matrix, cmap="Blues")
     if n <= 30:
         for i in range(n):

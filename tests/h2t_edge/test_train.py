@@ -77,11 +77,16 @@ def test_rerun_redoes_nothing(trained, monkeypatch):
     import h2t_edge.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "compile_step", lambda *a, **k: pytest.fail("compiled again"))
-    test_dir = trained[3]
-    again = train_mod.train(root / "train.jsonl", out, test=test_dir, target_sizes=SIZES, grid=TINY,
-                            cache_dir=root / "cache")
-    assert set(again.skipped) == {"export", "extract train", "extract test", "fit", "compile"}
-    assert again.selection.chosen.key == report.selection.chosen.key
+    import h2t_edge.cli as cli_mod
+
+    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None: TINY)
+    result = CliRunner().invoke(cli, ["train", str(root / "train.jsonl"), "-o", str(out), "--test", str(trained[3]),
+                                      "-T", "64", "-T", "16", "--cache-dir", str(root / "cache"), "-q"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "kept: export, extract train, extract test, fit, compile" in result.output
+    chosen = next(line for line in result.output.splitlines() if line.startswith("*"))
+    assert report.selection.chosen.key in chosen
 
 
 def test_changed_grid_refits_only_the_fits(trained, tmp_path):
