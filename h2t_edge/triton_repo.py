@@ -31,6 +31,7 @@ from typing import Any
 
 from runtime.io import atomic_write_bytes, atomic_write_text, read_json
 from runtime.predictor import TaskSidecar, sidecar_path
+from runtime.preprocess import PreprocessConfig
 
 from .errors import ServingError
 
@@ -170,6 +171,26 @@ def _output_labels(sidecar: TaskSidecar) -> dict[str, tuple[str, ...]]:
                 if isinstance(name, str):
                     labels[name] = tuple(str(c) for c in entry["classes"])
     return labels
+
+
+def preprocess_contract(config: Any) -> PreprocessConfig:
+    """The preprocessing a served model expects, from its model config: a ModelConfig protobuf (from
+    `config.pbtxt` or tritonclient.grpc's `get_model_config(...).config`) or the dict that
+    tritonclient.http's `get_model_config` returns. Feed `runtime.preprocess.preprocess_batch(images,
+    contract)` as the model's input."""
+    if isinstance(config, Mapping):
+        name = config.get("name", "?")
+        value = config.get("parameters", {}).get(PREPROCESS_PARAMETER, {}).get("string_value")
+    else:
+        name = config.name
+        value = config.parameters[PREPROCESS_PARAMETER].string_value if PREPROCESS_PARAMETER in config.parameters else None
+    if not value:
+        raise ServingError(f"model {name!r} has no '{PREPROCESS_PARAMETER}' parameter in its config; "
+                           "export it with `h2t-edge export-triton` or serve it with `h2t-edge serve`")
+    try:
+        return PreprocessConfig.from_dict(json.loads(value), source=f"model {name!r} parameter {PREPROCESS_PARAMETER}")
+    except json.JSONDecodeError as exc:
+        raise ServingError(f"model {name!r}: parameter {PREPROCESS_PARAMETER} is not JSON ({exc})") from None
 
 
 def build_config(

@@ -63,3 +63,17 @@ def multi_task_graph(tmp_path) -> Path:
     sidecar["tasks"] = tasks
     atomic_write_json(path.with_suffix(".json"), sidecar)
     return path
+
+
+@pytest.fixture(scope="session")
+def photo_paths(tmp_path_factory) -> list[Path]:
+    """Real photos of odd sizes (scikit-image), saved as PNG."""
+    import skimage.data
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("serving_photos")
+    paths = []
+    for name in ("chelsea", "coffee", "astronaut", "camera"):
+        paths.append(root / f"{name}.png")
+        Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(paths[-1])
+    return paths

@@ -106,3 +106,19 @@ def test_startup_failure_names_the_log(task_graphs, tmp_path):
     (tmp_path / "empty" / "bad" / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 1\n')
     with pytest.raises(ServingError, match="tritonserver exited with code .*tritonserver.log"):
         TritonServer(tmp_path / "empty", http_port=free_port(), grpc_port=0, workdir=tmp_path / "w").start()
+
+
+def test_client_follows_the_served_preprocessing_contract(server, task_graphs, photo_paths):
+    """A client that knows only the server: it reads the contract from the model config, preprocesses
+    real photos with it and gets what Predictor.predict_paths gives for the same files."""
+    from h2t_edge.triton_repo import preprocess_contract
+    from runtime.preprocess import preprocess_batch
+
+    client = tritonclient_http.InferenceServerClient(server.endpoints.http)
+    images = preprocess_batch(photo_paths, preprocess_contract(client.get_model_config("tiny2")))
+    inputs = [tritonclient_http.InferInput("images", list(images.shape), "FP32")]
+    inputs[0].set_data_from_numpy(images)
+    served = client.infer("tiny2", inputs).as_numpy("probabilities")
+    with Predictor.load(task_graphs[1]) as predictor:
+        expected = np.stack([p.probabilities for p in predictor.predict_paths(photo_paths)])
+    np.testing.assert_array_equal(served, expected)

@@ -96,3 +96,19 @@ def test_cli_export_triton(task_graphs, tmp_path):
     assert result.exit_code == 0, result.output
     assert parse(tmp_path / "repo" / "tiny2").max_batch_size == 8
     assert "tiny2:" in result.output
+
+
+def test_preprocess_contract_from_config_and_its_errors(task_graphs, tmp_path):
+    from h2t_edge.triton_repo import preprocess_contract
+    from runtime.preprocess import PreprocessConfig
+
+    (model_dir,) = export_repository(task_graphs[:1], tmp_path / "repo")
+    config = parse(model_dir)
+    expected = PreprocessConfig.from_dict(read_json(task_graphs[0].with_suffix(".json"), "sidecar")["preprocess"])
+    assert preprocess_contract(config) == expected
+    as_dict = {"name": "tiny", "parameters": {"h2t_edge.preprocess": {
+        "string_value": config.parameters["h2t_edge.preprocess"].string_value}}}
+    assert preprocess_contract(as_dict) == expected
+    del config.parameters["h2t_edge.preprocess"]
+    with pytest.raises(ServingError, match="no 'h2t_edge.preprocess' parameter"):
+        preprocess_contract(config)
