@@ -56,23 +56,33 @@ class TappedBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pooled: list[torch.Tensor | None] = [None] * len(self.taps)
-        handles = []
-        for i, (tap, module) in enumerate(zip(self.taps, self._tapped_modules)):
-            # Pool inside the hook, before any later in-place op can touch the tapped tensor.
-            def pool(value, i=i):
-                pooled[i] = self.pools[i](value)
-            if tap.port == "input":
-                handles.append(module.register_forward_pre_hook(lambda _m, args, pool=pool: pool(args[0])))
-            else:
-                handles.append(module.register_forward_hook(lambda _m, _i, output, pool=pool: pool(output)))
-        try:
+
+        def pool(i: int, value: torch.Tensor) -> None:
+            pooled[i] = self.pools[i](value)
+
+        with tap_hooks(self.taps, self._tapped_modules, pool):
             x = images
             for module in self.segments:
                 x = module(x)
-        finally:
-            for h in handles:
-                h.remove()
         return tuple(pooled)
+
+
+@contextlib.contextmanager
+def tap_hooks(taps: Sequence[TapSpec], modules: Sequence[nn.Module], on_value):
+    """While open, a forward pass calls on_value(i, tensor) with tap i's tensor: its module's output,
+    or its input for port 'input'. The call happens inside the hook, before any later in-place op
+    can touch the tapped tensor."""
+    handles = []
+    for i, (tap, module) in enumerate(zip(taps, modules)):
+        if tap.port == "input":
+            handles.append(module.register_forward_pre_hook(lambda _m, args, i=i: on_value(i, args[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda _m, _i, output, i=i: on_value(i, output)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _check_cls_token(backbone: Backbone, cls_token: str) -> None:

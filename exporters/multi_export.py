@@ -24,7 +24,9 @@ from torch import nn
 
 from .backbones import Backbone, TapSpec
 from .errors import ExportError
-from .export import DEFAULT_OPSET, _check_cls_token, export_module, feature_layout, select_taps, set_metadata
+from .export import (
+    DEFAULT_OPSET, _check_cls_token, export_module, feature_layout, select_taps, set_metadata, tap_hooks,
+)
 from .pooling import PoolNormalize, TapPool, plan_tap_pool
 
 MULTI_LAYOUT_KEY = "h2t_edge.multi_layout"
@@ -72,28 +74,17 @@ class MultiTargetBackbone(nn.Module):
         # Plain list: these modules are already registered through `segments`.
         self._tapped_modules = [backbone.model.get_submodule(t.module) for t in self.taps]
 
-    def _pool_all(self, tap_index: int, value: torch.Tensor, out: list) -> None:
-        # every pooling of this tap reads the tensor before a later in-place op can change it
-        for j in self._tap_outputs[tap_index]:
-            out[j] = self.pools[j](value)
-
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         pooled: list[torch.Tensor | None] = [None] * len(self.pools)
-        handles = []
-        for i, (tap, module) in enumerate(zip(self.taps, self._tapped_modules)):
-            if tap.port == "input":
-                handles.append(module.register_forward_pre_hook(
-                    lambda _m, args, i=i: self._pool_all(i, args[0], pooled)))
-            else:
-                handles.append(module.register_forward_hook(
-                    lambda _m, _i, output, i=i: self._pool_all(i, output, pooled)))
-        try:
+
+        def pool_all(i: int, value: torch.Tensor) -> None:
+            for j in self._tap_outputs[i]:  # every pooling of tap i reads the same tensor
+                pooled[j] = self.pools[j](value)
+
+        with tap_hooks(self.taps, self._tapped_modules, pool_all):
             x = images
             for module in self.segments:
                 x = module(x)
-        finally:
-            for h in handles:
-                h.remove()
         return tuple(pooled)
 
 

@@ -41,15 +41,19 @@ LOCK_NAME = ".lock"  # held (flock) by the process writing the cache
 Progress = Callable[[int, int], None]
 
 
+def _onnx_metadata(onnx_path: str | Path, session=None) -> dict[str, str]:
+    """The metadata properties of an ONNX file (from an open ONNX Runtime session when given)."""
+    if session is not None:
+        return session.get_modelmeta().custom_metadata_map
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
 def read_layout(onnx_path: str | Path, session=None) -> dict:
     """The feature layout stored in an exported backbone's ONNX metadata."""
-    if session is None:
-        import onnx
-
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        meta = {p.key: p.value for p in model.metadata_props}
-    else:
-        meta = session.get_modelmeta().custom_metadata_map
+    meta = _onnx_metadata(onnx_path, session)
     if LAYOUT_KEY not in meta:
         raise CacheError(
             f"{onnx_path} has no h2t-edge feature layout in its metadata: "
@@ -185,13 +189,7 @@ def extract_features_multi(
 
 def read_multi_layout(onnx_path: str | Path, session=None) -> dict:
     """The per-target-size layouts stored in a multi-target-size export's ONNX metadata."""
-    if session is None:
-        import onnx
-
-        model = onnx.load(str(onnx_path), load_external_data=False)
-        meta = {p.key: p.value for p in model.metadata_props}
-    else:
-        meta = session.get_modelmeta().custom_metadata_map
+    meta = _onnx_metadata(onnx_path, session)
     if MULTI_LAYOUT_KEY not in meta:
         raise CacheError(f"{onnx_path} is not a multi-target-size export (no {MULTI_LAYOUT_KEY} metadata); "
                          "export it with `exporters.multi_export.export_backbone_multi` or `h2t-edge train`")
