@@ -6,7 +6,7 @@
       TASK/
         config.pbtxt        # onnxruntime backend, TensorRT accelerator, dynamic batching, I/O specs
         labels.txt          # one class per line (Triton's classification extension reads it)
-        h2t_edge_task.json  # the task sidecar: the preprocessing contract clients must follow
+        h2t_edge_task.json  # the task sidecar (copied as is): the preprocessing contract clients follow
         1/model.onnx        # version folder
 
 Inputs and outputs come from the ONNX graph itself (names, element types, shapes), so a graph with any
@@ -83,6 +83,7 @@ class TritonTask:
     name: str
     graph: Path
     sidecar: TaskSidecar
+    sidecar_file: Path
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: bool  # every input and output has a dynamic first (batch) dimension
@@ -113,7 +114,9 @@ def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Pa
     if not side.is_file():
         raise ServingError(f"task sidecar {side} is missing; it must sit next to {graph.name} (same stem)")
     sidecar = TaskSidecar.from_dict(read_json(side, "task sidecar"), source=str(side))
-    name = name or sidecar.task
+    if name is None:
+        # A multi-task graph is named after its tasks ('a+b' in the sidecar; '+' would need quoting in URLs).
+        name = "_".join(t.task for t in sidecar.tasks) if sidecar.multitask else sidecar.task
     if not MODEL_NAME.match(name):
         raise ServingError(
             f"task name {name!r} (field 'task' of {side}) is not a usable Triton model name: use letters, "
@@ -143,7 +146,7 @@ def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Pa
         return TensorSpec(value.name, ONNX_TO_TRITON[elem], tuple(dims), names)
 
     return TritonTask(
-        name=name, graph=graph, sidecar=sidecar,
+        name=name, graph=graph, sidecar=sidecar, sidecar_file=side,
         inputs=tuple(spec(v, False) for v in graph_inputs),
         outputs=tuple(spec(v, True) for v in model.graph.output),
         batching=batching,
@@ -159,17 +162,13 @@ def _shape(value, graph: Path) -> tuple[int, ...]:
 
 
 def _output_labels(sidecar: TaskSidecar) -> dict[str, tuple[str, ...]]:
-    """Output name -> the class names along its last axis, from the sidecar.
-
-    The top-level task names its outputs in 'outputs'; a multi-task sidecar may also carry a
-    'tasks' list whose entries have their own 'classes' and 'outputs'.
-    """
-    labels = {name: tuple(sidecar.classes) for name in sidecar.outputs.values()}
-    for entry in sidecar.extra.get("tasks", []) or []:
-        if isinstance(entry, Mapping) and isinstance(entry.get("outputs"), Mapping) and entry.get("classes"):
-            for name in entry["outputs"].values():
-                if isinstance(name, str):
-                    labels[name] = tuple(str(c) for c in entry["classes"])
+    """Output name -> the class names along its last axis: each task's logits (and probabilities,
+    where the graph has them) carry that task's classes, in single- and multi-task sidecars alike."""
+    labels = {}
+    for task in sidecar.tasks:
+        for name in (task.logits, task.probabilities):
+            if name is not None:
+                labels[name] = tuple(task.classes)
     return labels
 
 
@@ -317,7 +316,7 @@ def write_model(
         files[model_dir / str(version) / "model.py"] = PYTHON_MODEL_SOURCE.read_bytes()
     for labels, file_name in task.label_sets.items():
         files[model_dir / file_name] = "".join(f"{label}\n" for label in labels).encode()
-    files[model_dir / SIDECAR_FILE] = json.dumps(task.sidecar.to_dict(), indent=2).encode()
+    files[model_dir / SIDECAR_FILE] = task.sidecar_file.read_bytes()  # the contract, exactly as compiled
     for path, data in files.items():
         atomic_write_bytes(path, data)
     atomic_write_text(model_dir / "config.pbtxt", text)  # last: a folder with a config is complete

@@ -36,7 +36,8 @@ def task_graphs(tmp_path) -> list[Path]:
 
 @pytest.fixture
 def multi_task_graph(tmp_path) -> Path:
-    """One graph with two heads: 'animals' (2 classes) and 'objects' (3 classes), four outputs."""
+    """One graph with two heads, 'animals' (2 classes) and 'objects' (3 classes), and four outputs
+    (probabilities and logits per task)."""
     rng = np.random.default_rng(3)
     nodes = [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
              helper.make_node("Flatten", ["pooled"], ["features"], axis=1)]
@@ -57,10 +58,10 @@ def multi_task_graph(tmp_path) -> Path:
     onnx.checker.check_model(model)
     path = tmp_path / "two_heads.onnx"
     atomic_write_bytes(path, model.SerializeToString())
-    sidecar = task_sidecar_dict("two_heads")
-    sidecar["classes"] = tasks[0]["classes"]
-    sidecar["outputs"] = tasks[0]["outputs"]
-    sidecar["tasks"] = tasks
+    # The multi-task sidecar (version 2) that `h2t-edge compile A B ...` writes.
+    single = task_sidecar_dict("two_heads")
+    sidecar = {"format": single["format"], "version": 2, "tasks": tasks, "preprocess": single["preprocess"],
+               "input": "images", "backbone": single["backbone"]}
     atomic_write_json(path.with_suffix(".json"), sidecar)
     return path
 

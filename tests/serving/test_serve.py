@@ -122,3 +122,18 @@ def test_client_follows_the_served_preprocessing_contract(server, task_graphs, p
     with Predictor.load(task_graphs[1]) as predictor:
         expected = np.stack([p.probabilities for p in predictor.predict_paths(photo_paths)])
     np.testing.assert_array_equal(served, expected)
+
+
+def test_multi_task_graph_is_served_with_every_output(multi_task_graph, tmp_path):
+    _triton_or_skip()
+    images = np.random.default_rng(5).normal(size=(3, 3, 32, 32)).astype(np.float32)
+    with Predictor.load(multi_task_graph) as predictor:
+        expected = predictor.runner.infer({"images": images})
+    with serve([multi_task_graph], http_port=0, grpc_port=0, workdir=tmp_path / "serve") as server:
+        client = tritonclient_grpc.InferenceServerClient(server.endpoints.grpc)
+        inputs = [tritonclient_grpc.InferInput("images", list(images.shape), "FP32")]
+        inputs[0].set_data_from_numpy(images)
+        result = client.infer("animals_objects", inputs)
+    assert len(expected) == 4
+    for name, array in expected.items():
+        np.testing.assert_array_equal(result.as_numpy(name), array)

@@ -42,6 +42,7 @@ def test_repository_layout_and_config(task_graphs, tmp_path):
 
 def test_multi_task_graph_gets_every_output_and_its_labels(multi_task_graph, tmp_path):
     (model_dir,) = export_repository([multi_task_graph], tmp_path / "repo", tensorrt=None)
+    assert model_dir.name == "animals_objects"
     config = parse(model_dir)
     assert not config.optimization.execution_accelerators.gpu_execution_accelerator
     outputs = {o.name: (list(o.dims), o.label_filename) for o in config.output}
