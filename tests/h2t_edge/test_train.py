@@ -69,6 +69,27 @@ def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
     assert "*" in summary_table(report)
 
 
+def test_every_winner_kind_compiles_to_the_head_it_came_from(trained, task, tmp_path):
+    """The guard can pick LINEAR, HEAD2TOE or HEAD2TOE+LINEAR: each compiles, and the graph's logits
+    equal the head's on the same images' features."""
+    from h2t_edge.features import FeatureCache
+    from h2t_edge.pipeline import compile_step
+    from runtime.preprocess import PreprocessConfig, preprocess_batch
+
+    report, out, root, _ = trained
+    paths = list(task["test"].paths[:4])
+    for key in ("LINEAR", "HEAD2TOE@T16", f"{HEAD2TOE_KEEP}@T16"):
+        cand = report.selection.by_key()[key]
+        head = TaskHead.load(cand.path)
+        graph = compile_step(cand.path, tmp_path / f"{key}.onnx").path
+        predictor = Predictor.load(graph)
+        x = preprocess_batch(paths, PreprocessConfig.from_dict(head.layout["preprocess"]))
+        _, logits = predictor.predict_arrays(x)
+        cache_root = next(p for p in (root / "cache" / "features").glob("*/test-*/T16"))
+        cache = FeatureCache.open(cache_root)
+        np.testing.assert_allclose(logits, head.logits(np.asarray(cache.features[:4], np.float32)), atol=2e-2)
+
+
 def test_rerun_redoes_nothing(trained, monkeypatch):
     report, out, root, _ = trained
     for name in ("fit_head2toe_variants", "fit_linear"):
