@@ -40,6 +40,7 @@ def trained(task, tmp_path_factory):
     return report, out, root, test_dir
 
 
+@pytest.mark.slow
 def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
     report, out, _, _ = trained
     sel = report.selection
@@ -69,6 +70,7 @@ def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
     assert "*" in summary_table(report)
 
 
+@pytest.mark.slow
 def test_every_winner_kind_compiles_to_the_head_it_came_from(trained, task, tmp_path):
     """The guard can pick LINEAR, HEAD2TOE or HEAD2TOE+LINEAR: each compiles, and the graph's logits
     equal the head's on the same images' features."""
@@ -90,6 +92,7 @@ def test_every_winner_kind_compiles_to_the_head_it_came_from(trained, task, tmp_
         np.testing.assert_allclose(logits, head.logits(np.asarray(cache.features[:4], np.float32)), atol=2e-2)
 
 
+@pytest.mark.slow
 def test_rerun_redoes_nothing(trained, monkeypatch):
     report, out, root, _ = trained
     for name in ("fit_head2toe_variants", "fit_linear"):
@@ -110,6 +113,7 @@ def test_rerun_redoes_nothing(trained, monkeypatch):
     assert report.selection.chosen.key in chosen
 
 
+@pytest.mark.slow
 def test_changed_grid_refits_only_the_fits(trained, tmp_path):
     _, out, root, _ = trained
     copy = tmp_path / "task"
@@ -120,6 +124,7 @@ def test_changed_grid_refits_only_the_fits(trained, tmp_path):
     assert all(c.config["steps"] == 40 for c in again.selection.candidates)
 
 
+@pytest.mark.slow
 def test_fit_cli_takes_several_caches_and_chooses_t(trained, tmp_path, monkeypatch):
     import h2t_edge.cli as cli_mod
 
@@ -200,6 +205,7 @@ def _lookup(data, dotted: str):
     return node
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(trained, tmp_path):
     _, out, _, _ = trained
