@@ -73,6 +73,17 @@ def find_triton() -> TritonDist:
     return dist
 
 
+def _stop_with_parent() -> None:
+    """In the server process before exec: get SIGTERM (Triton's graceful stop) when the process that
+    started it dies, so a killed `h2t-edge serve` leaves no server behind (Linux prctl)."""
+    import ctypes
+    import ctypes.util
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on `host` right now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -151,7 +162,8 @@ class TritonServer:
         log = open(self.log_path, "wb")
         try:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             env=self._environment(dist), start_new_session=True)
+                                             env=self._environment(dist), start_new_session=True,
+                                             preexec_fn=_stop_with_parent)
         except OSError as exc:
             raise ServingError(f"cannot start {dist.server}: {exc}; {INSTALL_HINT}") from None
         finally:
