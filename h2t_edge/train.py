@@ -164,6 +164,7 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         key = _fit_key(cache, grid, guard)
         kept = _load_kept(root / "fit.json", key)
         if kept is None:
+            log(f"fitting {name} ({cache.layout['total_features']:,} candidate features) ...")
             start = time.perf_counter()
             results = fit()
             for method, (result, offset) in results.items():
@@ -334,6 +335,7 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         skipped.append("export")
         log(f"kept export {onnx}")
     else:
+        log(f"exporting {backbone} with every tap pooled at T = {sizes} (one graph) ...")
         _export_multi(backbone, weights, sizes, taps, cls_token, onnx)
         log(f"exported {onnx}")
     timings["export"] = time.perf_counter() - start
@@ -375,6 +377,7 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         skipped.append("compile")
         log(f"kept compiled graph {graph}")
     else:
+        log(f"compiling {selection.chosen.key} ...")
         compiled = compile_step(selection.model_dir, graph, weights if weights != "bundled" else None)
         atomic_write_json(record, {"head_sha256": head_sha, "graph_sha256": file_sha256(compiled.path),
                                    "seconds": compiled.seconds})
