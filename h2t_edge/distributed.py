@@ -90,6 +90,8 @@ class RayBatches:
 
         started = time.perf_counter()
         local = self.address in (None, LOCAL)
+        if not local:
+            _check_reachable(self.address)
         owns = not ray.is_initialized()
         if owns:
             try:
@@ -133,3 +135,18 @@ def _runtime_errors() -> tuple[type, ...]:
     from runtime.errors import H2TRuntimeError
 
     return (H2TRuntimeError,)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a cluster address nothing listens at (Ray itself retries for minutes)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # 'auto' and other forms Ray resolves itself
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ServingError(f"no Ray cluster answers at {address} ({exc}); start one with `ray start --head`, "
+                           "or pass --ray without an address for a local instance") from None

@@ -144,3 +144,13 @@ def test_cli_extract_ray(backbone, dataset_dir, tmp_path, local_ray):
     assert result.exit_code == 0, result.output
     assert CliRunner().invoke(cli, [*args, "-c", str(tmp_path / "local")]).exit_code == 0
     assert_same_cache(FeatureCache.open(tmp_path / "local"), FeatureCache.open(tmp_path / "ray"))
+
+
+def test_unreachable_cluster_is_a_prompt_error(backbone, dataset_dir, tmp_path):
+    from h2t_edge.errors import ServingError
+    from h2t_edge.serve import free_port
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ServingError, match=f"no Ray cluster answers at {address}"):
+        extract_features(backbone, load_dataset(dataset_dir), tmp_path / "c", batch_size=4,
+                         batch_source=RayBatches(address=address))
