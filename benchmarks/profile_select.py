@@ -41,11 +41,11 @@ def profile(dim: int, steps: int, keep: int = 1280, n: int = 1000, classes: int 
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     grid = SearchGrid(steps=(steps,))
     prof = cProfile.Profile()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     prof.enable()
-    fit_head2toe_variants(x, y, classes, grid, keep=np.arange(dim - keep, dim))
+    fit_head2toe_variants(x, y, classes, grid, keep=np.arange(dim - keep, dim) if keep else None)
     prof.disable()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     seconds = {g: 0.0 for g in GROUPS}
     for (_, _, name), (_, _, tottime, _, _) in pstats.Stats(prof).stats.items():
         found = _OP.search(name)
@@ -54,8 +54,9 @@ def profile(dim: int, steps: int, keep: int = 1280, n: int = 1000, classes: int 
         if group is not None:
             seconds[group] += tottime
     seconds["other"] = wall - sum(seconds.values())
-    return {"dim": dim, "steps": steps, "kept_columns": keep, "n": n, "classes": classes, "wall_seconds": wall,
-            "seconds": seconds, "paper_grid_estimate_seconds": wall / steps * 5500, "load": os.getloadavg()[0],
+    return {"dim": dim, "steps": steps, "kept_columns": keep, "n": n, "classes": classes, "wall_seconds": wall, "cpu_seconds": cpu,
+            "seconds": seconds, "paper_grid_estimate_seconds": wall / steps * 5500,
+            "paper_grid_estimate_cpu_seconds": cpu / steps * 5500, "load": os.getloadavg()[0],
             "threads": os.environ.get("OMP_NUM_THREADS", "all")}
 
 
@@ -63,15 +64,16 @@ def markdown(entries: list[dict]) -> str:
     groups = list(GROUPS) + ["other"]
     lines = ["# Where a HEAD2TOE (+ HEAD2TOE+LINEAR) fit spends its time", "",
              "cProfile of `fit_head2toe_variants` on random features (n=1,000, C=16), paper grid with one step count "
-             "(CV: 5 folds x 2 lambdas x 2 lr; then the refit), 1,280 columns kept. Seconds per kind of work; the "
+             "(CV: 5 folds x 2 lambdas x 2 lr; then the refit); kept: columns HEAD2TOE+LINEAR always keeps (0: HEAD2TOE alone). Seconds per kind of work; the "
              "estimate scales the wall time to the paper's 500 + 5,000 steps. Load: 1-minute load average at the end "
-             "(about 2 = alone on the 2 cores).", "",
-             "| D | steps | wall s | " + " | ".join(groups) + " | paper-grid estimate s | load |",
-             "|---:|---:|---:|" + "---:|" * len(groups) + "---:|---:|"]
-    for e in sorted(entries, key=lambda e: (e["dim"], e["steps"])):
-        lines.append(f"| {e['dim']:,} | {e['steps']} | {e['wall_seconds']:.1f} | "
+             "(about 2 = alone on the 2 cores). With other jobs on the cores, wall seconds (and the per-kind seconds, which "
+             "cProfile measures in wall time) run high; CPU seconds less so.", "",
+             "| D | kept | steps | threads | wall s | CPU s | " + " | ".join(groups) + " | paper-grid estimate: wall s / CPU s | load |",
+             "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(groups) + "---:|---:|"]
+    for e in sorted(entries, key=lambda e: (e["dim"], e["kept_columns"], e["steps"], str(e["threads"]))):
+        lines.append(f"| {e['dim']:,} | {e['kept_columns']:,} | {e['steps']} | {e['threads']} | {e['wall_seconds']:.1f} | {e['cpu_seconds']:.1f} | "
                      + " | ".join(f"{e['seconds'][g]:.1f}" for g in groups)
-                     + f" | {e['paper_grid_estimate_seconds']:.0f} | {e['load']:.1f} |")
+                     + f" | {e['paper_grid_estimate_seconds']:.0f} / {e['paper_grid_estimate_cpu_seconds']:.0f} | {e['load']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,12 +81,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", default="28296", help="comma-separated candidate counts D")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--keep", type=int, default=1280, help="kept columns (0: HEAD2TOE alone, no guard variant)")
     args = parser.parse_args()
     path = RESULTS.with_suffix(".json")
     entries = read_json(path, "select profile")["results"] if path.exists() else []
     for dim in (int(d) for d in args.dims.split(",")):
-        entry = profile(dim, args.steps)
-        entries = [e for e in entries if (e["dim"], e["steps"]) != (dim, args.steps)] + [entry]
+        entry = profile(dim, args.steps, args.keep)
+        entries = [e for e in entries if (e["dim"], e["steps"], e["kept_columns"], e["threads"])
+                   != (dim, args.steps, args.keep, entry["threads"])] + [entry]
         atomic_write_json(path, {"format": "h2t-edge/select-profile", "version": 1, "results": entries})
         print(f"D={dim} steps={args.steps}: {entry['wall_seconds']:.1f} s "
               + ", ".join(f"{k} {v:.1f}" for k, v in entry["seconds"].items()), flush=True)

@@ -25,7 +25,11 @@ Speed: the CV heads of one (steps, lr) share one weight tensor W: [D, models, C]
 rows per step (one GEMM); each model masks out its validation rows. Models are grouped by lr
 because the fused Adam kernel takes one scalar lr. The retraining of every (model, F) head is
 batched with bmm over models, on the model's top-k_max columns gathered once (top-k sets are
-prefixes of one ranking, so every F reuses the same gathered block).
+prefixes of one ranking, so every F reuses the same gathered block), with one GEMM per block of
+columns that the same heads share rather than one per head (benchmarks/results/select_profile.md).
+
+HEAD2TOE+LINEAR (`fit_head2toe_variants(..., keep=...)`, used by `h2t-edge train`'s guard against
+LINEAR; not in the paper) retrains on the same ranking with the kept columns always first.
 """
 
 from __future__ import annotations
@@ -358,27 +362,40 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
     block = torch.empty(n_models, x.shape[0], k_max)
     for m in range(n_models):
         torch.index_select(x, 1, columns[m], out=block[m])
-    weights = [torch.zeros(n_models, k, n_classes) for k in ks]
-    bias = torch.zeros(len(ks), n_models, n_classes)
-    grads = [torch.empty_like(p) for p in weights + [bias]]
-    adam = _Adam(weights + [bias])
+    # Column block j (ks[j-1]:ks[j]) feeds heads j..F-1, so its weights for all of them sit side by
+    # side in one [M, dk_j, (F-j)*C] tensor: one GEMM per block instead of one per head, with the
+    # same FLOPs but wider, more efficient GEMMs where a block feeds many heads (the always-kept
+    # columns of HEAD2TOE+LINEAR feed every head). Adam is elementwise, so regrouping the
+    # parameters does not change the optimisation.
+    n_heads = len(ks)
+    edges = [0, *ks]
+    blocks = [torch.zeros(n_models, edges[j + 1] - edges[j], (n_heads - j) * n_classes) for j in range(n_heads)]
+    bias = torch.zeros(n_models, n_heads, n_classes)
+    grads = [torch.empty_like(p) for p in blocks + [bias]]
+    adam = _Adam(blocks + [bias])
     b = batches.shape[1]
     xg = torch.empty(n_models, b, k_max)
-    logits = torch.empty(len(ks), n_models, b, n_classes)  # contiguous per head f
+    logits = torch.empty(n_models, b, n_heads, n_classes)
+    partial = [torch.empty(n_models, b, (n_heads - j) * n_classes) for j in range(n_heads)]
     steps = batches.shape[0]
     for step in range(steps):
         idx = batches[step]
         torch.index_select(block, 1, idx, out=xg)
-        for f, k in enumerate(ks):
-            torch.baddbmm(bias[f].unsqueeze(1), xg[:, :, :k], weights[f], out=logits[f])
-        _ce_grad_(logits, onehot[idx], _row_weights(mask, idx).t().unsqueeze(2))
-        for f, k in enumerate(ks):
-            torch.bmm(xg[:, :, :k].transpose(1, 2), logits[f], out=grads[f])
-        torch.sum(logits, dim=2, out=grads[-1])
+        logits.copy_(bias.unsqueeze(1).expand_as(logits))
+        for j in range(n_heads):
+            torch.bmm(xg[:, :, edges[j]:edges[j + 1]], blocks[j], out=partial[j])
+            logits[:, :, j:].add_(partial[j].view(n_models, b, n_heads - j, n_classes))
+        _ce_grad_(logits, onehot[idx].unsqueeze(1), _row_weights(mask, idx).t().view(n_models, b, 1, 1))
+        for j in range(n_heads):
+            torch.bmm(xg[:, :, edges[j]:edges[j + 1]].transpose(1, 2),
+                      logits[:, :, j:].reshape(n_models, b, -1), out=grads[j])
+        torch.sum(logits, dim=1, out=grads[-1])
         adam.step(grads, cosine_lr(lr, step, steps))
         if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
             progress(stage, done + step + 1, total)
-    biases = list(bias)
+    weights = [torch.cat([blocks[j][:, :, (f - j) * n_classes:(f - j + 1) * n_classes] for j in range(f + 1)], dim=1)
+               for f in range(n_heads)]
+    biases = [bias[:, f].contiguous() for f in range(n_heads)]
     return weights, biases, block
 
 
