@@ -155,6 +155,10 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         if cache.manifest["dataset"]["fingerprint"] != first.manifest["dataset"]["fingerprint"]:
             raise TrainError(f"feature caches {first.root} and {cache.root} hold different images; "
                              "extract every target size from the same dataset")
+    pre_logits = first.layout["pre_logits"]
+    if pre_logits not in {tap["name"] for tap in first.layout["taps"]}:
+        raise TrainError(f"feature cache {first.root} lacks the pre-logits tap {pre_logits!r}, which LINEAR and "
+                         f"the guard need; export with it (add --tap {pre_logits})")
     candidates: list[Candidate] = []
     cv_rows: dict[str, list[dict]] = {}
 
