@@ -64,3 +64,8 @@ def test_multi_caches_equal_single_export_caches(lite0, lite0_onnx, images, tmp_
     np.testing.assert_array_equal(again[64].features, caches[64].features)
     with pytest.raises(CacheError, match="export it again"):
         extract_features_multi(path, images, {2048: tmp_path / "m2048"}, batch_size=4)
+    # these caches lack the pre-logits: fitting them with the guard is an error naming the fix
+    from h2t_edge.train import TrainError, fit_target_sizes
+
+    with pytest.raises(TrainError, match="--tap pre_logits"):
+        fit_target_sizes(caches, tmp_path / "fit")
