@@ -31,7 +31,7 @@ import numpy as np
 
 from runtime.io import atomic_write_json
 
-from .errors import FitError
+from .errors import FitError, H2TEdgeError
 from .features import FeatureCache
 
 DIAGNOSE_FORMAT = "h2t-edge/nc1-diagnosis"
@@ -230,7 +230,10 @@ def _json_safe(value):
 
 def plot_diagnosis(result: Diagnosis, path: str | os.PathLike) -> Path:
     """NC1 across depth (log scale); with a task, HEAD2TOE's selected share per tap as bars."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise H2TEdgeError("the NC1 plot needs matplotlib: pip install -e '.[tasks]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
