@@ -240,11 +240,18 @@ def render_html(report: dict) -> str:
     settings = report["settings"]
     settings_rows += [(f"settings.{k}", k, json_text(settings[k])) for k in
                       ("backbone", "weights", "target_sizes", "guard", "train_images", "test_images", "dataset", "test")]
-    figures = [("Features selected per layer", "layers", figure_layers(report)),
-               ("CV accuracy against F, per target size and lambda", "cv-curves", figure_cv_curves(report)),
-               ("HEAD2TOE, LINEAR and HEAD2TOE+LINEAR", "methods", figure_methods(report))]
-    if report["confusion"] is not None:
-        figures.append(("Test confusion matrix", "confusion", figure_confusion(report)))
+    try:
+        import matplotlib  # noqa: F401  (the figures need it; the tables do not)
+    except ImportError:
+        figures, note = [], ("<p><b>No figures:</b> matplotlib is not installed "
+                             "(<code>pip install 'h2t-edge[train]'</code>); report.json has every number.</p>")
+    else:
+        note = ""
+        figures = [("Features selected per layer", "layers", figure_layers(report)),
+                   ("CV accuracy against F, per target size and lambda", "cv-curves", figure_cv_curves(report)),
+                   ("HEAD2TOE, LINEAR and HEAD2TOE+LINEAR", "methods", figure_methods(report))]
+        if report["confusion"] is not None:
+            figures.append(("Test confusion matrix", "confusion", figure_confusion(report)))
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>h2t-edge train report: {html.escape(report['task'])}</title>",
@@ -262,6 +269,7 @@ def render_html(report: dict) -> str:
         "<p>Candidates are cross-validated on the same folds; the best mean CV accuracy wins, so the chosen "
         "model is never below LINEAR <i>in CV</i>. HEAD2TOE+LINEAR always keeps the pre-logits (LINEAR's "
         "features) and adds HEAD2TOE's best-ranked others; it is not in the paper.</p>",
+        note,
         "<h2>Candidates</h2><table><tr><th>candidate</th><th>CV acc %</th><th>CV SE %</th><th>test acc %</th>"
         "<th>features</th><th>of</th><th>fit s</th></tr>", *rows, "</table>",
     ]
