@@ -81,6 +81,8 @@ def cli() -> None:
       h2t-edge fit     feats/train --out task/          # HEAD2TOE + LINEAR, with CV
       h2t-edge compile task/head2toe -o task.onnx       # one compact graph per task
       h2t-edge predict task.onnx images/                # numpy + ONNX Runtime only
+    Or all of it, with CV over the target size, in one command:
+      h2t-edge train   images/ -o task/ --test test-images/   # + report.html
     Or run everything on generated data with `h2t-edge demo`.
     """
 
