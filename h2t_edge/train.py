@@ -441,5 +441,6 @@ def summary_table(result: TrainReport) -> str:
         test = "–" if c.test_accuracy is None else f"{100 * c.test_accuracy:.1f}%"
         lines.append(f"{'*' if c.key == chosen else ' '} {c.key:<22} {100 * c.cv_accuracy:6.1f}% ± {100 * c.cv_se:4.1f} "
                      f"{test:>9} {c.n_features:>7,} / {c.candidates:<7,} {c.fit_seconds:>7.0f}")
-    lines.append("* chosen (best CV accuracy); HEAD2TOE+LINEAR: HEAD2TOE selection that always keeps the pre-logits")
+    lines.append("* chosen (best CV accuracy); HEAD2TOE+LINEAR: HEAD2TOE selection that always keeps the pre-logits; "
+                 "at one T both share one fit (fit s counts it once per row)")
     return "\n".join(lines)
