@@ -106,8 +106,10 @@ class RayBatches:
             model_ref = ray.put(model)
             shards = [[(b, batches[b]) for b in todo[i:i + self.shard_batches]]
                       for i in range(0, len(todo), self.shard_batches)]
-            cpus = ray.cluster_resources().get("CPU", 1)
-            count = max(1, min(len(shards), self.workers or int(cpus // self.cpus_per_worker) or 1))
+            # No more actors than the cluster can run at once: an actor still waiting for CPUs would
+            # hold its shard until the others finish, which they never do (actors keep their CPUs).
+            fits = max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_worker))
+            count = min(len(shards), self.workers or fits, fits)
             actor = ray.remote(num_cpus=self.cpus_per_worker)(_ShardWorker)
             threads = max(1, int(self.cpus_per_worker))
             pool = ActorPool([actor.remote(model_ref, job, threads) for _ in range(count)])
