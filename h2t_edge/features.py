@@ -30,7 +30,7 @@ from runtime.schema import validate
 
 from .datasets import ImageDataset
 from .errors import CacheError
-from .schemas import CACHE_MANIFEST, LAYOUT
+from .schemas import CACHE_MANIFEST, LAYOUT, MULTI_LAYOUT
 
 CACHE_FORMAT = "h2t-edge/feature-cache"
 LAYOUT_KEY = "h2t_edge.layout"
@@ -59,14 +59,17 @@ def read_layout(onnx_path: str | Path, session=None) -> dict:
             f"{onnx_path} has no h2t-edge feature layout in its metadata: "
             "export it with `h2t-edge export` first"
         )
-    fix = "export the backbone again with `h2t-edge export`"
+    return _metadata_json(onnx_path, meta, LAYOUT_KEY, LAYOUT, "export the backbone again with `h2t-edge export`")
+
+
+def _metadata_json(onnx_path, meta: dict, key: str, schema, fix: str):
+    """The JSON under metadata `key`, validated against `schema` (CacheError naming the ONNX file)."""
+    what = f"feature layout (metadata {key!r}) of"
     try:
-        layout = json.loads(meta[LAYOUT_KEY])
+        data = json.loads(meta[key])
     except (ValueError, RecursionError) as exc:
-        raise CacheError(f"feature layout (metadata {LAYOUT_KEY!r}) of {onnx_path} is not valid JSON ({exc}); "
-                         f"{fix}") from None
-    return validate(layout, LAYOUT, what=f"feature layout (metadata {LAYOUT_KEY!r}) of", source=onnx_path,
-                    error=CacheError, fix=fix)
+        raise CacheError(f"{what} {onnx_path} is not valid JSON ({exc}); {fix}") from None
+    return validate(data, schema, what=what, source=onnx_path, error=CacheError, fix=fix)
 
 
 @dataclass
@@ -193,7 +196,7 @@ def read_multi_layout(onnx_path: str | Path, session=None) -> dict:
     if MULTI_LAYOUT_KEY not in meta:
         raise CacheError(f"{onnx_path} is not a multi-target-size export (no {MULTI_LAYOUT_KEY} metadata); "
                          "export it with `exporters.multi_export.export_backbone_multi` or `h2t-edge train`")
-    return json.loads(meta[MULTI_LAYOUT_KEY])
+    return _metadata_json(onnx_path, meta, MULTI_LAYOUT_KEY, MULTI_LAYOUT, "export it again")
 
 
 @dataclass

@@ -58,6 +58,27 @@ LAYOUT = obj(
     rule=lambda v, where: _contiguous_taps(v, f"{where}." if where else ""),
 )
 
+
+def _multi_consistent(m: dict, where: str) -> None:
+    sizes = sorted(str(t) for t in m["target_sizes"])
+    if sorted(m["layouts"]) != sizes or sorted(m["outputs"]) != sizes:
+        raise SchemaMismatch("layouts", f"and 'outputs' must have one entry per target size {m['target_sizes']}")
+    for t in sizes:
+        if m["layouts"][t]["target_size"] != int(t) or len(m["outputs"][t]) != len(m["layouts"][t]["taps"]):
+            raise SchemaMismatch(f"layouts.{t}", "does not match its target size or its outputs")
+
+
+MULTI_LAYOUT = obj(  # exporters.multi_export: one single-T layout and the tap outputs per target size
+    {
+        "format": const("h2t-edge/multi-target-layout"),
+        "version": const(1),
+        "target_sizes": list_of(integer(min=1, max=MAX_FEATURES), min_len=1, unique=True),
+        "layouts": mapping_of(LAYOUT),
+        "outputs": mapping_of(list_of(string(), min_len=1)),
+    },
+    rule=_multi_consistent,
+)
+
 BACKBONE_IDENTITY = obj({"name": string(), "weights": string(), "onnx_sha256": sha256()})
 
 

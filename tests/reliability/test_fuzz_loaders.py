@@ -166,3 +166,29 @@ def test_layout_in_onnx_metadata(tiny_root, data):
             return extract_features(onnx_path, small, Path(tmp) / "cache", batch_size=2, dtype="float32")
 
         refused_or_sound(extract, str(onnx_path), _sound_cache)
+
+
+@FUZZ
+@given(data=st.data())
+def test_multi_target_layout_in_onnx_metadata(data):
+    """The multi-target-size export's metadata (exporters.multi_export): refused naming the file, or
+    one valid single-T layout and one output per tap for every target size."""
+    from h2t_edge.features import MULTI_LAYOUT_KEY, read_multi_layout
+    from tiny_backbone import tiny_backbone
+
+    multi = {"format": "h2t-edge/multi-target-layout", "version": 1, "backbone": "tiny", "target_sizes": [12, 48],
+             "layouts": {str(t): tiny_layout(t) for t in (12, 48)},
+             "outputs": {str(t): [f"pool{t}", "pre_logits"] for t in (12, 48)}}
+    model = tiny_backbone(48)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = MULTI_LAYOUT_KEY, data.draw(damaged_text(multi))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "multi.onnx"
+        path.write_bytes(model.SerializeToString())
+
+        def sound(m):
+            for t in m["target_sizes"]:
+                assert m["layouts"][str(t)]["target_size"] == t
+                assert len(m["outputs"][str(t)]) == len(m["layouts"][str(t)]["taps"])
+
+        refused_or_sound(lambda: read_multi_layout(path), str(path), sound)
