@@ -149,19 +149,28 @@ def measure_all(graphs: dict[str, Path], batch: int, repeat: int, rounds: int) -
                         "images_per_s": max(result["images_per_s"], old.get("images_per_s", 0)) if old else
                         result["images_per_s"],
                     }
-    rows = []
-    for (label, backend), result in best.items():
-        rows.append({"graph": label, "backend": backend, "bytes": graphs[label].stat().st_size, **result})
+    return [{"graph": label, "backend": backend, "bytes": graphs[label].stat().st_size, "path": str(graphs[label]),
+             **result} for (label, backend), result in best.items()]
+
+
+def derive(rows: list[dict]) -> list[dict]:
+    """Ratios against the plain backbone, and for the multi-task graphs the bytes each added task
+    costs over the previous (smaller) multi-task graph and the latency against the 1-task graph.
+    The 1 -> 3 step also adds backbone segments (the new tasks read deeper taps); 3 -> 10 does not."""
     for r in rows:
         base = next(b for b in rows if b["graph"] == PLAIN and b["backend"] == r["backend"])
         if "p50_ms" in r and "p50_ms" in base:
             r["latency_vs_backbone"] = r["p50_ms"] / base["p50_ms"]
             r["throughput_vs_backbone"] = r["images_per_s"] / base["images_per_s"]
+    multi = {}
     for r in rows:
-        if r["graph"].startswith("multi-task graph") and not r["graph"].endswith(" 1 task"):
-            n = int(r["graph"].split(",")[1].split()[0])
-            one = next(o for o in rows if o["graph"] == "multi-task graph, 1 task" and o["backend"] == r["backend"])
-            r["bytes_per_added_task"] = (r["bytes"] - one["bytes"]) / (n - 1)
+        if r["graph"].startswith("multi-task graph"):
+            multi.setdefault(r["backend"], []).append((int(r["graph"].split(",")[1].split()[0]), r))
+    for group in multi.values():
+        group.sort(key=lambda nr: nr[0])
+        one = group[0][1]
+        for (n_prev, prev), (n, r) in zip(group, group[1:]):
+            r["bytes_per_added_task"] = (r["bytes"] - prev["bytes"]) / (n - n_prev)
             if "p50_ms" in r and "p50_ms" in one:
                 r["latency_vs_one_task"] = r["p50_ms"] / one["p50_ms"]
     return rows
@@ -259,7 +268,7 @@ def targets(rows: list[dict]) -> list[dict]:
             continue
     plain = next(r for r in rows if r["graph"] == PLAIN)["bytes"]
     ten = next(r for r in rows if r["graph"].startswith("multi-task graph, 10"))
-    out.append({"target": "each added task <= 1% of the backbone's bytes (10-task graph)",
+    out.append({"target": "each added task <= 1% of the backbone's bytes (3 -> 10 tasks in one graph)",
                 "measured": f"{100 * ten['bytes_per_added_task'] / plain:.2f}%",
                 "met": ten["bytes_per_added_task"] <= 0.01 * plain})
     return out
@@ -272,12 +281,20 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=40, help="Timed batch-1 runs per case and round.")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--render", action="store_true", help="Only re-render deploy.md from deploy.json.")
     args = parser.parse_args()
+    results = Path(__file__).parent / "results"
+    if args.render:
+        data = json.loads((results / "deploy.json").read_text())
+        rows, meta = derive(data["rows"]), data["meta"]
+        meta["targets"] = targets(rows)
+        atomic_write_json(results / "deploy.json", {"meta": meta, "rows": rows})
+        atomic_write_text(results / "deploy.md", format_md(rows, meta) + "\n")
+        print((results / "deploy.md").read_text())
+        return
     work = Path(args.work)
     graphs, meta = prepare(work, args.n_train)
-    rows = measure_all(graphs, args.batch, args.repeat, args.rounds)
-    for r in rows:
-        r["path"] = str(graphs[r["graph"]])
+    rows = derive(measure_all(graphs, args.batch, args.repeat, args.rounds))
     h2t_label = next(g for g in graphs if g.startswith("HEAD2TOE task graph, CV"))
     meta.update({
         "machine": platform.machine(), "cpu_count": os.cpu_count(), "batch": args.batch, "rounds": args.rounds,
@@ -287,7 +304,6 @@ def main() -> None:
                     (("backbone", PLAIN), ("HEAD2TOE (CV F)", h2t_label), ("extraction", TAPS))},
     })
     meta["targets"] = targets(rows)
-    results = Path(__file__).parent / "results"
     atomic_write_json(results / "deploy.json", {"meta": meta, "rows": rows})
     atomic_write_text(results / "deploy.md", format_md(rows, meta) + "\n")
     print((results / "deploy.md").read_text())

@@ -21,7 +21,7 @@ from torch import nn
 from .backbones import Backbone, TapSpec
 from .errors import ExportError
 from .export import DEFAULT_OPSET, INPUT_NAME, TappedBackbone, check_probe, export_module
-from .pooling import tap_norm
+from .pooling import NORM_EPS, tap_norm
 
 OUTPUT_NAMES = ("probabilities", "logits")
 
@@ -91,20 +91,23 @@ class SelectedFeatures(nn.Module):
         self.taps: list[TapSpec] = taps
         self.tapped = TappedBackbone(backbone, taps, int(layout["target_size"]), layout.get("cls_token", "pool"),
                                      normalize=False)
-        for i, idx in enumerate(local):
-            self.register_buffer(f"index_{i}", torch.as_tensor(idx))
-        # Which tap each gathered feature comes from: expands the [B, taps] inverse norms to [B, K].
+        # One gather over the used taps' pooled features side by side (fewer, larger ops than one
+        # gather per tap: at batch 1 each graph node costs about as much as the data it moves).
+        sizes = [plan.features for plan in self.tapped.plans]
+        starts = np.cumsum([0] + sizes[:-1])
+        self.register_buffer("index", torch.as_tensor(np.concatenate([idx + s for idx, s in zip(local, starts)])))
+        # Which tap each gathered feature comes from: expands the [B, taps] norms to [B, K].
         owner = np.concatenate([np.full(len(idx), i) for i, idx in enumerate(local)])
         self.register_buffer("owner", torch.as_tensor(owner, dtype=torch.int64))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         pooled = self.tapped(images)
-        gathered = [p.index_select(1, getattr(self, f"index_{i}")) for i, p in enumerate(pooled)]
-        norms = torch.cat([tap_norm(p) for p in pooled], dim=1)
-        x = torch.cat(gathered, dim=1) if len(gathered) > 1 else gathered[0]
+        x = (torch.cat(pooled, dim=1) if len(pooled) > 1 else pooled[0]).index_select(1, self.index)
         if len(pooled) == 1:
-            return x / norms
-        return x / norms.index_select(1, self.owner)
+            return x / tap_norm(pooled[0])
+        # Clamped once for all taps, as `tap_norm` clamps each.
+        norms = torch.cat([torch.linalg.vector_norm(p, dim=1, keepdim=True) for p in pooled], dim=1)
+        return x / norms.clamp_min(NORM_EPS).index_select(1, self.owner)
 
 
 class TaskGraph(nn.Module):
