@@ -318,10 +318,17 @@ def main() -> None:
     parser.add_argument("--work-dir", default="/work/scratch/search/suite")
     parser.add_argument("--target-size", "-T", type=int, default=512)
     parser.add_argument("--minutes", type=float, default=19.0, help="start no new cell after this long")
+    parser.add_argument("--stop-at", default=None, metavar="HH:MM",
+                        help="also start no new cell after this UTC time (today)")
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     deadline = time.time() + 60 * args.minutes
+    if args.stop_at:
+        hours, minutes = (int(v) for v in args.stop_at.split(":"))
+        now = time.gmtime()
+        stop = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, hours, minutes, 0, 0, 0, 0)) - time.timezone
+        deadline = min(deadline, stop)
     tasks = _tasks(args.task)
     if args.phase == "fits":
         phase_fits(tasks, work, args.target_size, deadline)
@@ -329,6 +336,7 @@ def main() -> None:
         phase_search(tasks, work, args.target_size, deadline)
     elif args.phase == "all":
         phase_search(tasks, work, args.target_size, deadline)
+        phase_report(tasks, work, args.target_size)  # a partial report first, in case the piece is cut short
         phase_fits(tasks, work, args.target_size, deadline)
         phase_search(tasks, work, args.target_size, deadline)
         phase_report(tasks, work, args.target_size)
