@@ -2,6 +2,7 @@
 
     flock /work/coord/heavy.lock python benchmarks/soak.py            # 2 minutes, 4 threads
     python benchmarks/soak.py --graph task.onnx --seconds 600         # any compiled task graph
+    python benchmarks/soak.py --rate 1.5                               # paced, ~1/4 core, no lock needed
 
 Without --graph, a real-size task graph is compiled once (EfficientNet-Lite0 at T=512, a seeded
 random head over 1% of its features; the weights do not matter to a soak). Each of --threads
@@ -103,7 +104,8 @@ def image_pool(folder: Path, seed: int = 0) -> tuple[list[Path], list[Path]]:
     return good, broken
 
 
-def soak(graph: Path, seconds: float, threads: int, max_requests: int, warmup: float, seed: int) -> dict:
+def soak(graph: Path, seconds: float, threads: int, max_requests: int, warmup: float, seed: int,
+         rate: float | None = None) -> dict:
     work = Path(tempfile.mkdtemp(prefix="h2t-soak-"))
     good, broken = image_pool(work, seed)
     rng = random.Random(seed)
@@ -119,6 +121,7 @@ def soak(graph: Path, seconds: float, threads: int, max_requests: int, warmup: f
     lock = threading.Lock()
     stop = threading.Event()
     start = time.perf_counter()
+    schedule = {"next": start}  # with --rate, request k may start at start + k / rate
 
     def request(r: random.Random) -> tuple[int, int, int]:
         kind = r.random()
@@ -156,6 +159,12 @@ def soak(graph: Path, seconds: float, threads: int, max_requests: int, warmup: f
                 if counts["requests"] >= max_requests:
                     return
                 counts["requests"] += 1
+                at = max(schedule["next"], time.perf_counter())
+                schedule["next"] = at + (1 / rate if rate else 0)
+            if stop.wait(max(0.0, at - time.perf_counter())):
+                with lock:
+                    counts["requests"] -= 1  # never sent
+                return
             try:
                 images, skipped, raised = request(r)
             except Exception as exc:  # noqa: BLE001 - every unexpected failure is recorded
@@ -186,6 +195,7 @@ def soak(graph: Path, seconds: float, threads: int, max_requests: int, warmup: f
     slope = float(np.polyfit(t[after], rss[after], 1)[0] * 60) if after.sum() >= 3 else float("nan")
     return {
         "graph": str(graph), "graph_bytes": graph.stat().st_size, "threads": threads, "seconds": round(elapsed, 1),
+        "rate_limit_per_second": rate,
         "warmup_seconds": warmup, **counts, "failures": len(failures), "failure_examples": failures[:10],
         "requests_per_second": round(counts["requests"] / elapsed, 2),
         "rss_mib": {"start": round(float(rss[0]), 1), "after_warmup": round(float(rss[after][0]), 1),
@@ -210,7 +220,9 @@ def write_results(result: dict, bound: float) -> None:
     m = result["rss_mib"]
     (RESULTS / "soak.md").write_text(
         "# Soak: one Predictor, mixed concurrent requests\n\n"
-        f"{result['threads']} threads for {result['seconds']} s on {Path(result['graph']).name} "
+        f"{result['threads']} threads for {result['seconds']} s"
+        + (f" (paced: at most {result['rate_limit_per_second']} requests/s)" if result["rate_limit_per_second"] else "")
+        + f" on {Path(result['graph']).name} "
         f"({result['graph_bytes'] / 1e6:.1f} MB, onnxruntime CPU, 1 intra-op thread), {result['machine']['cpus']} CPUs.\n\n"
         "| requests | images | req/s | unexpected errors | expected skips | expected raises | inexact | RSS start | "
         "RSS after warm-up | RSS end | RSS max | growth after warm-up (bound) | slope |\n"
@@ -231,6 +243,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=20)
     parser.add_argument("--rss-bound-mib", type=float, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate", type=float, default=None,
+                        help="Cap on requests per second over all threads (a paced soak on a shared machine).")
     parser.add_argument("--compile-to", help=argparse.SUPPRESS)  # internal: compile the default graph, exit
     args = parser.parse_args()
     if args.compile_to:
@@ -242,7 +256,7 @@ def main() -> None:
         out = Path(tempfile.mkdtemp(prefix="h2t-soak-graph-"))
         subprocess.run([sys.executable, __file__, "--compile-to", str(out)], check=True)
         graph = out / "soak_task.onnx"
-    result = soak(graph, args.seconds, args.threads, args.max_requests, args.warmup, args.seed)
+    result = soak(graph, args.seconds, args.threads, args.max_requests, args.warmup, args.seed, args.rate)
     write_results(result, args.rss_bound_mib)
     print((RESULTS / "soak.md").read_text())
     if not result["passed"]:
