@@ -137,8 +137,11 @@ class MultiTaskGraph(nn.Module):
         self.features = SelectedFeatures(backbone, layout, union)
         self.taps = self.features.taps
         self.n = len(heads)
+        # A head that reads every selected feature (one task alone) needs no gather of its columns.
+        self.gathers = []
         for i, h in enumerate(heads):
             columns = np.searchsorted(union, np.asarray(h.features, dtype=np.int64))
+            self.gathers.append(len(columns) != len(union))
             self.register_buffer(f"columns_{i}", torch.as_tensor(columns, dtype=torch.int64))
             self.register_buffer(f"weight_{i}", torch.as_tensor(np.asarray(h.weight, dtype=np.float32)))
             self.register_buffer(f"bias_{i}", torch.as_tensor(np.asarray(h.bias, dtype=np.float32)))
@@ -146,8 +149,9 @@ class MultiTaskGraph(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.features(images)
         return tuple(
-            x.index_select(1, getattr(self, f"columns_{i}")) @ getattr(self, f"weight_{i}") + getattr(self, f"bias_{i}")
-            for i in range(self.n)
+            (x.index_select(1, getattr(self, f"columns_{i}")) if gather else x) @ getattr(self, f"weight_{i}")
+            + getattr(self, f"bias_{i}")
+            for i, gather in enumerate(self.gathers)
         )
 
 

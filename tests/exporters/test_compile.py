@@ -104,3 +104,17 @@ def test_multitask_graph_refuses_clashing_names(lite0, lite0_onnx):
         compile_multitask_graph(lite0, layout, [HeadSpec("images", head.features, head.weight, head.bias)])
     with pytest.raises(ExportError, match="shapes do not agree"):
         HeadSpec("b", np.array([3, 4]), np.ones((1, 2), np.float32), np.zeros(2, np.float32))
+
+
+def test_multitask_graph_with_one_task(lite0, lite0_onnx):
+    from exporters.compile import HeadSpec, compile_multitask_graph
+
+    path, layout = lite0_onnx
+    rng = np.random.default_rng(2)
+    features = _selection(layout, {"stem", "blocks.0.0"}, 25, rng)
+    head = HeadSpec("only", features, rng.normal(size=(len(features), 4)).astype(np.float32), np.ones(4, np.float32))
+    model, _ = compile_multitask_graph(lite0, layout, [head])
+    x = rng.normal(size=(2, 3, 224, 224)).astype(np.float32)
+    _, (logits,) = _run(model, x)
+    _, taps = _run(str(path), x)
+    np.testing.assert_allclose(logits, np.concatenate(taps, axis=1)[:, features] @ head.weight + 1, atol=1e-4)
