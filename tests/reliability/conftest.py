@@ -11,13 +11,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))  # tiny_task
 
-from tiny_backbone import write_backbone, write_image_folder  # noqa: E402
+from tiny_backbone import TINY_GRID, write_backbone, write_image_folder  # noqa: E402
 from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, task_sidecar_dict  # noqa: E402
 
-from h2t_edge.select import SearchGrid  # noqa: E402
 from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
-
-TINY_GRID = SearchGrid(lrs=(0.1,), steps=(30,), l21s=(1e-3,), fractions=(0.1, 0.5), folds=2, batch_size=8)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import TINY_GRID
+from tiny_backbone import TINY_GRID
 from tiny_backbone import write_backbone
 
 from h2t_edge import evaluate

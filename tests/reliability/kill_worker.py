@@ -80,7 +80,7 @@ def main() -> None:
         extract_features(args["onnx"], from_folder(args["images"]), args["cache"], batch_size=args["batch_size"],
                          dtype="float32", on_error="skip")
     elif step == "fit":
-        from conftest import TINY_GRID
+        from tiny_backbone import TINY_GRID
 
         from h2t_edge.pipeline import fit_step
 

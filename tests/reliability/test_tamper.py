@@ -143,7 +143,7 @@ def test_head_and_cache_of_other_target_sizes_do_not_mix(tiny_root, tmp_path):
 def test_fit_resume_refits_when_the_cache_changed(tiny_root, tmp_path):
     """A resumed fit keeps a head only if it came from the same cache: after re-extracting (here as
     float16) the heads in OUT are refitted, not silently reused."""
-    from conftest import TINY_GRID
+    from tiny_backbone import TINY_GRID
 
     out = tmp_path / "task"
     fit_step(tiny_root["cache"], out, grid=TINY_GRID, methods=("LINEAR",))

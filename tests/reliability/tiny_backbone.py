@@ -17,12 +17,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from h2t_edge.select import SearchGrid
 from runtime.preprocess import PreprocessConfig
 
 PREPROCESS = PreprocessConfig(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                               interpolation="bilinear", crop_pct=1.0)
 TARGET_SIZES = (12, 48)  # 3 * (16 / kernel)^2 for kernels 8 and 4
 PRE_LOGITS = 8
+# A fit grid that fits the tiny task in about a second.
+TINY_GRID = SearchGrid(lrs=(0.1,), steps=(30,), l21s=(1e-3,), fractions=(0.1, 0.5), folds=2, batch_size=8)
 
 
 def tiny_layout(target_size: int) -> dict:
