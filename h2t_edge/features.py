@@ -26,7 +26,7 @@ import numpy as np
 from runtime.errors import ImageError
 from runtime.io import FileLock, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
-from runtime.schema import validate
+from runtime.schema import content_sha256, validate
 
 from .datasets import ImageDataset
 from .errors import CacheError
@@ -132,8 +132,20 @@ class FeatureCache:
 def read_manifest(root: str | Path) -> dict:
     """The validated `manifest.json` of the cache at `root` (CacheError naming the file and field otherwise)."""
     path = Path(root) / "manifest.json"
-    return validate(read_json(path, "feature cache manifest"), CACHE_MANIFEST, what="feature cache manifest",
-                    source=path, error=CacheError, fix="delete the cache and extract again (or pass --overwrite)")
+    fix = "delete the cache and extract again (or pass --overwrite)"
+    manifest = validate(read_json(path, "feature cache manifest"), CACHE_MANIFEST, what="feature cache manifest",
+                        source=path, error=CacheError, fix=fix)
+    # Caches written before manifests were signed have no content_sha256; they are read as they are.
+    if "content_sha256" in manifest and content_sha256(manifest, "content_sha256") != manifest["content_sha256"]:
+        raise CacheError(f"feature cache manifest {path} was changed after it was written (its content does not "
+                         f"match its content_sha256); {fix}")
+    return manifest
+
+
+def write_manifest(root: str | Path, manifest: dict) -> None:
+    """Write `root/manifest.json` atomically, signed with `content_sha256` (set in `manifest` too)."""
+    manifest["content_sha256"] = content_sha256(manifest, "content_sha256")
+    atomic_write_json(Path(root) / "manifest.json", manifest)
 
 
 def cache_lock(root: str | Path) -> FileLock:
@@ -236,14 +248,14 @@ class _CacheWriter:
         _save_npy(self.root / "valid.npy", self.valid)
         if errors:
             self.manifest["skipped"] = sorted(self.skipped.values(), key=lambda s: s["index"])
-            atomic_write_json(self.root / "manifest.json", self.manifest)
+            write_manifest(self.root, self.manifest)
         self.done[b] = True
         _save_npy(self.root / "progress.npy", self.done)
 
     def finish(self) -> None:
         self.features = None
         self.manifest["complete"] = True
-        atomic_write_json(self.root / "manifest.json", self.manifest)
+        write_manifest(self.root, self.manifest)
 
 
 @dataclass(frozen=True)
@@ -432,7 +444,7 @@ def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) ->
     _save_npy(root / "valid.npy", np.zeros(n, dtype=bool))
     done = np.zeros(n_batches, dtype=bool)
     _save_npy(root / "progress.npy", done)
-    atomic_write_json(manifest_path, {**header, "skipped": [], "complete": False})
+    write_manifest(root, {**header, "skipped": [], "complete": False})
     return done
 
 

@@ -110,6 +110,7 @@ CACHE_MANIFEST = obj(
         "skipped": list_of(obj({"index": integer(min=0), "path": string(), "error": string(nonempty=False)})),
         "complete": boolean(),
     },
+    {"content_sha256": sha256()},
     rule=_manifest_rows,
 )
 

@@ -33,6 +33,16 @@ def task_dir(tiny_root, tmp_path):
     return path
 
 
+def test_changed_cache_manifest_is_refused(tiny_root, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_root["cache"], cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["classes"] = manifest["classes"][::-1]  # valid, and every label would be wrong
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match=f"{cache / 'manifest.json'} was changed after it was written"):
+        FeatureCache.open(cache)
+
+
 def test_changed_head_is_refused(task_dir):
     blob = bytearray((task_dir / "head.safetensors").read_bytes())
     blob[-3] ^= 0x01  # one bit of one weight
