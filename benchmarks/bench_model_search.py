@@ -77,33 +77,45 @@ def _task_features(work: Path, task: str, backbone: str, target_size: int):
     return onnx, _features(work, backbone, target_size, onnx, build_task(task, None, 0), 32, _log)
 
 
-def phase_search(tasks: list[str], work: Path, target_size: int, deadline: float) -> None:
+def phase_search(tasks: list[str], work: Path, target_size: int, deadline: float,
+                 proxies: tuple[str, ...] | None = None, latency: bool = True) -> None:
     """Proxies of every backbone on every task's training features (timed), and each backbone's
-    batch-1 latency on ONNX Runtime (the graph the search extracts with)."""
+    batch-1 latency on ONNX Runtime (the graph the search extracts with). Only what is missing is
+    computed; each cell is merged into WORK/proxies.json as it ends."""
+    from h2t_edge.evaluate import load_results
     from h2t_edge.search import PROXIES, measure_latency, proxy_scores
 
-    from h2t_edge.evaluate import load_results
-
+    proxies = tuple(proxies or PROXIES)
     path = work / "proxies.json"
-    store = read_json(path, "proxy results") if path.exists() else {"proxies": {}, "latency": {}}
     # only cells whose fits are done: the fits phase times the extraction, which must not be cached before it
     fitted = {(r["task"], r["backbone"]) for r in load_results(work / "evals.json") if r["method"] == "HEAD2TOE"}
     for task in tasks:
         for backbone in BACKBONES:
             key = f"{task}/{backbone}/T{target_size}"
-            if key in store["proxies"] or (task, backbone) not in fitted:
+            store = _read(path, {"proxies": {}, "latency": {}})
+            cell = store["proxies"].get(key, {"scores": {}, "seconds": {}})
+            todo = [p for p in proxies if p not in cell["scores"]]
+            if (task, backbone) not in fitted or (not todo and (not latency or backbone in store["latency"])):
                 continue
             if time.time() > deadline:
                 _log("time is up; rerun to continue")
                 return
             onnx, feats = _task_features(work, task, backbone, target_size)
-            x, y = feats.train.arrays()
-            scores, seconds = proxy_scores(x, y, feats.pre_logits(), tuple(PROXIES))
-            store["proxies"][key] = {"scores": scores, "seconds": seconds}
-            _log(f"{key}: " + ", ".join(f"{p} {100 * v:.1f}% ({seconds[p]:.1f} s)" for p, v in scores.items()))
-            if backbone not in store["latency"]:
-                store["latency"][backbone] = measure_latency(onnx, "onnxruntime", "fp32", warmup=10, repeat=50)
-                _log(f"{backbone}: batch-1 p50 {store['latency'][backbone].get('p50_ms')} ms")
+            if todo:
+                x, y = feats.train.arrays()
+                scores, seconds = proxy_scores(x, y, feats.pre_logits(), todo)
+                _log(f"{key}: " + ", ".join(f"{p} {100 * v:.1f}% ({seconds[p]:.1f} s)" for p, v in scores.items()))
+            lat = None
+            if latency and backbone not in store["latency"]:
+                lat = measure_latency(onnx, "onnxruntime", "fp32", warmup=10, repeat=50)
+                _log(f"{backbone}: batch-1 p50 {lat.get('p50_ms')} ms")
+            store = _read(path, {"proxies": {}, "latency": {}})  # merge: another piece may have written
+            cell = store["proxies"].setdefault(key, {"scores": {}, "seconds": {}})
+            if todo:
+                cell["scores"].update(scores)
+                cell["seconds"].update(seconds)
+            if lat is not None:
+                store["latency"][backbone] = lat
             atomic_write_json(path, store)
 
 
@@ -139,7 +151,8 @@ def build_report(tasks: list[str], work: Path, target_size: int) -> dict:
     out_tasks, missing = [], []
     for task in tasks:
         keys = [f"{task}/{b}/T{target_size}" for b in BACKBONES]
-        if not all(k in store["proxies"] for k in keys) or not all(
+        available = tuple(p for p in PROXIES if all(p in store["proxies"].get(k, {}).get("scores", {}) for k in keys))
+        if not available or not all(
                 (task, b, m) in records for b in BACKBONES for m in ("LINEAR", "HEAD2TOE")):
             missing.append(task)
             continue
@@ -156,21 +169,25 @@ def build_report(tasks: list[str], work: Path, target_size: int) -> dict:
                          "linear_fit_seconds": lin["fit_seconds"], "train_extract_seconds": train_extract})
             cands.append(Candidate(b, "bundled", spec.imagenet_top1, spec.imagenet_top1_source,
                                    scores=store["proxies"][key]["scores"]))
-        picks = strategies(cands, tuple(PROXIES), budget=2)
+        picks = strategies(cands, available, budget=2)
         oracle = add_regrets(picks, {r["backbone"]: r["head2toe_test"] for r in rows})
         correlations = {}
         for target in ("head2toe_test", "linear_test"):
             truth = [r[target] for r in rows]
             for p in predictors:
+                if p != AGNOSTIC and p not in available:
+                    correlations[f"{p}|{target}"] = {"spearman": None, "kendall": None}
+                    continue
                 pred = [r["imagenet_top1"] if p == AGNOSTIC else r["scores"][p] for r in rows]
                 rho, tau = _spearman_kendall(pred, truth)
                 correlations[f"{p}|{target}"] = {"spearman": rho, "kendall": tau}
         extract = sum(r["train_extract_seconds"] or 0.0 for r in rows)
         search_s = extract + sum(sum(r["seconds"].values()) for r in rows)
         fit_all_s = extract + sum(r["head2toe_fit_seconds"] for r in rows)
-        hybrid = next(x for x in picks if x["strategy"] == "hybrid_linear")
+        hybrid = next(x for x in picks if x["strategy"] == f"hybrid_{'linear' if 'linear' in available else available[0]}")
         hybrid_s = search_s + sum(r["head2toe_fit_seconds"] for r in rows if r["backbone"] in hybrid["picks"])
-        out_tasks.append({"task": task, "backbones": rows, "strategies": picks, "oracle": oracle,
+        out_tasks.append({"task": task, "proxies": list(available), "hybrid_timed": hybrid["strategy"],
+                          "backbones": rows, "strategies": picks, "oracle": oracle,
                           "best": max(rows, key=lambda r: r["head2toe_test"])["backbone"],
                           "correlations": correlations,
                           "seconds": {"train_extraction": extract, "proxies": search_s - extract, "search": search_s,
@@ -184,10 +201,10 @@ def build_report(tasks: list[str], work: Path, target_size: int) -> dict:
                 "spearman": _mean(v["spearman"] for v in vals), "kendall": _mean(v["kendall"] for v in vals),
                 "defined_on": sum(v["spearman"] is not None for v in vals)}
     if out_tasks:
-        for i, row in enumerate(out_tasks[0]["strategies"]):
-            name = f"{row['strategy']}@{row['budget']}"
-            regrets = [t["strategies"][i]["regret"] for t in out_tasks]
-            summary["regret"][name] = {"mean": _mean(regrets), "max": max(regrets),
+        names = dict.fromkeys(f"{r['strategy']}@{r['budget']}" for t in out_tasks for r in t["strategies"])
+        for name in names:
+            regrets = [r["regret"] for t in out_tasks for r in t["strategies"] if f"{r['strategy']}@{r['budget']}" == name]
+            summary["regret"][name] = {"mean": _mean(regrets), "max": max(regrets), "tasks": len(regrets),
                                        "zero_on": sum(r == 0 for r in regrets)}
         for k in out_tasks[0]["seconds"]:
             summary["seconds"][k] = float(sum(t["seconds"][k] for t in out_tasks))
@@ -219,6 +236,8 @@ def report_markdown(data: dict) -> str:
              f"pooled features (what HEAD2TOE selects from). Latency: {meta['latency']}. {meta['cpu_count']} CPU "
              f"cores, {meta['date']}.", "",
              f"Tasks covered: {', '.join(s['tasks']) or 'none'}."
+             + "".join(f" {t['task']}: proxies {', '.join(t['proxies'])} only." for t in data["tasks"]
+                       if len(t["proxies"]) < len(PROXIES))
              + (f" Not covered (not finished in the time of the session): {', '.join(s['missing_tasks'])}."
                 if s["missing_tasks"] else ""), ""]
     lines += ["## Rank correlation of each predictor with the backbones' accuracy", "",
@@ -236,15 +255,15 @@ def report_markdown(data: dict) -> str:
               "proxy's best other one.", "",
               "| strategy | B | " + " | ".join(s["tasks"]) + " | mean | max | zero regret on |",
               "|---|---:|" + "---:|" * (len(s["tasks"]) + 3)]
-    for i, row in enumerate(data["tasks"][0]["strategies"] if data["tasks"] else []):
-        name = f"{row['strategy']}@{row['budget']}"
+    for name, sm in s["regret"].items():
+        strategy, budget = name.split("@")
         cells = []
         for t in data["tasks"]:
-            r = t["strategies"][i]
-            cells.append(f"{_pct(r['regret'])} ({'/'.join(x.replace('efficientnet_', '').replace('_100', '') for x in r['picks'])})")
-        sm = s["regret"][name]
-        lines.append(f"| {row['strategy']} | {row['budget']} | " + " | ".join(cells)
-                     + f" | **{_pct(sm['mean'])}** | {_pct(sm['max'])} | {sm['zero_on']}/{len(data['tasks'])} |")
+            r = next((r for r in t["strategies"] if f"{r['strategy']}@{r['budget']}" == name), None)
+            short = "" if r is None else "/".join(x.replace("efficientnet_", "").replace("_100", "") for x in r["picks"])
+            cells.append("–" if r is None else f"{_pct(r['regret'])} ({short})")
+        lines.append(f"| {strategy} | {budget} | " + " | ".join(cells)
+                     + f" | **{_pct(sm['mean'])}** | {_pct(sm['max'])} | {sm['zero_on']}/{sm['tasks']} |")
     lines += ["", "## Per task and backbone (%)", "",
               "| task | backbone | ImageNet top-1 | kNN | linear | kNN all | linear all | LINEAR test | HEAD2TOE test "
               "| HEAD2TOE fit s | p50 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -252,15 +271,17 @@ def report_markdown(data: dict) -> str:
         for r in t["backbones"]:
             sc = r["scores"]
             best = "**" if r["backbone"] == t["best"] else ""
-            lines.append(f"| {t['task']} | {r['backbone']} | {r['imagenet_top1']} | {_pct(sc['knn'])} | "
-                         f"{_pct(sc['linear'])} | {_pct(sc['knn_all'])} | {_pct(sc['linear_all'])} | "
+            lines.append(f"| {t['task']} | {r['backbone']} | {r['imagenet_top1']:.1f} | {_pct(sc.get('knn'))} | "
+                         f"{_pct(sc.get('linear'))} | {_pct(sc.get('knn_all'))} | {_pct(sc.get('linear_all'))} | "
                          f"{_pct(r['linear_test'])} | {best}{_pct(r['head2toe_test'])}{best} | "
                          f"{r['head2toe_fit_seconds']:.0f} | "
                          + ("–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}") + " |")
     lines += ["", "## Search time against fitting every backbone (seconds, 2-core CPU)", "",
-              "search = extraction of the training images + all four proxies, for every backbone; fit every "
+              "search = extraction of the training images + the task's proxies, for every backbone; fit every "
               "backbone = the same extraction + a quick-grid HEAD2TOE fit per backbone; search + hybrid = the "
-              "search plus the HEAD2TOE fits of the hybrid (linear) picks. Train extraction time is the measured "
+              "search plus the HEAD2TOE fits of the hybrid picks (linear proxy where it ran, else kNN). Fit "
+              "seconds come from the fits phase, run under the shared lock but with other jobs running "
+              "outside it on some cells, so they vary 3-8x between like cells. Train extraction time is the measured "
               "train+test extraction scaled by the share of training images.", "",
               "| task | extraction | proxies | search | search + hybrid fits | fit every backbone | search / fit all |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -288,14 +309,18 @@ def verdict(data: dict) -> str:
     multi = [p for p in PROXIES if PROXIES[p][1] == "all"]
     best_pre = max(pre, key=lambda p: -2 if rho(p) is None else rho(p))
     best_multi = max(multi, key=lambda p: -2 if rho(p) is None else rho(p))
-    reg = {p: s["regret"][f"{p}@1"]["mean"] for p in PROXIES}
-    better = (rho(best_multi) or -2) > (rho(best_pre) or -2)
+    reg = {p: s["regret"].get(f"{p}@1", {}).get("mean") for p in PROXIES}
+    corr_better = (rho(best_multi) or -2) > (rho(best_pre) or -2)
+    regret_better = reg[best_multi] is not None and reg[best_pre] is not None and reg[best_multi] <= reg[best_pre]
     return (f"On {len(data['tasks'])} task(s), the best multi-layer proxy ({PROXIES[best_multi][0]}) has a mean "
             f"Spearman correlation with HEAD2TOE test accuracy of {_corr(rho(best_multi))} against "
             f"{_corr(rho(best_pre))} for the best pre-logits proxy ({PROXIES[best_pre][0]}); mean regret of its "
             f"B = 1 pick {_pct(reg[best_multi])} points against {_pct(reg[best_pre])}. "
             + ("So on these tasks the multi-layer proxy predicts HEAD2TOE accuracy better than the paper's "
-               "pre-logits proxies." if better else
+               "pre-logits proxies, by both measures." if corr_better and regret_better else
+               "The two measures disagree (rank correlation over all four backbones against the regret of the "
+               "top pick), so these tasks do not show that the multi-layer proxy predicts HEAD2TOE accuracy "
+               "better than the paper's pre-logits proxies." if corr_better or regret_better else
                "So on these tasks the multi-layer proxy does not predict HEAD2TOE accuracy better than the "
                "paper's pre-logits proxies.")
             + " With 4 backbones and few tasks this is weak evidence either way.")
@@ -317,6 +342,8 @@ def main() -> None:
     parser.add_argument("--task", action="append", help="only these tasks (repeatable); default: every installed one")
     parser.add_argument("--work-dir", default="/work/scratch/search/suite")
     parser.add_argument("--target-size", "-T", type=int, default=512)
+    parser.add_argument("--proxies", default=None, help="search phase: comma-separated subset (default: all)")
+    parser.add_argument("--no-latency", action="store_true", help="search phase: skip the latency measurement")
     parser.add_argument("--minutes", type=float, default=19.0, help="start no new cell after this long")
     parser.add_argument("--stop-at", default=None, metavar="HH:MM",
                         help="also start no new cell after this UTC time (today)")
@@ -333,7 +360,8 @@ def main() -> None:
     if args.phase == "fits":
         phase_fits(tasks, work, args.target_size, deadline)
     elif args.phase == "search":
-        phase_search(tasks, work, args.target_size, deadline)
+        phase_search(tasks, work, args.target_size, deadline,
+                     tuple(args.proxies.split(",")) if args.proxies else None, not args.no_latency)
     elif args.phase == "all":
         phase_search(tasks, work, args.target_size, deadline)
         phase_report(tasks, work, args.target_size)  # a partial report first, in case the piece is cut short
