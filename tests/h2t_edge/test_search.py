@@ -176,6 +176,7 @@ def tiny_dataset(tmp_path_factory):
 POOL = "test_efficientnet,test_resnet"  # tiny timm models with automatic taps, random weights
 
 
+@pytest.mark.slow
 def test_budget_drops_slow_backbones_before_extraction(tiny_dataset, tmp_path, monkeypatch):
     latencies = {"test_efficientnet": 2.0, "test_resnet": 50.0}
     monkeypatch.setattr(search, "measure_latency",
