@@ -173,6 +173,7 @@ def derive(rows: list[dict]) -> list[dict]:
             r["bytes_per_added_task"] = (r["bytes"] - prev["bytes"]) / (n - n_prev)
             if "p50_ms" in r and "p50_ms" in one:
                 r["latency_vs_one_task"] = r["p50_ms"] / one["p50_ms"]
+                r["latency_vs_previous"] = r["p50_ms"] / prev["p50_ms"]
     return rows
 
 
@@ -263,7 +264,9 @@ def targets(rows: list[dict]) -> list[dict]:
                         "measured": f"{taps['throughput_vs_backbone']:.2f}x", "met": taps["throughput_vs_backbone"] >= 0.9})
             ten = get("multi-task graph, 10", backend)
             out.append({"target": f"10 tasks <= 1.10x one task's latency, {backend}",
-                        "measured": f"{ten['latency_vs_one_task']:.2f}x", "met": ten["latency_vs_one_task"] <= 1.10})
+                        "measured": f"{ten['latency_vs_one_task']:.2f}x ({ten['latency_vs_previous']:.2f}x the 3-task "
+                                    "graph, which runs the same backbone depth)",
+                        "met": ten["latency_vs_one_task"] <= 1.10})
         except (StopIteration, KeyError):
             continue
     plain = next(r for r in rows if r["graph"] == PLAIN)["bytes"]
