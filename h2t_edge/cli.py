@@ -16,6 +16,7 @@ import click
 
 from exporters.errors import ExportError
 from runtime.errors import H2TRuntimeError
+from runtime.preprocess import MAX_IMAGE_PIXELS_ENV
 
 from .errors import H2TEdgeError
 from .progress import StageBars
@@ -71,7 +72,10 @@ def _backend_options(backend: str, precision: str) -> dict:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="h2t-edge")
-def cli() -> None:
+@click.option("--max-image-pixels", type=click.IntRange(1), default=None, metavar="PIXELS",
+              help="Largest image (width x height) any command decodes; bigger files are refused as possible "
+                   "decompression bombs. Default: $H2T_EDGE_MAX_IMAGE_PIXELS, else 89,478,485 (Pillow's).")
+def cli(max_image_pixels: int | None) -> None:
     """Head2Toe transfer learning for edge devices.
 
     \b
@@ -85,6 +89,9 @@ def cli() -> None:
       h2t-edge train   images/ -o task/ --test test-images/   # + report.html
     Or run everything on generated data with `h2t-edge demo`.
     """
+    if max_image_pixels is not None:
+        # the environment variable (not a module global) so Ray workers and subprocesses see it too
+        os.environ[MAX_IMAGE_PIXELS_ENV] = str(max_image_pixels)
 
 
 @cli.command()
@@ -313,8 +320,18 @@ def compile_(task_dirs, output, weights) -> None:
     With several TASK_DIRS (fitted on the same exported backbone) the graph runs the backbone once
     and has one logits output per task, named after it."""
     from .deploy import compile_tasks_step
+    from .finetune import compile_finetuned_step, is_finetuned_task
     from .pipeline import compile_step
 
+    tuned = [d for d in task_dirs if is_finetuned_task(d)]
+    if tuned and len(task_dirs) > 1:
+        raise click.UsageError(f"{tuned[0]} is a fine-tuned task: its backbone differs from the shared one, so it "
+                               "cannot join a multi-task graph; compile it on its own")
+    if tuned:
+        path, size, summary = compile_finetuned_step(tuned[0], output, weights)
+        click.echo(f"wrote {path} ({size / 1e6:.2f} MB) and {path.with_suffix('.json').name}: "
+                   f"block {summary.layer} tuned, {summary.task_bytes / 1e6:.2f} MB per task")
+        return
     if len(task_dirs) == 1:
         report = compile_step(task_dirs[0], output, weights)
     else:

@@ -33,6 +33,7 @@ from runtime.io import atomic_write_json
 
 from .errors import FitError, H2TEdgeError
 from .features import FeatureCache
+from .plots import save_figure
 
 DIAGNOSE_FORMAT = "h2t-edge/nc1-diagnosis"
 
@@ -256,11 +257,4 @@ def plot_diagnosis(result: Diagnosis, path: str | os.PathLike) -> Path:
     if result.spearman_nc1_vs_share is not None:
         title += f"\nSpearman(NC1, selected share) = {result.spearman_nc1_vs_share:+.2f}"
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -23,6 +23,7 @@ classes, preprocessing, backbone identity and probe, config, report, sha256 of t
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import time
@@ -32,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256, read_json
+from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, file_sha256, read_json
+from runtime.schema import content_sha256
 
 from .datasets import ImageDataset
 from .errors import FitError, TaskArtifactError
@@ -337,6 +339,15 @@ def finetune_step(
     return FineTuneReport(result, Path(out), prefix_seconds, trained["seconds"], result.task_bytes, accuracy)
 
 
+def is_finetuned_task(task_dir: str | os.PathLike) -> bool:
+    """True when TASK_DIR/task.json is a fine-tuned task (as opposed to a frozen-backbone head)."""
+    try:
+        meta = read_json(Path(task_dir) / "task.json", "task")
+    except Exception:  # noqa: BLE001 - unreadable: let the real loader name the problem
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FINETUNED_FORMAT
+
+
 def compile_finetuned_step(task_dir: str | os.PathLike, out: str | os.PathLike, weights: str | None = None):
     """Compile a fine-tuned task into OUT.onnx + OUT.json (the runtime's sidecar), through the same
     `export_module` as `h2t-edge compile`. Returns (path, onnx bytes, FineTunedSummary)."""
@@ -353,13 +364,16 @@ def compile_finetuned_step(task_dir: str | os.PathLike, out: str | os.PathLike, 
     path = Path(out)
     if path.suffix != ".onnx":
         path = path.with_suffix(".onnx")
-    atomic_write_bytes(path, model.SerializeToString())
-    atomic_write_json(path.with_suffix(".json"), {
+    blob = model.SerializeToString()
+    sidecar = {
         "format": "h2t-edge/task-graph", "version": 1, "task": task.task, "method": task.method,
         "classes": task.classes, "preprocess": task.preprocess, "input": "images",
         "outputs": {"probabilities": OUTPUT_NAMES[0], "logits": OUTPUT_NAMES[1]},
         "backbone": {"name": task.backbone["name"], "weights": task.backbone["weights"]},
-        "graph_sha256": file_sha256(path), "tuned_layer": task.layer, "task_bytes": summary.task_bytes,
-        "tuned_parameters": summary.tuned_parameters,
-    })
+        "graph_sha256": hashlib.sha256(blob).hexdigest(), "tuned_layer": task.layer,
+        "task_bytes": summary.task_bytes, "tuned_parameters": summary.tuned_parameters,
+    }
+    sidecar["content_sha256"] = content_sha256(sidecar, "content_sha256")  # edits are refused at load
+    # Both staged before either replaces an old one: a failed write keeps the previous pair.
+    atomic_write_files({path: blob, path.with_suffix(".json"): (json.dumps(sidecar, indent=2) + "\n").encode()})
     return path, path.stat().st_size, summary

@@ -127,3 +127,16 @@ def test_finetune_compile_predict_cli_matches_torch(tmp_path):
 
     result = runner.invoke(cli, ["predict", str(tmp_path / "task.onnx"), str(data / "red"), "--format", "json"])
     assert result.exit_code == 0, result.output
+
+    # `h2t-edge compile` recognises a fine-tuned task: the same graph as `finetune --compile`, a signed sidecar
+    result = runner.invoke(cli, ["compile", str(tmp_path / "task"), "-o", str(tmp_path / "again.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "block blocks.6.0 tuned" in result.output
+    assert (tmp_path / "again.onnx").read_bytes() == (tmp_path / "task.onnx").read_bytes()
+    from runtime.schema import content_sha256
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["content_sha256"] == content_sha256(again, "content_sha256")
+    # ... and refuses to put it in a multi-task graph (its backbone is not the shared one)
+    result = runner.invoke(cli, ["compile", str(tmp_path / "task"), str(tmp_path / "task"), "-o",
+                                 str(tmp_path / "multi.onnx")])
+    assert result.exit_code == 2 and "fine-tuned task" in result.output

@@ -268,3 +268,26 @@ def test_non_utf8_file_names_round_trip(tmp_path, tiny_root, tiny_graph):
     with Predictor.load(tiny_graph.path) as predictor:
         result = predictor.predict_paths([name])[0]
     assert result.ok and result.path == name
+
+
+def test_cli_max_image_pixels_flag_raises_and_lowers_the_limit(tiny_graph, tmp_path, monkeypatch):
+    """`h2t-edge --max-image-pixels N predict ...`: the limit for this run, without the environment."""
+    from click.testing import CliRunner
+
+    from h2t_edge.cli import cli
+
+    monkeypatch.delenv(MAX_IMAGE_PIXELS_ENV, raising=False)
+    small = tmp_path / "small.png"
+    Image.fromarray(photo(100, 100)).save(small)  # 10,000 pixels
+    runner = CliRunner()
+    refused = runner.invoke(cli, ["--max-image-pixels", "5000", "predict", str(tiny_graph.path), str(small),
+                                  "--format", "json"])
+    assert refused.exit_code != 0
+    assert "100x100, over the limit of 5,000 pixels" in str(refused.output) + str(refused.exception)
+    monkeypatch.delenv(MAX_IMAGE_PIXELS_ENV, raising=False)  # the flag set it in this process
+    allowed = runner.invoke(cli, ["--max-image-pixels", "10000", "predict", str(tiny_graph.path), str(small),
+                                  "--format", "json"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "small.png" in allowed.output
+    bad = runner.invoke(cli, ["--max-image-pixels", "0", "predict", str(tiny_graph.path), str(small)])
+    assert bad.exit_code == 2 and "--max-image-pixels" in bad.output
