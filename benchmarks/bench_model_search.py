@@ -233,7 +233,8 @@ def report_markdown(data: dict) -> str:
              f"quick grid (3-fold CV, 500 steps), seed 0, test accuracy on each task's test set. Proxies on the "
              f"1,000 training images only: kNN = 1-NN leave-one-out accuracy (cosine); linear = 3-fold CV accuracy "
              f"of a standardised logistic regression (C = 1, L-BFGS); 'all layers' = the same on every tap's "
-             f"pooled features (what HEAD2TOE selects from). Latency: {meta['latency']}. {meta['cpu_count']} CPU "
+             f"pooled features (what HEAD2TOE selects from); NC1 = within-class variability collapse of the "
+             f"pre-logits (neural-collapse seed paper, Eq. 4; lower is better, ranked by 1 / (1 + NC1)). Latency: {meta['latency']}. {meta['cpu_count']} CPU "
              f"cores, {meta['date']}.", "",
              f"Tasks covered: {', '.join(s['tasks']) or 'none'}."
              + "".join(f" {t['task']}: proxies {', '.join(t['proxies'])} only." for t in data["tasks"]
@@ -265,14 +266,15 @@ def report_markdown(data: dict) -> str:
         lines.append(f"| {strategy} | {budget} | " + " | ".join(cells)
                      + f" | **{_pct(sm['mean'])}** | {_pct(sm['max'])} | {sm['zero_on']}/{sm['tasks']} |")
     lines += ["", "## Per task and backbone (%)", "",
-              "| task | backbone | ImageNet top-1 | kNN | linear | kNN all | linear all | LINEAR test | HEAD2TOE test "
-              "| HEAD2TOE fit s | p50 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| task | backbone | ImageNet top-1 | kNN | linear | kNN all | linear all | NC1 (not %) | LINEAR test "
+              "| HEAD2TOE test | HEAD2TOE fit s | p50 ms |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for t in data["tasks"]:
         for r in t["backbones"]:
             sc = r["scores"]
             best = "**" if r["backbone"] == t["best"] else ""
             lines.append(f"| {t['task']} | {r['backbone']} | {r['imagenet_top1']:.1f} | {_pct(sc.get('knn'))} | "
                          f"{_pct(sc.get('linear'))} | {_pct(sc.get('knn_all'))} | {_pct(sc.get('linear_all'))} | "
+                         + ("–" if sc.get("nc1") is None else f"{1 / sc['nc1'] - 1:.2f}") + " | "
                          f"{_pct(r['linear_test'])} | {best}{_pct(r['head2toe_test'])}{best} | "
                          f"{r['head2toe_fit_seconds']:.0f} | "
                          + ("–" if r["latency_ms"] is None else f"{r['latency_ms']:.1f}") + " |")
@@ -298,7 +300,7 @@ def report_markdown(data: dict) -> str:
 
 def verdict(data: dict) -> str:
     """The answer, computed from the numbers (mean Spearman and mean regret, multi-layer vs pre-logits)."""
-    from h2t_edge.search import PROXIES
+    from h2t_edge.search import PAPER_PROXIES, PROXIES
 
     s = data["summary"]
     if not data["tasks"]:
@@ -307,7 +309,7 @@ def verdict(data: dict) -> str:
     def rho(p):
         return s["correlations"][f"{p}|head2toe_test"]["spearman"]
 
-    pre = [p for p in PROXIES if PROXIES[p][1] == "pre_logits"]
+    pre = list(PAPER_PROXIES)  # the paper's pre-logits proxies (NC1 is a further pre-logits score, not the paper's)
     multi = [p for p in PROXIES if PROXIES[p][1] == "all"]
     best_pre = max(pre, key=lambda p: -2 if rho(p) is None else rho(p))
     best_multi = max(multi, key=lambda p: -2 if rho(p) is None else rho(p))

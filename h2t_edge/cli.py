@@ -683,7 +683,8 @@ def finetune(source, out, method, layer, backbone, weights, epochs, batch_size, 
 def search(dataset, pool, weight_items, budget_ms, backend, precision, fit_k, test_data, target_size, grid,
            latency_repeat, out, quiet) -> None:
     """Rank the backbone pool for DATASET: ImageNet top-1, kNN and linear-probe proxies on the
-    pre-logits and on all layers, the paper's hybrid; latency on BACKEND; optional HEAD2TOE fits.
+    pre-logits and on all layers, NC1 of the pre-logits, the paper's hybrid; latency on BACKEND;
+    optional HEAD2TOE fits.
 
     DATASET is a folder with one subfolder per class, or a .csv/.jsonl manifest.
     """

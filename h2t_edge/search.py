@@ -13,6 +13,9 @@ paper `which-model-to-transfer`) rank a pool of pretrained models for a downstre
 HEAD2TOE reads every layer, not only the pre-logits, so two multi-layer proxies are added: the same
 kNN and linear probe on the pooled, per-layer normalised features of all taps (the very features
 HEAD2TOE selects from; the cosine of two such vectors is the mean of the per-layer cosines).
+A fifth proxy comes from the neural-collapse seed paper: NC1 of the pre-logits on the training
+features (lower: more collapsed, better transfer), scored as 1 / (1 + NC1) so that, like the others,
+higher is better; the table shows NC1 itself.
 
 The proxies are plain functions of arrays (`knn_loo_accuracy`, `linear_probe_cv_accuracy`), so
 they can be checked against scikit-learn. `search_models` runs the whole search on a dataset:
@@ -48,7 +51,9 @@ PROXIES: dict[str, tuple[str, str]] = {
     "linear": ("linear probe, pre-logits", "pre_logits"),
     "knn_all": ("kNN, all layers", "all"),
     "linear_all": ("linear probe, all layers", "all"),
+    "nc1": ("NC1 collapse, pre-logits", "pre_logits"),
 }
+PAPER_PROXIES = ("knn", "linear")  # the seed paper's own task-aware proxies
 AGNOSTIC = "imagenet_top1"
 RESULTS_FORMAT = "h2t-edge/model-search"
 
@@ -170,6 +175,18 @@ def linear_probe_cv_accuracy(features: np.ndarray, labels: np.ndarray, folds: in
     return float(np.mean(accuracies))
 
 
+def nc1_score(features: np.ndarray, labels: np.ndarray) -> float:
+    """1 / (1 + NC1) of the features (`h2t_edge.diagnose.nc1`): in (0, 1], higher = more collapsed."""
+    from .diagnose import nc1
+
+    return 1.0 / (1.0 + nc1(features, labels))
+
+
+def format_score(proxy: str, score: float) -> str:
+    """A proxy's score as people read it: NC1 itself for 'nc1', else a percentage."""
+    return f"NC1 {1.0 / score - 1.0:.2f}" if proxy == "nc1" else f"{100 * score:.1f}%"
+
+
 def proxy_scores(features: np.ndarray, labels: np.ndarray, pre_logits: slice, proxies: Sequence[str] = tuple(PROXIES),
                  *, k: int = 1, folds: int = 3, c: float = 1.0, seed: int = 0) -> tuple[dict, dict]:
     """Every proxy of one backbone on one task: ({proxy: accuracy}, {proxy: seconds}).
@@ -183,7 +200,9 @@ def proxy_scores(features: np.ndarray, labels: np.ndarray, pre_logits: slice, pr
             raise SearchError(f"unknown proxy {name!r}; choose from {', '.join(PROXIES)}")
         x = features[:, pre_logits] if PROXIES[name][1] == "pre_logits" else features
         start = time.perf_counter()
-        if name.startswith("knn"):
+        if name == "nc1":
+            scores[name] = nc1_score(x, labels)
+        elif name.startswith("knn"):
             scores[name] = knn_loo_accuracy(x, labels, k)
         else:
             scores[name] = linear_probe_cv_accuracy(x, labels, folds, c, seed)
@@ -337,7 +356,8 @@ class SearchReport:
             rank = str(order[c.name] + 1) if c.name in order else "-"
             top1 = "-" if c.imagenet_top1 is None else f"{c.imagenet_top1:.1f}"
             lat = "-" if c.latency_ms is None else f"{c.latency_ms:.1f}"
-            scores = " ".join(f"{100 * c.scores[p]:>9.1f}%" if p in c.scores else f"{'-':>10}" for p in proxies)
+            scores = " ".join(f"{format_score(p, c.scores[p]):>10}" if p in c.scores else f"{'-':>10}"
+                              for p in proxies)
             fit = ""
             if any(x.fit for x in cands):
                 fit = f" {100 * c.fit['accuracy']:>8.1f}%" if c.fit else f" {'-':>9}"
@@ -522,7 +542,7 @@ def plot_search(report: SearchReport, path: str | os.PathLike) -> Path | None:
                if c.latency_ms is not None and proxy in c.scores]
         if pts:
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
-                       label=PROXIES[proxy][0])
+                       label=PROXIES[proxy][0] + (" (100 / (1 + NC1))" if proxy == "nc1" else ""))
     fitted = [(c.latency_ms, 100 * c.fit["accuracy"]) for c in report.candidates if c.fit and c.latency_ms]
     if fitted:
         ax.scatter(*zip(*fitted), marker="*", s=120, color="black", label=f"HEAD2TOE ({report.meta['fit_metric']})")
@@ -539,7 +559,7 @@ def plot_search(report: SearchReport, path: str | os.PathLike) -> Path | None:
     if report.meta["budget_ms"] is not None:
         ax.axvline(report.meta["budget_ms"], color="red", linestyle="--", label="budget")
     ax.set_xlabel(f"batch-1 p50 latency, ms ({report.meta['backend']} {report.meta['precision']})")
-    ax.set_ylabel("proxy accuracy (%)")
+    ax.set_ylabel("proxy score (%): accuracy; 100 / (1 + NC1) for NC1")
     ax.set_title("model search: task-aware proxies against latency", fontsize=10)
     ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path, dpi=110)

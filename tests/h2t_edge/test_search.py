@@ -100,6 +100,32 @@ def test_proxy_scores_read_the_right_columns():
         proxy_scores(features, y, slice(40, 48), ("nope",))
 
 
+def _nc1_reference(x, y):
+    """NC1 = tr(Sigma_W Sigma_B^+) / K, written out directly (neural-collapse seed paper, Eq. 4)."""
+    x = x.astype(np.float64)
+    mu = x.mean(0)
+    classes = np.unique(y)
+    sw = np.zeros((x.shape[1],) * 2)
+    sb = np.zeros_like(sw)
+    for c in classes:
+        xc = x[y == c]
+        d = xc - xc.mean(0)
+        sw += d.T @ d / len(x)
+        m = (xc.mean(0) - mu)[:, None]
+        sb += m @ m.T / len(classes)
+    return np.trace(sw @ np.linalg.pinv(sb)) / len(classes)
+
+
+def test_nc1_proxy_matches_a_numpy_reference_and_ranks_collapse_higher():
+    tight, y = _blobs(d=8, spread=0.2)
+    loose, _ = _blobs(d=8, spread=2.0)
+    features = np.concatenate([loose, tight], axis=1)
+    scores, _ = proxy_scores(features, y, slice(8, 16), ("nc1",))
+    np.testing.assert_allclose(1 / scores["nc1"] - 1, _nc1_reference(tight, y), rtol=1e-4)
+    assert search.nc1_score(tight, y) > search.nc1_score(loose, y)  # more collapsed: higher score
+    assert search.format_score("nc1", scores["nc1"]).startswith("NC1 ")
+
+
 def _cands():
     return [Candidate("a", "bundled", 80.0, "s", scores={"knn": 0.5, "linear": 0.6}),
             Candidate("b", "bundled", 75.0, "s", scores={"knn": 0.9, "linear": 0.7}),
