@@ -230,7 +230,12 @@ def _json_safe(value):
 
 
 def plot_diagnosis(result: Diagnosis, path: str | os.PathLike) -> Path:
-    """NC1 across depth (log scale); with a task, HEAD2TOE's selected share per tap as bars."""
+    """Write `figure_diagnosis` to the PNG `path`."""
+    return save_figure(figure_diagnosis(result), path)
+
+
+def figure_diagnosis(result: Diagnosis):
+    """A matplotlib figure: NC1 across depth (log scale); with a task, its selected share per tap as bars."""
     try:
         import matplotlib
     except ImportError:
@@ -257,4 +262,5 @@ def plot_diagnosis(result: Diagnosis, path: str | os.PathLike) -> Path:
     if result.spearman_nc1_vs_share is not None:
         title += f"\nSpearman(NC1, selected share) = {result.spearman_nc1_vs_share:+.2f}"
     ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+    fig.tight_layout()
+    return fig

@@ -8,6 +8,7 @@ files: the figures are matplotlib PNGs inlined as base64) drawn from the same di
 - CV accuracy against the fraction F for each target size T and lambda (best lr and steps);
 - HEAD2TOE against LINEAR and HEAD2TOE+LINEAR (CV and test accuracy per T);
 - the chosen model's test confusion matrix;
+- NC1 (neural collapse) per layer beside that model's selection (`h2t_edge.diagnose`);
 - timings and the chosen settings.
 
 Every number shown in a table carries `data-key="<path>"`, the dotted path of its value in
@@ -64,13 +65,42 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
         layers[c.key] = [{"index": i, "tap": t["name"], "kind": t["kind"], "features": t["features"],
                           "selected": per_tap.get(t["name"], 0)} for i, t in enumerate(head.layout["taps"])]
     return {
-        "format": REPORT_FORMAT, "version": 1, "task": task_dir.name,
+        "format": REPORT_FORMAT, "version": 1, "task": task_dir.name, "nc1": _nc1_section(shown, train_caches),
         "chosen": {"key": selection.chosen.key, **candidates[selection.chosen.key]},
         "candidates": candidates, "cv_curves": curves, "layers": layers,
         "confusion": None if confusion is None else {"classes": settings["classes"],
                                                      "matrix": np.asarray(confusion).tolist()},
         "timings": {k: float(v) for k, v in timings.items()}, "settings": settings,
     }
+
+
+def _nc1_section(shown, train_caches: dict) -> dict | None:
+    """NC1 per tap on the training features beside the selection of the HEAD2TOE-family model shown
+    (the chosen one, or the best HEAD2TOE when LINEAR was chosen); None when there is none."""
+    from .diagnose import diagnose
+
+    c = next((c for c in shown if c.method != "LINEAR"), None)
+    if c is None or c.target_size not in train_caches:
+        return None
+    d = diagnose(train_caches[c.target_size], c.path)
+    return {"candidate": c.key, "backbone": d.backbone, "examples": d.examples, "classes": d.classes,
+            "pre_logits": d.pre_logits, "spearman_nc1_vs_share": d.spearman_nc1_vs_share,
+            "spearman_nc1_vs_fraction": d.spearman_nc1_vs_fraction,
+            "taps": [{"tap": t.name, "depth": t.depth, "features": t.features, "nc1": t.nc1,
+                      "selected": t.selected, "selected_share": t.selected_share} for t in d.taps]}
+
+
+def figure_nc1(report: dict) -> str:
+    """NC1 across depth beside the shown model's selected share (`h2t_edge.diagnose`'s figure)."""
+    from .diagnose import Diagnosis, TapDiagnosis, figure_diagnosis
+
+    n = report["nc1"]
+    taps = [TapDiagnosis(t["tap"], t["depth"], t["features"], t["nc1"], t["selected"], t["selected_share"])
+            for t in n["taps"]]
+    d = Diagnosis("", n["backbone"], n["classes"], n["examples"], n["pre_logits"], taps, report["task"],
+                  report["candidates"][n["candidate"]]["method"], n["spearman_nc1_vs_share"])
+    _pyplot()
+    return _png(figure_diagnosis(d))
 
 
 def write_report(task_dir: Path, selection, train_caches: dict, settings: dict, timings: dict,
@@ -252,6 +282,8 @@ def render_html(report: dict) -> str:
                    ("HEAD2TOE, LINEAR and HEAD2TOE+LINEAR", "methods", figure_methods(report))]
         if report["confusion"] is not None:
             figures.append(("Test confusion matrix", "confusion", figure_confusion(report)))
+        if report.get("nc1") is not None:
+            figures.append(("Neural collapse (NC1) per layer against the selection", "nc1", figure_nc1(report)))
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         f"<title>h2t-edge train report: {html.escape(report['task'])}</title>",
@@ -276,6 +308,13 @@ def render_html(report: dict) -> str:
     for title, ident, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>",
                   f'<img id="fig-{ident}" alt="{html.escape(title)}" src="data:image/png;base64,{png}">']
+    if report.get("nc1") is not None:
+        rho = report["nc1"]["spearman_nc1_vs_share"]
+        parts += ["<p>NC1 = tr(&Sigma;<sub>W</sub> &Sigma;<sub>B</sub><sup>+</sup>) / K of each layer's training "
+                  "features (lower: classes more collapsed). Spearman rank correlation between a layer's NC1 and its "
+                  f"share of the selected features of {html.escape(report['nc1']['candidate'])}: "
+                  f'<b data-key="nc1.spearman_nc1_vs_share">{"–" if rho is None else f"{rho:+.2f}"}</b> '
+                  "(negative: the more collapsed layers are the more selected).</p>"]
     parts += ["<h2>Timings (s)</h2><table>"]
     parts += [f"<tr><td>{html.escape(k)}</td>{_cell(f'timings.{k}', f'{v:.1f}')}</tr>"
               for k, v in report["timings"].items()]

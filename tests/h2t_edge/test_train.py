@@ -42,7 +42,7 @@ def trained(task, tmp_path_factory):
 
 @pytest.mark.slow
 def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
-    report, out, _, _ = trained
+    report, out, root, _ = trained
     sel = report.selection
     keys = {c.key for c in sel.candidates}
     assert keys == {"LINEAR", "HEAD2TOE@T16", "HEAD2TOE@T64", f"{HEAD2TOE_KEEP}@T16", f"{HEAD2TOE_KEEP}@T64"}
@@ -68,6 +68,21 @@ def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
         sel.chosen.test_accuracy)
     assert {c["target_size"] for c in data["cv_curves"]} == set(SIZES)
     assert "*" in summary_table(report)
+    # NC1 per layer beside the shown HEAD2TOE-family selection, each tap's value from its own columns
+    from h2t_edge.diagnose import nc1
+    from h2t_edge.features import FeatureCache
+
+    n = data["nc1"]
+    shown = sel.by_key()[n["candidate"]]
+    head = TaskHead.load(shown.path)
+    assert shown.method != "LINEAR"
+    assert [t["tap"] for t in n["taps"]] == [t["name"] for t in head.layout["taps"]]
+    assert sum(t["selected"] for t in n["taps"]) == len(head.features)
+    train_root, = (p.parent for p in (root / "cache").rglob(f"T{shown.target_size}/manifest.json")
+                   if p.parent.parent.name.startswith("train-"))
+    x, y = FeatureCache.open(train_root).arrays()
+    for t, tap in zip(n["taps"][::7], head.layout["taps"][::7]):
+        assert t["nc1"] == pytest.approx(nc1(x[:, tap["offset"]:tap["offset"] + tap["features"]], y), rel=1e-6)
 
 
 @pytest.mark.slow
@@ -222,8 +237,9 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
     found = re.search(r'<pre id="h2t-check">(.*?)</pre>', dom, re.S)
     assert found, dom[-2000:]
     check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert check["images"] == 4 and check["broken"] == []
     data = json.loads((out / "report.json").read_text())
+    assert data["nc1"] is not None  # a HEAD2TOE-family candidate exists: its NC1 figure is the fifth
+    assert check["images"] == 5 and check["broken"] == []
     assert len(check["keys"]) > 20
     for key, text in check["keys"].items():
         value = _lookup(data, key)
