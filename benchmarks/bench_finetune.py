@@ -186,7 +186,8 @@ def report() -> str:
              f"T={s['target_size']}, `{s['grid']}` CV grid. LAYER-FT / SCL-FT: block `{s['layer']}` "
              f"(= {next((r['config']['layer'] for r in records if 'layer' in r.get('config', {})), '?')}) + head, "
              f"SGD momentum 0.9, weight decay 1e-4, cosine lr 0.1 -> 1e-4, batch 64, **{s['epochs']} epochs** "
-             "(the paper trains 200; scaled down for the CPU budget), no augmentation, frozen prefix cached. "
+             + ("(the paper's), " if s["epochs"] == 200 else "(the paper trains 200; scaled down for the CPU budget), ")
+             + "no augmentation, frozen prefix cached. "
              f"Fit seconds: training only, {s['threads']} threads (2 cores), under the shared heavy-job lock. "
              "Bytes per task: stored beside the shared frozen backbone (fp32 head; + int64 gather indices for "
              "HEAD2TOE; + tuned block weights and BN statistics for FT).", "",
