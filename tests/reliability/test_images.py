@@ -24,6 +24,9 @@ from runtime.predictor import Predictor
 from runtime.preprocess import MAX_IMAGE_PIXELS_ENV, load_image, preprocess_image
 
 
+ENV_AT_IMPORT = os.environ.get(MAX_IMAGE_PIXELS_ENV)
+
+
 def photo(h: int = 24, w: int = 36) -> np.ndarray:
     """uint8[h, w, 3] with distinct rows and columns, so any rotation or flip shows."""
     y, x = np.mgrid[0:h, 0:w]
@@ -276,7 +279,10 @@ def test_cli_max_image_pixels_flag_raises_and_lowers_the_limit(tiny_graph, tmp_p
 
     from h2t_edge.cli import cli
 
-    monkeypatch.delenv(MAX_IMAGE_PIXELS_ENV, raising=False)
+    # The flag sets the variable for the whole process (so subprocesses and Ray workers see it). setenv
+    # first, so that monkeypatch records the original state and restores it after the test.
+    monkeypatch.setenv(MAX_IMAGE_PIXELS_ENV, "1")
+    monkeypatch.delenv(MAX_IMAGE_PIXELS_ENV)
     small = tmp_path / "small.png"
     Image.fromarray(photo(100, 100)).save(small)  # 10,000 pixels
     runner = CliRunner()
@@ -284,10 +290,15 @@ def test_cli_max_image_pixels_flag_raises_and_lowers_the_limit(tiny_graph, tmp_p
                                   "--format", "json"])
     assert refused.exit_code != 0
     assert "100x100, over the limit of 5,000 pixels" in str(refused.output) + str(refused.exception)
-    monkeypatch.delenv(MAX_IMAGE_PIXELS_ENV, raising=False)  # the flag set it in this process
+    os.environ.pop(MAX_IMAGE_PIXELS_ENV)  # the flag set it in this process; monkeypatch restores the original
     allowed = runner.invoke(cli, ["--max-image-pixels", "10000", "predict", str(tiny_graph.path), str(small),
                                   "--format", "json"])
     assert allowed.exit_code == 0, allowed.output
     assert "small.png" in allowed.output
     bad = runner.invoke(cli, ["--max-image-pixels", "0", "predict", str(tiny_graph.path), str(small)])
     assert bad.exit_code == 2 and "--max-image-pixels" in bad.output
+
+
+def test_no_image_limit_leaks_between_tests():
+    """Runs after the CLI test above (file order): the process-wide variable it set is back as it was."""
+    assert os.environ.get(MAX_IMAGE_PIXELS_ENV) == ENV_AT_IMPORT
