@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from json_mutations import damaged, damaged_text
@@ -31,15 +35,48 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
                 derandomize=True)
 
 
-def refused_or_sound(load, names: str, check):
-    """Run `load()`; a typed error must name `names` (the file); a success must pass `check`."""
+# Hypothesis' own deadline is off (a loaded CI machine makes per-example timing flaky); instead each
+# load gets a generous wall-clock bound, so a loader that hangs fails its test instead of stalling CI.
+HANG_SECONDS = 30.0
+
+
+class LoaderHang(AssertionError):
+    """A loader ran past HANG_SECONDS on one input."""
+
+
+@contextmanager
+def no_hang(seconds: float = HANG_SECONDS):
+    """Raise LoaderHang in the main thread if the body runs longer than `seconds` (SIGALRM)."""
+    def fire(signum, frame):
+        raise LoaderHang(f"a loader ran over {seconds} s on one input")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        result = load()
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def refused_or_sound(load, names: str, check, seconds: float = HANG_SECONDS):
+    """Run `load()` (bounded by `seconds`); a typed error must name `names` (the file); a success must
+    pass `check`."""
+    try:
+        with no_hang(seconds):
+            result = load()
     except (H2TEdgeError, H2TRuntimeError) as exc:
         assert names in str(exc), f"error does not name {names}: {exc}"
         return None
     check(result)
     return result
+
+
+def test_a_hanging_loader_fails_instead_of_stalling():
+    start = time.monotonic()
+    with pytest.raises(LoaderHang, match="over 0.2 s"):
+        refused_or_sound(lambda: time.sleep(10), "x", lambda result: None, seconds=0.2)
+    assert time.monotonic() - start < 5
 
 
 def _sound_cache(cache: FeatureCache) -> None:
