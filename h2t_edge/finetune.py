@@ -23,7 +23,6 @@ classes, preprocessing, backbone identity and probe, config, report, sha256 of t
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -33,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, file_sha256, read_json
-from runtime.schema import content_sha256
+from runtime.errors import ArtifactError
+from runtime.io import atomic_write_bytes, atomic_write_json, read_json
 
 from .datasets import ImageDataset
 from .errors import FitError, TaskArtifactError
@@ -343,7 +342,7 @@ def is_finetuned_task(task_dir: str | os.PathLike) -> bool:
     """True when TASK_DIR/task.json is a fine-tuned task (as opposed to a frozen-backbone head)."""
     try:
         meta = read_json(Path(task_dir) / "task.json", "task")
-    except Exception:  # noqa: BLE001 - unreadable: let the real loader name the problem
+    except ArtifactError:  # missing or unreadable: the real loader names the problem
         return False
     return isinstance(meta, dict) and meta.get("format") == FINETUNED_FORMAT
 
@@ -355,7 +354,7 @@ def compile_finetuned_step(task_dir: str | os.PathLike, out: str | os.PathLike, 
     from exporters.compile import OUTPUT_NAMES
     from exporters.finetune_graph import compile_finetuned_graph
 
-    from .pipeline import _weights_source
+    from .pipeline import _weights_source, write_task_graph
 
     task = FineTunedTask.load(task_dir)
     bb = load_backbone(task.backbone["name"], weights=weights or _weights_source(task.backbone["weights"]))
@@ -373,7 +372,5 @@ def compile_finetuned_step(task_dir: str | os.PathLike, out: str | os.PathLike, 
         "graph_sha256": hashlib.sha256(blob).hexdigest(), "tuned_layer": task.layer,
         "task_bytes": summary.task_bytes, "tuned_parameters": summary.tuned_parameters,
     }
-    sidecar["content_sha256"] = content_sha256(sidecar, "content_sha256")  # edits are refused at load
-    # Both staged before either replaces an old one: a failed write keeps the previous pair.
-    atomic_write_files({path: blob, path.with_suffix(".json"): (json.dumps(sidecar, indent=2) + "\n").encode()})
+    write_task_graph(path, blob, sidecar)
     return path, path.stat().st_size, summary

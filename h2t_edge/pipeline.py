@@ -201,10 +201,16 @@ def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = No
         "segments_kept": summary.segments_kept,
         "segments_total": summary.segments_total,
     }
-    sidecar["content_sha256"] = content_sha256(sidecar, "content_sha256")  # edits are refused at load
-    # Both staged before either replaces an old one: a failed write keeps the previous pair.
-    atomic_write_files({path: blob, path.with_suffix(".json"): (json.dumps(sidecar, indent=2) + "\n").encode()})
+    write_task_graph(path, blob, sidecar)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar)
+
+
+def write_task_graph(path: Path, blob: bytes, sidecar: dict) -> None:
+    """Sign `sidecar` (its `content_sha256` is set here; edits are refused at load) and write the task
+    graph PATH (.onnx) with it as PATH.json. Both are staged before either replaces an old one, so a
+    failed write keeps the previous pair."""
+    sidecar["content_sha256"] = content_sha256(sidecar, "content_sha256")
+    atomic_write_files({path: blob, path.with_suffix(".json"): (json.dumps(sidecar, indent=2) + "\n").encode()})
 
 
 def _weights_source(provenance: str) -> str:
