@@ -28,6 +28,13 @@ batched with bmm over models, on the model's top-k_max columns gathered once (to
 prefixes of one ranking, so every F reuses the same gathered block), with one GEMM per block of
 columns that the same heads share rather than one per head (benchmarks/results/select_profile.md).
 
+Precision: `SearchGrid.precision="bf16"` runs the training GEMMs on bfloat16 copies of the features
+and weights (fp32 accumulation inside the GEMM, results rounded to bf16 and carried on in fp32);
+the weights, Adam's moments, the softmax and the penalty stay fp32. On CPUs with AVX512-BF16 or
+AMX this makes the GEMMs 3-4x faster; CV accuracy moves within noise
+(benchmarks/results/train_speed.md). It is a choice that is recorded in the fit's config, never
+a silent fallback: the default is "fp32".
+
 HEAD2TOE+LINEAR (`fit_head2toe_variants(..., keep=...)`, used by `h2t-edge train`'s guard against
 LINEAR; not in the paper) retrains on the same ranking with the kept columns always first.
 """
@@ -57,6 +64,7 @@ _ADAM_EPS = 1e-8
 _NORM_EPS = 1e-12  # group-lasso subgradient W_i/||W_i||: avoids 0/0 for rows still at zero
 _PROGRESS_EVERY = 25  # steps between progress callbacks
 _GATHER_BUDGET_BYTES = 1 << 30  # per chunk of retrained models: [models, n, k_max] float32
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # SearchGrid.precision -> GEMM dtype
 
 
 def _training_threads() -> int:
@@ -94,6 +102,7 @@ class SearchGrid:
     batch_size: int = 128
     seed: int = 0
     max_candidates: int | None = 32768  # HEAD2TOE: screen larger pools per fold (None: exact)
+    precision: str = "fp32"  # GEMM inputs: "fp32" or "bf16" (see the module docstring)
 
     def __post_init__(self) -> None:
         for name in ("lrs", "steps", "l21s", "penalties", "fractions"):
@@ -107,9 +116,15 @@ class SearchGrid:
             raise FitError("SearchGrid.batch_size and SearchGrid.steps must be positive")
         if any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise FitError(f"SearchGrid.fractions={self.fractions}; each must lie in (0, 1]")
+        if self.precision not in PRECISIONS:
+            raise FitError(f"SearchGrid.precision={self.precision!r}; use one of {sorted(PRECISIONS)}")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise FitError(f"SearchGrid.max_candidates={self.max_candidates}; give a positive "
                            f"budget, or None for the exact (unscreened) group lasso")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return PRECISIONS[self.precision]
 
     @classmethod
     def paper(cls) -> "SearchGrid":
@@ -244,6 +259,32 @@ class _Adam:
               eps=_ADAM_EPS, maximize=False)
 
 
+class _Matmul:
+    """`op(a, b)` into the float32 `out` with a and b in a's dtype (float32 or bfloat16).
+
+    float32: op writes `out` directly. bfloat16: b is cast into a reused buffer, op writes a
+    bfloat16 result (accumulated in fp32 by oneDNN) that is then copied into `out`. Buffers are
+    kept per call site, so a training loop allocates nothing per step."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+        self._buffers: dict = {}
+
+    def _buffer(self, key, shape) -> torch.Tensor:
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape:
+            buf = self._buffers[key] = torch.empty(shape, dtype=self.dtype)
+        return buf
+
+    def __call__(self, op, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, key) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return op(a, b, out=out)
+        low_b = b if b.dtype == self.dtype else self._buffer((key, "b"), b.shape).copy_(b)
+        low_out = self._buffer((key, "out"), out.shape)
+        op(a, low_b, out=low_out)
+        return out.copy_(low_out)
+
+
 def _ce_grad_(logits: torch.Tensor, onehot: torch.Tensor, row_weight: torch.Tensor) -> None:
     """In place: logits[..., C] -> d(weighted mean CE)/d logits = (softmax - onehot) * weight."""
     logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
@@ -285,16 +326,20 @@ def _train_wide_group(x, onehot, mask, lr, coef, penalty, batches, progress, sta
     bias = torch.zeros(n_models, n_classes)
     grad_w, grad_b = torch.empty_like(weight), torch.empty_like(bias)
     adam = _Adam([weight, bias])
-    xb = torch.empty(batches.shape[1], dim)
+    xb = torch.empty(batches.shape[1], dim, dtype=x.dtype)  # x's dtype is the GEMM precision
+    matmul = _Matmul(x.dtype)
     logits = torch.empty(batches.shape[1], n_models * n_classes)
     steps = batches.shape[0]
     for step in range(steps):
         idx = batches[step]
         torch.index_select(x, 0, idx, out=xb)
-        torch.addmm(bias.view(1, -1), xb, weight.view(dim, -1), out=logits)
+        if x.dtype == torch.float32:
+            torch.addmm(bias.view(1, -1), xb, weight.view(dim, -1), out=logits)
+        else:
+            matmul(torch.mm, xb, weight.view(dim, -1), logits, "fwd").add_(bias.view(1, -1))
         g = logits.view(-1, n_models, n_classes)
         _ce_grad_(g, onehot[idx].unsqueeze(1), _row_weights(mask, idx).unsqueeze(2))
-        torch.mm(xb.t(), logits, out=grad_w.view(dim, -1))
+        matmul(torch.mm, xb.t(), logits, grad_w.view(dim, -1), "bwd")
         torch.sum(g, dim=0, out=grad_b)
         if col_mask is not None:
             grad_w.mul_(col_mask.unsqueeze(2))
@@ -306,8 +351,11 @@ def _train_wide_group(x, onehot, mask, lr, coef, penalty, batches, progress, sta
 
 
 def _wide_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[n, D] x [D, M, C] -> [n, M, C]."""
-    out = torch.addmm(bias.view(1, -1), x, weight.view(x.shape[1], -1))
+    """[n, D] x [D, M, C] -> [n, M, C], the GEMM in x's dtype (as the heads were trained)."""
+    if x.dtype == torch.float32:
+        out = torch.addmm(bias.view(1, -1), x, weight.view(x.shape[1], -1))
+    else:
+        out = torch.mm(x, weight.view(x.shape[1], -1).to(x.dtype)).float().add_(bias.view(1, -1))
     return out.view(x.shape[0], *bias.shape)
 
 
@@ -349,19 +397,16 @@ def _top_columns(weight: torch.Tensor, k: int,
     return scores, order[:, :k].contiguous()
 
 
-def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, stage, done, total):
-    """Unregularized heads on nested column prefixes, one lr.
+def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, stage, done, total,
+                        dtype=torch.float32):
+    """Unregularized heads on nested column prefixes, one lr; the GEMMs in `dtype`.
 
     columns: int64[M, k_max] ranked columns per model; head f of model m uses columns[m, :ks[f]].
-    Returns per f: weight [M, ks[f], C], bias [M, C]; and the gathered block [M, n, k_max].
+    Returns per f: weight [M, ks[f], C], bias [M, C]; and the logits of every head on every row,
+    float32[M, n, F, C].
     """
-    n_models, k_max = columns.shape
+    n_models = columns.shape[0]
     n_classes = onehot.shape[1]
-    # model-major, so each step's row gather lands as contiguous [M, b, k_max] for bmm; gathered
-    # straight into place, so the block is never held twice
-    block = torch.empty(n_models, x.shape[0], k_max)
-    for m in range(n_models):
-        torch.index_select(x, 1, columns[m], out=block[m])
     # Column block j (ks[j-1]:ks[j]) feeds heads j..F-1, so its weights for all of them sit side by
     # side in one [M, dk_j, (F-j)*C] tensor: one GEMM per block instead of one per head, with the
     # same FLOPs but wider, more efficient GEMMs where a block feeds many heads (the always-kept
@@ -369,34 +414,58 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
     # parameters does not change the optimisation.
     n_heads = len(ks)
     edges = [0, *ks]
-    blocks = [torch.zeros(n_models, edges[j + 1] - edges[j], (n_heads - j) * n_classes) for j in range(n_heads)]
+    widths = [edges[j + 1] - edges[j] for j in range(n_heads)]
+    # Each column block's features, gathered once, model-major: [M, n, dk_j]. Separate contiguous
+    # blocks (not slices of one [M, n, k_max]) because bf16 bmm on strided slices is up to 10x slower.
+    gathered = [torch.empty(n_models, x.shape[0], w, dtype=dtype) for w in widths]
+    for m in range(n_models):
+        for j in range(n_heads):
+            cols = columns[m, edges[j]:edges[j + 1]]
+            if dtype == x.dtype:
+                torch.index_select(x, 1, cols, out=gathered[j][m])
+            else:
+                gathered[j][m].copy_(x.index_select(1, cols))
+    blocks = [torch.zeros(n_models, w, (n_heads - j) * n_classes) for j, w in enumerate(widths)]
     bias = torch.zeros(n_models, n_heads, n_classes)
     grads = [torch.empty_like(p) for p in blocks + [bias]]
     adam = _Adam(blocks + [bias])
+    matmul = _Matmul(dtype)
+
+    def forward(xs: list[torch.Tensor], logits: torch.Tensor, partial: list[torch.Tensor]) -> None:
+        rows = logits.shape[1]
+        logits.copy_(bias.unsqueeze(1).expand_as(logits))
+        for j in range(n_heads):
+            matmul(torch.bmm, xs[j], blocks[j], partial[j], ("fwd", j, rows))
+            logits[:, :, j:].add_(partial[j].view(n_models, rows, n_heads - j, n_classes))
+
+    def buffers(rows: int):
+        return (torch.empty(n_models, rows, n_heads, n_classes),
+                [torch.empty(n_models, rows, (n_heads - j) * n_classes) for j in range(n_heads)])
+
     b = batches.shape[1]
-    xg = torch.empty(n_models, b, k_max)
-    logits = torch.empty(n_models, b, n_heads, n_classes)
-    partial = [torch.empty(n_models, b, (n_heads - j) * n_classes) for j in range(n_heads)]
+    xg = [torch.empty(n_models, b, w, dtype=dtype) for w in widths]
+    logits, partial = buffers(b)
     steps = batches.shape[0]
     for step in range(steps):
         idx = batches[step]
-        torch.index_select(block, 1, idx, out=xg)
-        logits.copy_(bias.unsqueeze(1).expand_as(logits))
         for j in range(n_heads):
-            torch.bmm(xg[:, :, edges[j]:edges[j + 1]], blocks[j], out=partial[j])
-            logits[:, :, j:].add_(partial[j].view(n_models, b, n_heads - j, n_classes))
+            torch.index_select(gathered[j], 1, idx, out=xg[j])
+        forward(xg, logits, partial)
         _ce_grad_(logits, onehot[idx].unsqueeze(1), _row_weights(mask, idx).t().view(n_models, b, 1, 1))
         for j in range(n_heads):
-            torch.bmm(xg[:, :, edges[j]:edges[j + 1]].transpose(1, 2),
-                      logits[:, :, j:].reshape(n_models, b, -1), out=grads[j])
+            matmul(torch.bmm, xg[j].transpose(1, 2), logits[:, :, j:].reshape(n_models, b, -1), grads[j],
+                   ("bwd", j))
         torch.sum(logits, dim=1, out=grads[-1])
         adam.step(grads, cosine_lr(lr, step, steps))
         if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
             progress(stage, done + step + 1, total)
+    del xg
+    all_logits, all_partial = buffers(x.shape[0])
+    forward(gathered, all_logits, all_partial)
     weights = [torch.cat([blocks[j][:, :, (f - j) * n_classes:(f - j + 1) * n_classes] for j in range(f + 1)], dim=1)
                for f in range(n_heads)]
     biases = [bias[:, f].contiguous() for f in range(n_heads)]
-    return weights, biases, block
+    return weights, biases, all_logits
 
 
 def _nested_chunks(models: np.ndarray, n: int, k_max: int) -> list[np.ndarray]:
@@ -405,15 +474,12 @@ def _nested_chunks(models: np.ndarray, n: int, k_max: int) -> list[np.ndarray]:
     return [models[i:i + size] for i in range(0, len(models), size)]
 
 
-def _nested_val_accuracy(block, weights, biases, labels, val_mask, ks) -> torch.Tensor:
+def _nested_val_accuracy(logits, labels, val_mask) -> torch.Tensor:
     """float64[M, F]: accuracy of every nested head on its model's validation rows.
 
-    block: the gathered columns [M, n, k_max] of _train_nested_group."""
-    acc = torch.empty(block.shape[0], len(ks), dtype=torch.float64)
-    for f, k in enumerate(ks):
-        pred = torch.baddbmm(biases[f].unsqueeze(1), block[:, :, :k], weights[f]).argmax(-1)
-        acc[:, f] = _masked_mean((pred == labels).double(), val_mask)
-    return acc
+    logits: float32[M, n, F, C] of _train_nested_group; val_mask: [M, n]."""
+    correct = (logits.argmax(-1) == labels.view(1, -1, 1)).double()  # [M, n, F]
+    return _masked_mean(correct.transpose(1, 2), val_mask.unsqueeze(1))
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -431,12 +497,14 @@ class _Data:
     n_classes: int
     onehot: torch.Tensor  # float32[n, C]
     fold: torch.Tensor  # int64[n]
+    dtype: torch.dtype  # GEMM precision (SearchGrid.compute_dtype)
 
 
 def _setup(features, labels, n_classes, grid: SearchGrid) -> _Data:
     x, y = _prepare(features, labels, n_classes, grid.folds)
     fold = torch.from_numpy(stratified_folds(y.numpy(), grid.folds, grid.seed))
-    return _Data(x, y, n_classes, torch.nn.functional.one_hot(y, n_classes).float(), fold)
+    return _Data(x, y, n_classes, torch.nn.functional.one_hot(y, n_classes).float(), fold,
+                 grid.compute_dtype)
 
 
 def _cv_batch_size(grid: SearchGrid) -> int:
@@ -453,11 +521,13 @@ def _cv_models(data: _Data, grid: SearchGrid, coefs: Sequence[float | None]):
 
 
 def _run_wide(x, onehot, mask, lrs, coefs, penalty, steps, batch_size, seed, progress, stage,
-              col_mask=None):
+              col_mask=None, dtype=torch.float32):
     """Yields (models, weight [D, Mg, C], bias [Mg, C]) per lr group; coefs may hold None.
 
-    col_mask: float32[D, M] or None, the columns each model may use (see _train_wide_group).
+    col_mask: float32[D, M] or None, the columns each model may use (see _train_wide_group);
+    dtype: the GEMM precision (x is cast to it once).
     """
+    x = x.to(dtype)
     batches = batch_schedule(x.shape[0], batch_size, steps, seed)
     coefs = torch.tensor([0.0 if c is None else float(c) for c in
                           (coefs if coefs is not None else [None] * len(lrs))])
@@ -491,8 +561,9 @@ def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> li
     for steps in grid.steps:
         for idx, w, b in _run_wide(data.x, data.onehot, (~val_mask).float(), lrs,
                                    [m[0] for m in models], penalty, steps, _cv_batch_size(grid),
-                                   grid.seed, progress, f"cv {method} steps={steps}"):
-            pred = _wide_logits(data.x, w, b).argmax(-1).t()  # [Mg, n]
+                                   grid.seed, progress, f"cv {method} steps={steps}",
+                                   dtype=data.dtype):
+            pred = _wide_logits(data.x.to(data.dtype), w, b).argmax(-1).t()  # [Mg, n]
             acc = _masked_mean((pred == data.y).double(), val_mask[idx])
             for j, m in enumerate(idx):
                 coef, lr, _ = models[m]
@@ -505,7 +576,7 @@ def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> li
 def _refit_wide(data, grid, penalty, coef, lr, steps, progress) -> LinearHead:
     mask = torch.ones(1, data.x.shape[0])
     (_, w, b), = _run_wide(data.x, data.onehot, mask, [lr], [coef], penalty, steps,
-                           grid.batch_size, grid.seed, progress, "refit")
+                           grid.batch_size, grid.seed, progress, "refit", dtype=data.dtype)
     return LinearHead(w[:, 0].numpy().copy(), b[0].numpy().copy(),
                       np.arange(data.x.shape[1], dtype=np.int64))
 
@@ -615,7 +686,8 @@ def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed
     width = min(x.shape[1], max(ks[-1] + (0 if keep is None else len(keep))
                                 for ks, keep in variants.values()))
     for models, w, _ in _run_wide(x, data.onehot, mask, lrs, l21s, "l21", steps, batch_size,
-                                  seed, progress, f"{stage} select steps={steps}", col_mask):
+                                  seed, progress, f"{stage} select steps={steps}", col_mask,
+                                  data.dtype):
         scores, ranked = _top_columns(w, width, None if col_mask is None else col_mask[:, models])
         del w
         if screen is not None:
@@ -629,12 +701,13 @@ def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed
                        else _keep_first(ranked, keep, k_max - len(keep)))
             chunks = _nested_chunks(np.arange(len(models)), n, k_max)
             for i, chunk in enumerate(chunks):
-                weights, biases, block = _train_nested_group(
+                weights, biases, logits = _train_nested_group(
                     data.x, data.onehot, mask[models[chunk]], lr, columns[chunk], ks, batches,
-                    progress, f"{stage} retrain {name} steps={steps}", i * steps, len(chunks) * steps)
+                    progress, f"{stage} retrain {name} steps={steps}", i * steps, len(chunks) * steps,
+                    data.dtype)
                 acc = None if val_mask is None else _nested_val_accuracy(
-                    block, weights, biases, data.y, val_mask[models[chunk]], ks)
-                del block
+                    logits, data.y, val_mask[models[chunk]])
+                del logits
                 yield (name, models[chunk], scores[chunk], list(zip(weights, biases)), columns[chunk],
                        acc)
 

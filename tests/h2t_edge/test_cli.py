@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 
@@ -54,6 +55,7 @@ def test_max_candidates_option_sets_the_screening_budget():
     assert _grid("paper") == SearchGrid.paper()
     assert _grid("quick", 0).max_candidates is None  # 0: exact group lasso
     assert _grid("paper", 4096) == SearchGrid(max_candidates=4096)
+    assert _grid("quick", None, "bf16") == dataclasses.replace(SearchGrid.quick(), precision="bf16")
     for command in ("fit", "eval"):
         assert "--max-candidates" in CliRunner().invoke(cli, [command, "--help"]).output
     result = CliRunner().invoke(cli, ["fit", ".", "--out", "x", "--max-candidates", "-1"])

@@ -13,6 +13,7 @@ from h2t_edge.select import (
     LinearHead,
     SearchGrid,
     _Data,
+    _Matmul,
     _run_wide,
     _screen,
     _train_nested_group,
@@ -114,6 +115,61 @@ def test_nested_retraining_equals_training_each_subset_alone():
                                batch_size=16, seed=4)
             torch.testing.assert_close(weights[f][m], w[0], atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(biases[f][m], b[0], atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- bf16 GEMMs
+
+
+def _bf16(a: torch.Tensor) -> np.ndarray:
+    return a.to(torch.bfloat16).double().numpy()
+
+
+@pytest.mark.parametrize("op", ["mm", "bmm"])
+def test_bf16_matmul_is_the_product_of_the_rounded_inputs(op):
+    gen = torch.Generator().manual_seed(0)
+    shape_a, shape_b = ((37, 300), (300, 11)) if op == "mm" else ((3, 37, 300), (3, 300, 11))
+    a, b = torch.randn(shape_a, generator=gen), torch.randn(shape_b, generator=gen)
+    out = torch.empty(*shape_a[:-1], shape_b[-1])
+    matmul = _Matmul(torch.bfloat16)
+    for _ in range(2):  # the second call reuses the buffers
+        matmul(getattr(torch, op), a.to(torch.bfloat16), b, out, "k")
+    assert out.dtype == torch.float32
+    reference = _bf16(a) @ _bf16(b)  # float64 product of the bf16-rounded inputs
+    np.testing.assert_allclose(out.numpy(), reference, rtol=1e-2, atol=2e-2 * np.abs(reference).max())
+    exact = a.double().numpy() @ b.double().numpy()
+    assert np.abs(out.numpy() - exact).max() > 1e-4  # it really ran in bf16 (fp32 would be ~1e-5)
+
+
+def test_bf16_nested_retraining_tracks_fp32_and_returns_its_own_logits():
+    x, y = synthetic(120, dim=60)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    onehot = torch.nn.functional.one_hot(yt, 3).float()
+    mask = torch.ones(2, 120)
+    columns = torch.stack([torch.randperm(60, generator=torch.Generator().manual_seed(s))[:30] for s in range(2)])
+    ks, batches = [3, 10, 30], batch_schedule(120, 16, 60, seed=1)
+    runs = {dtype: _train_nested_group(xt, onehot, mask, 0.05, columns, ks, batches, None, "", 0, 1, dtype)
+            for dtype in (torch.float32, torch.bfloat16)}
+    (w32, b32, _), (w16, b16, logits16) = runs[torch.float32], runs[torch.bfloat16]
+    for f, k in enumerate(ks):
+        scale = w32[f].abs().max()
+        assert (w16[f] - w32[f]).abs().max() < 0.05 * scale  # same optimisation, bf16 rounding only
+        for m in range(2):  # the returned logits are the heads applied to the bf16-rounded columns
+            expected = _bf16(xt[:, columns[m, :k]]) @ w16[f][m].double().numpy() + b16[f][m].double().numpy()
+            np.testing.assert_allclose(logits16[m, :, f].numpy(), expected, atol=2e-2 * np.abs(expected).max())
+
+
+def test_bf16_fit_selects_like_fp32(head2toe_fit):
+    x, y = synthetic(300)
+    result = fit_head2toe(x, y, 3, small_grid(l21s=(1e-3, 1e-5), precision="bf16"))
+    np.testing.assert_array_equal(result.head.features, head2toe_fit.head.features)
+    cv = {(r["l21"], r["fraction"]): r["val_acc_mean"] for r in result.cv_table}
+    for row in head2toe_fit.cv_table:
+        assert abs(cv[(row["l21"], row["fraction"])] - row["val_acc_mean"]) <= 0.05
+
+
+def test_unknown_precision_is_refused():
+    with pytest.raises(FitError, match="precision"):
+        SearchGrid(precision="fp16")
 
 
 def test_batch_schedule_is_shuffled_epochs():
@@ -294,7 +350,7 @@ def test_rows_outside_a_models_mask_do_not_touch_it():
 def _data(x, y, n_classes):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     return _Data(xt, yt, n_classes, torch.nn.functional.one_hot(yt, n_classes).float(),
-                 torch.zeros(len(y), dtype=torch.int64))
+                 torch.zeros(len(y), dtype=torch.int64), torch.float32)
 
 
 def test_strong_rule_scores_are_the_gradient_norm_at_zero():

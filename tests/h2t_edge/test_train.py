@@ -118,7 +118,7 @@ def test_rerun_redoes_nothing(trained, monkeypatch):
     monkeypatch.setattr(pipeline, "compile_step", lambda *a, **k: pytest.fail("compiled again"))
     import h2t_edge.cli as cli_mod
 
-    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None: TINY)
+    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None, precision="fp32": TINY)
     result = CliRunner().invoke(cli, ["train", str(root / "train.jsonl"), "-o", str(out), "--test", str(trained[3]),
                                       "-T", "64", "-T", "16", "--cache-dir", str(root / "cache"), "-q"],
                                 catch_exceptions=False)
@@ -143,7 +143,7 @@ def test_changed_grid_refits_only_the_fits(trained, tmp_path):
 def test_fit_cli_takes_several_caches_and_chooses_t(trained, tmp_path, monkeypatch):
     import h2t_edge.cli as cli_mod
 
-    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None: TINY)  # keep the test fast
+    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None, precision="fp32": TINY)  # keep the test fast
     report, out, root, _ = trained
     features = next((root / "cache" / "features").iterdir())
     train_root = next(p for p in features.iterdir() if p.name.startswith("train"))
