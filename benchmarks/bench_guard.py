@@ -1,10 +1,12 @@
 """The LINEAR guard of `h2t-edge train` on the offline task suite: chosen model against LINEAR and HEAD2TOE.
 
     flock /work/coord/heavy.lock python benchmarks/bench_guard.py --task dspr_loc --seeds 0,1 --grid quick
+    flock /work/coord/heavy.lock python benchmarks/bench_guard.py --grid paper --precision bf16
 
 For each task and seed (one target size; features from the `h2t-edge eval` caches in --work-dir)
 it fits HEAD2TOE and HEAD2TOE+LINEAR from one group-lasso run (`fit_head2toe_variants`, the
-pre-logits kept) and LINEAR on the pre-logits, all on the same CV folds, takes the candidate with
+pre-logits kept) and LINEAR on the pre-logits, all on the same CV folds and in the same GEMM
+precision (`--precision`, `SearchGrid.precision`), takes the candidate with
 the best CV accuracy (the guard; ties: fewer features) and records every test accuracy. Results
 are appended to benchmarks/results/guard.json as each cell ends (a rerun skips finished cells);
 guard.md is rewritten from it with the issue's two checks:
@@ -18,6 +20,7 @@ guard.md is rewritten from it with the issue's two checks:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import time
@@ -36,14 +39,14 @@ RESULTS = Path(__file__).parent / "results" / "guard"
 METHODS = ("LINEAR", "HEAD2TOE", HEAD2TOE_KEEP)
 
 
-def run_cell(task: str, seed: int, protocol: str, target_size: int, work: Path, log) -> dict:
+def run_cell(task: str, seed: int, protocol: str, target_size: int, precision: str, work: Path, log) -> dict:
     data = build_task(task, None, seed)
     onnx = _backbone_onnx(work, "efficientnet_lite0", target_size, "bundled", log)
     feats = _features(work, "efficientnet_lite0", target_size, onnx, data, 32, log)
     x, y, xt, yt = feats.arrays()
     pre = feats.pre_logits()
     n_classes = len(data.train.classes)
-    grid = grid_for(protocol, seed)
+    grid = dataclasses.replace(grid_for(protocol, seed), precision=precision)
     start = time.perf_counter()
     results = fit_head2toe_variants(x, y, n_classes, grid, keep=np.arange(pre.start, pre.stop))
     h2t_seconds = time.perf_counter() - start
@@ -57,9 +60,18 @@ def run_cell(task: str, seed: int, protocol: str, target_size: int, work: Path, 
                          "fit_seconds": h2t_seconds if name != "LINEAR" else result.fit_seconds}
     chosen = choose([Candidate(m, target_size, v["cv_accuracy"], 0.0, v["n_features"], 0, {}, 0.0, "")
                      for m, v in methods.items()]).method
-    return {"task": task, "group": data.spec.group, "seed": seed, "protocol": protocol, "target_size": target_size,
+    return {"task": task, "group": data.spec.group, "seed": seed, "protocol": protocol, "precision": precision,
+            "target_size": target_size,
             "n_test": int(len(yt)), "methods": methods, "chosen": chosen,
             "load": os.getloadavg()[0]}
+
+
+def _precision(entry: dict) -> str:
+    return entry.get("precision", "fp32")  # cells from before the option ran in fp32
+
+
+def _run_label(entry: dict) -> str:
+    return entry["protocol"] + ("" if _precision(entry) == "fp32" else f", {_precision(entry)} GEMMs")
 
 
 def summarize(entries: list[dict]) -> tuple[list[dict], dict]:
@@ -130,11 +142,11 @@ def write_markdown(entries: list[dict], eval_entries: list[dict]) -> str:
              "Chosen = the candidate with the best CV accuracy, all on the same folds (`h2t-edge train`; ties: fewer "
              "features). Test accuracy (%), mean over seeds. SE: the larger of LINEAR's binomial test SE and the "
              "over-seeds SE of the paired difference (chosen - LINEAR).", ""]
-    for protocol in sorted({e["protocol"] for e in entries}):
-        es = [e for e in entries if e["protocol"] == protocol]
+    for label in sorted({_run_label(e) for e in entries}):
+        es = [e for e in entries if _run_label(e) == label]
         rows, checks = summarize(es)
         sizes = sorted({e["target_size"] for e in es})
-        lines += [f"## Three candidates (HEAD2TOE, LINEAR, HEAD2TOE+LINEAR): {protocol} protocol, T = {sizes}", "",
+        lines += [f"## Three candidates (HEAD2TOE, LINEAR, HEAD2TOE+LINEAR): {label} protocol, T = {sizes}", "",
                   *_task_table(rows, METHODS), "", *_checks(checks), ""]
     if not entries:
         lines += ["## Three candidates", "", "No cell of the three-candidate run has finished yet.", ""]
@@ -151,7 +163,7 @@ def write_markdown(entries: list[dict], eval_entries: list[dict]) -> str:
                   "|---|---|---:|---:|---:|---:|---|---:|---:|"]
         for e in entries:
             m = e["methods"]
-            lines.append(f"| {e['task']} | {e['protocol']} | {e['seed']} | "
+            lines.append(f"| {e['task']} | {_run_label(e)} | {e['seed']} | "
                          + " | ".join(f"{100 * m[k]['cv_accuracy']:.1f}" for k in METHODS)
                          + f" | {e['chosen']} | {m['HEAD2TOE']['fit_seconds']:.0f} | {e['load']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -163,6 +175,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--grid", choices=("quick", "paper"), default="quick")
     parser.add_argument("--target-size", type=int, default=512)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="GEMM precision of every fit")
     parser.add_argument("--work-dir", default="h2t-eval")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--eval-results", default=str(Path(__file__).parent / "results" / "vtab_lite0.json"),
@@ -174,10 +187,10 @@ def main() -> None:
         tasks = args.task or [s.name for s in list_tasks(include_optional=False)]
         for task in tasks:
             for seed in (int(s) for s in args.seeds.split(",")):
-                key = (task, seed, args.grid, args.target_size)
-                if any((e["task"], e["seed"], e["protocol"], e["target_size"]) == key for e in entries):
+                key = (task, seed, args.grid, args.target_size, args.precision)
+                if any((e["task"], e["seed"], e["protocol"], e["target_size"], _precision(e)) == key for e in entries):
                     continue
-                entry = run_cell(task, seed, args.grid, args.target_size, Path(args.work_dir), print)
+                entry = run_cell(task, seed, args.grid, args.target_size, args.precision, Path(args.work_dir), print)
                 entries.append(entry)
                 atomic_write_json(path, {"format": "h2t-edge/guard-bench", "version": 1, "results": entries})
                 m = entry["methods"]
@@ -186,8 +199,8 @@ def main() -> None:
     eval_entries = from_eval(Path(args.eval_results)) if Path(args.eval_results).exists() else []
     atomic_write_json(path, {"format": "h2t-edge/guard-bench", "version": 1, "results": entries,
                              "from_eval": eval_entries,
-                             "checks": {p: summarize([e for e in entries if e["protocol"] == p])[1]
-                                        for p in sorted({e["protocol"] for e in entries})},
+                             "checks": {p: summarize([e for e in entries if _run_label(e) == p])[1]
+                                        for p in sorted({_run_label(e) for e in entries})},
                              "checks_from_eval": {p: summarize([e for e in eval_entries if e["protocol"] == p])[1]
                                                   for p in sorted({e["protocol"] for e in eval_entries})}})
     atomic_write_text(RESULTS.with_suffix(".md"), write_markdown(entries, eval_entries))
