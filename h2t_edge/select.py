@@ -445,11 +445,15 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
     b = batches.shape[1]
     xg = [torch.empty(n_models, b, w, dtype=dtype) for w in widths]
     logits, partial = buffers(b)
+    # A step's rows of every model in one 2-D row gather per block: [M * n, dk] -> [M * b, dk]
+    # (3x faster in bf16 than index_select on dim 1 of [M, n, dk]).
+    model_offset = (torch.arange(n_models) * x.shape[0]).unsqueeze(1)
     steps = batches.shape[0]
     for step in range(steps):
         idx = batches[step]
-        for j in range(n_heads):
-            torch.index_select(gathered[j], 1, idx, out=xg[j])
+        rows = (model_offset + idx).view(-1)
+        for j, w in enumerate(widths):
+            torch.index_select(gathered[j].view(-1, w), 0, rows, out=xg[j].view(-1, w))
         forward(xg, logits, partial)
         _ce_grad_(logits, onehot[idx].unsqueeze(1), _row_weights(mask, idx).t().view(n_models, b, 1, 1))
         for j in range(n_heads):
