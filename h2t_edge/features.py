@@ -449,7 +449,11 @@ def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) ->
 
 
 def _identity(value, key: str):
-    # The ONNX path may move; the hash identifies the backbone.
+    # The ONNX path may move; the hash identifies the backbone. The dataset's source (a folder or
+    # manifest path) may differ for the same images: the fingerprint of paths, labels and classes
+    # identifies it.
     if key == "backbone" and isinstance(value, dict):
         return {k: v for k, v in value.items() if k != "onnx"}
+    if key == "dataset" and isinstance(value, dict):
+        return value.get("fingerprint")
     return value

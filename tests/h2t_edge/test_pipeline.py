@@ -83,6 +83,21 @@ def test_cache_from_other_settings_is_not_reused(task, lite0_onnx, tmp_path):
     assert cache.features.dtype == np.float16 and list(cache.manifest["images"]) == list(other.paths)
 
 
+def test_same_images_from_another_manifest_reuse_the_cache(task, lite0_onnx, tmp_path):
+    """The cache is keyed by the images, labels and classes, not by where the manifest lies."""
+    path, _ = lite0_onnx
+    small = task["train"].subset(range(8))
+    first = from_manifest(small.to_manifest(tmp_path / "a" / "train.jsonl"))
+    second = from_manifest(small.to_manifest(tmp_path / "b" / "train.jsonl"))
+    assert first.source != second.source and first.fingerprint() == second.fingerprint()
+    cache = extract_features(path, first, tmp_path / "c", batch_size=8)
+    written = (tmp_path / "c" / "features.npy").stat().st_mtime_ns
+    calls = []
+    again = extract_features(path, second, tmp_path / "c", batch_size=8, progress=lambda d, t: calls.append(d))
+    assert calls == [] and (tmp_path / "c" / "features.npy").stat().st_mtime_ns == written  # nothing recomputed
+    np.testing.assert_array_equal(again.features, cache.features)
+
+
 def test_corrupt_image_is_named_or_skipped(task, lite0_onnx, tmp_path):
     path, _ = lite0_onnx
     paths = list(task["train"].paths[:6])
