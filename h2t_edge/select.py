@@ -398,52 +398,71 @@ def _top_columns(weight: torch.Tensor, k: int,
 
 
 def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, stage, done, total,
-                        dtype=torch.float32):
+                        dtype=torch.float32, shared: int = 0):
     """Unregularized heads on nested column prefixes, one lr; the GEMMs in `dtype`.
 
     columns: int64[M, k_max] ranked columns per model; head f of model m uses columns[m, :ks[f]].
+    shared: the first `shared` columns are the same for every model (HEAD2TOE+LINEAR's kept
+    columns; shared <= ks[0]): they are gathered once and enter every model through one GEMM.
     Returns per f: weight [M, ks[f], C], bias [M, C]; and the logits of every head on every row,
     float32[M, n, F, C].
     """
     n_models = columns.shape[0]
     n_classes = onehot.shape[1]
-    # Column block j (ks[j-1]:ks[j]) feeds heads j..F-1, so its weights for all of them sit side by
-    # side in one [M, dk_j, (F-j)*C] tensor: one GEMM per block instead of one per head, with the
-    # same FLOPs but wider, more efficient GEMMs where a block feeds many heads (the always-kept
-    # columns of HEAD2TOE+LINEAR feed every head). Adam is elementwise, so regrouping the
-    # parameters does not change the optimisation.
     n_heads = len(ks)
-    edges = [0, *ks]
-    widths = [edges[j + 1] - edges[j] for j in range(n_heads)]
-    # Each column block's features, gathered once, model-major: [M, n, dk_j]. Separate contiguous
-    # blocks (not slices of one [M, n, k_max]) because bf16 bmm on strided slices is up to 10x slower.
-    gathered = [torch.empty(n_models, x.shape[0], w, dtype=dtype) for w in widths]
-    for m in range(n_models):
-        for j in range(n_heads):
-            cols = columns[m, edges[j]:edges[j + 1]]
+    if shared and (shared > ks[0] or not bool((columns[:, :shared] == columns[:1, :shared]).all())):
+        raise FitError(f"internal: the first {shared} columns are not common to every model and head")
+    # Column block j (edges[j]:edges[j+1]) feeds the heads whose prefix covers it, first[j]..F-1, so
+    # its weights for all of them sit side by side: one GEMM per block instead of one per head,
+    # with the same FLOPs but wider, more efficient GEMMs where a block feeds many heads. Adam is
+    # elementwise, so regrouping the parameters does not change the optimisation.
+    edges = sorted({0, *ks, *([shared] if shared else [])})
+    widths = [edges[j + 1] - edges[j] for j in range(len(edges) - 1)]
+    first = [next(f for f, k in enumerate(ks) if k >= edges[j + 1]) for j in range(len(widths))]
+    fed = [n_heads - f for f in first]
+    common = 1 if shared else 0  # blocks [0, common) are shared by every model
+    # The shared block: features [n, K] and weights [K, M * fed * C] (one mm for all models).
+    # Per-model blocks: features [M, n, dk] and weights [M, dk, fed * C] (bmm). Separate contiguous
+    # blocks, not slices of one [M, n, k_max]: bf16 bmm on strided slices is up to 10x slower.
+    gathered, blocks = [], []
+    for j, w in enumerate(widths):
+        cols = columns[:, edges[j]:edges[j + 1]]
+        if j < common:
+            gathered.append(x.index_select(1, cols[0]).to(dtype))
+            blocks.append(torch.zeros(w, n_models * fed[j] * n_classes))
+            continue
+        block = torch.empty(n_models, x.shape[0], w, dtype=dtype)
+        for m in range(n_models):
             if dtype == x.dtype:
-                torch.index_select(x, 1, cols, out=gathered[j][m])
+                torch.index_select(x, 1, cols[m], out=block[m])
             else:
-                gathered[j][m].copy_(x.index_select(1, cols))
-    blocks = [torch.zeros(n_models, w, (n_heads - j) * n_classes) for j, w in enumerate(widths)]
+                block[m].copy_(x.index_select(1, cols[m]))
+        gathered.append(block)
+        blocks.append(torch.zeros(n_models, w, fed[j] * n_classes))
     bias = torch.zeros(n_models, n_heads, n_classes)
     grads = [torch.empty_like(p) for p in blocks + [bias]]
     adam = _Adam(blocks + [bias])
     matmul = _Matmul(dtype)
 
+    def buffers(rows: int):
+        return (torch.empty(n_models, rows, n_heads, n_classes),
+                [torch.empty(rows, n_models * fed[j] * n_classes) if j < common else
+                 torch.empty(n_models, rows, fed[j] * n_classes) for j in range(len(widths))])
+
     def forward(xs: list[torch.Tensor], logits: torch.Tensor, partial: list[torch.Tensor]) -> None:
         rows = logits.shape[1]
         logits.copy_(bias.unsqueeze(1).expand_as(logits))
-        for j in range(n_heads):
-            matmul(torch.bmm, xs[j], blocks[j], partial[j], ("fwd", j, rows))
-            logits[:, :, j:].add_(partial[j].view(n_models, rows, n_heads - j, n_classes))
-
-    def buffers(rows: int):
-        return (torch.empty(n_models, rows, n_heads, n_classes),
-                [torch.empty(n_models, rows, (n_heads - j) * n_classes) for j in range(n_heads)])
+        for j in range(len(widths)):
+            if j < common:  # [rows, M * fed * C] -> [M, rows, fed, C]
+                out = matmul(torch.mm, xs[j], blocks[j], partial[j], ("fwd", j, rows))
+                logits[:, :, first[j]:].add_(out.view(rows, n_models, fed[j], n_classes).transpose(0, 1))
+            else:
+                out = matmul(torch.bmm, xs[j], blocks[j], partial[j], ("fwd", j, rows))
+                logits[:, :, first[j]:].add_(out.view(n_models, rows, fed[j], n_classes))
 
     b = batches.shape[1]
-    xg = [torch.empty(n_models, b, w, dtype=dtype) for w in widths]
+    xg = [torch.empty(b, w, dtype=dtype) if j < common else torch.empty(n_models, b, w, dtype=dtype)
+          for j, w in enumerate(widths)]
     logits, partial = buffers(b)
     # A step's rows of every model in one 2-D row gather per block: [M * n, dk] -> [M * b, dk]
     # (3x faster in bf16 than index_select on dim 1 of [M, n, dk]).
@@ -453,12 +472,19 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
         idx = batches[step]
         rows = (model_offset + idx).view(-1)
         for j, w in enumerate(widths):
-            torch.index_select(gathered[j].view(-1, w), 0, rows, out=xg[j].view(-1, w))
+            if j < common:
+                torch.index_select(gathered[j], 0, idx, out=xg[j])
+            else:
+                torch.index_select(gathered[j].view(-1, w), 0, rows, out=xg[j].view(-1, w))
         forward(xg, logits, partial)
         _ce_grad_(logits, onehot[idx].unsqueeze(1), _row_weights(mask, idx).t().view(n_models, b, 1, 1))
-        for j in range(n_heads):
-            matmul(torch.bmm, xg[j].transpose(1, 2), logits[:, :, j:].reshape(n_models, b, -1), grads[j],
-                   ("bwd", j))
+        for j in range(len(widths)):
+            if j < common:
+                upstream = logits[:, :, first[j]:].transpose(0, 1).reshape(b, -1)  # [b, M * fed * C]
+                matmul(torch.mm, xg[j].t(), upstream, grads[j], ("bwd", j))
+            else:
+                matmul(torch.bmm, xg[j].transpose(1, 2), logits[:, :, first[j]:].reshape(n_models, b, -1),
+                       grads[j], ("bwd", j))
         torch.sum(logits, dim=1, out=grads[-1])
         adam.step(grads, cosine_lr(lr, step, steps))
         if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
@@ -466,7 +492,13 @@ def _train_nested_group(x, onehot, mask, lr, columns, ks, batches, progress, sta
     del xg
     all_logits, all_partial = buffers(x.shape[0])
     forward(gathered, all_logits, all_partial)
-    weights = [torch.cat([blocks[j][:, :, (f - j) * n_classes:(f - j + 1) * n_classes] for j in range(f + 1)], dim=1)
+
+    def head_slice(j: int, f: int) -> torch.Tensor:  # block j's weights of head f: [M, dk, C]
+        if j < common:
+            return blocks[j].view(widths[j], n_models, fed[j], n_classes)[:, :, f - first[j]].transpose(0, 1)
+        return blocks[j][:, :, (f - first[j]) * n_classes:(f - first[j] + 1) * n_classes]
+
+    weights = [torch.cat([head_slice(j, f) for j in range(len(widths)) if first[j] <= f], dim=1)
                for f in range(n_heads)]
     biases = [bias[:, f].contiguous() for f in range(n_heads)]
     return weights, biases, all_logits
@@ -708,7 +740,7 @@ def _select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed
                 weights, biases, logits = _train_nested_group(
                     data.x, data.onehot, mask[models[chunk]], lr, columns[chunk], ks, batches,
                     progress, f"{stage} retrain {name} steps={steps}", i * steps, len(chunks) * steps,
-                    data.dtype)
+                    data.dtype, 0 if keep is None else len(keep))
                 acc = None if val_mask is None else _nested_val_accuracy(
                     logits, data.y, val_mask[models[chunk]])
                 del logits

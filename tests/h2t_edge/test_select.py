@@ -97,7 +97,10 @@ def test_trainer_matches_torch_adam_with_cosine_schedule(penalty):
     torch.testing.assert_close(bias[0], head.bias.detach(), atol=2e-5, rtol=1e-4)
 
 
-def test_nested_retraining_equals_training_each_subset_alone():
+@pytest.mark.parametrize("shared", [0, 5])
+def test_nested_retraining_equals_training_each_subset_alone(shared):
+    """shared > 0: the models' first columns are common (HEAD2TOE+LINEAR's kept columns) and take
+    the one-GEMM path; every head must still equal its own training."""
     x, y = synthetic(90, dim=50)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     onehot = torch.nn.functional.one_hot(yt, 3).float()
@@ -105,10 +108,17 @@ def test_nested_retraining_equals_training_each_subset_alone():
     mask = np.stack([folds != 0, folds != 2])
     columns = torch.stack([torch.randperm(50, generator=torch.Generator().manual_seed(s))[:20]
                            for s in range(2)])
-    ks = [2, 7, 20]
+    if shared:
+        kept = torch.arange(40, 40 + shared)
+        columns = torch.stack([torch.cat([kept, c[~torch.isin(c, kept)][:20 - shared]]) for c in columns])
+    ks = [7, 12, 20] if shared else [2, 7, 20]
     batches = batch_schedule(90, 16, 30, seed=4)
-    weights, biases, _ = _train_nested_group(xt, onehot, torch.from_numpy(mask).float(), 0.05,
-                                             columns, ks, batches, None, "", 0, 1)
+    weights, biases, logits = _train_nested_group(xt, onehot, torch.from_numpy(mask).float(), 0.05,
+                                                  columns, ks, batches, None, "", 0, 1, shared=shared)
+    for m in range(2):
+        for f, k in enumerate(ks):  # the returned logits are each head on every row
+            expected = x[:, columns[m, :k].numpy()] @ weights[f][m].numpy() + biases[f][m].numpy()
+            np.testing.assert_allclose(logits[m, :, f].numpy(), expected, atol=1e-5)
     for m in range(2):
         for f, k in enumerate(ks):
             w, b = train_heads(x[:, columns[m, :k].numpy()], y, 3, mask[m:m + 1], [0.05], 30,
@@ -170,6 +180,15 @@ def test_bf16_fit_selects_like_fp32(head2toe_fit):
 def test_unknown_precision_is_refused():
     with pytest.raises(FitError, match="precision"):
         SearchGrid(precision="fp16")
+
+
+def test_nested_retraining_refuses_a_prefix_that_is_not_shared():
+    x, y = synthetic(40, dim=20)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    columns = torch.stack([torch.arange(10), torch.arange(10, 20)])
+    with pytest.raises(FitError, match="not common"):
+        _train_nested_group(xt, torch.nn.functional.one_hot(yt, 3).float(), torch.ones(2, 40), 0.05, columns,
+                            [5, 10], batch_schedule(40, 8, 2, seed=0), None, "", 0, 1, shared=3)
 
 
 def test_batch_schedule_is_shuffled_epochs():
