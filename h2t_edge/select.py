@@ -299,12 +299,12 @@ def _row_weights(train_mask: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 def _add_penalty_grad_(grad: torch.Tensor, weight: torch.Tensor, penalty: str | None,
                        coef: torch.Tensor) -> None:
-    """grad, weight: [D, M, C]; coef: float32[M] -> grad += d penalty / d weight."""
+    """grad, weight: [..., C]; coef: float32, broadcastable to weight's shape with 1 for C (one
+    coefficient per model) -> grad += d penalty / d weight."""
     if penalty is None:
         return
-    coef = coef.view(1, -1, 1)
     if penalty == "l21":
-        scale = torch.linalg.vector_norm(weight, dim=2, keepdim=True).add_(_NORM_EPS)
+        scale = torch.linalg.vector_norm(weight, dim=-1, keepdim=True).add_(_NORM_EPS)
         grad.addcmul_(weight, torch.div(coef, scale, out=scale))
     elif penalty == "l2":
         grad.addcmul_(weight, 2.0 * coef)
@@ -343,11 +343,65 @@ def _train_wide_group(x, onehot, mask, lr, coef, penalty, batches, progress, sta
         torch.sum(g, dim=0, out=grad_b)
         if col_mask is not None:
             grad_w.mul_(col_mask.unsqueeze(2))
-        _add_penalty_grad_(grad_w, weight, penalty, coef)
+        _add_penalty_grad_(grad_w, weight, penalty, coef.view(1, -1, 1))
         adam.step([grad_w, grad_b], cosine_lr(lr, step, steps))
         if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
             progress(stage, done + step + 1, total)
     return weight, bias
+
+
+def _train_screened_group(x, onehot, mask, lr, coef, penalty, batches, progress, stage, done, total,
+                          col_mask):
+    """`_train_wide_group` with a col_mask, computed on each model's candidates only.
+
+    Models with the same candidates (the lambdas of one CV fold) form a subset; every subset must
+    have the same number of models and of candidates K (as `_screen` makes them), else None is
+    returned. Each subset's columns are gathered once into [G, n, K], and the GEMMs, the penalty
+    and Adam run on [G, K, models per subset, C] rather than on the whole pool [P, M, C]: the same
+    math (a masked-out row stays exactly 0 there), with K / P of the weight traffic.
+    Returns weight [P, M, C] (zero outside each model's candidates), bias [M, C]; or None.
+    """
+    subsets, subset_of = torch.unique(col_mask.t() != 0, dim=0, return_inverse=True)  # [G, P], [M]
+    per_subset, sizes = torch.bincount(subset_of), subsets.sum(1)
+    if per_subset.unique().numel() != 1 or sizes.unique().numel() != 1:
+        return None
+    n_sub, per, width = subsets.shape[0], int(per_subset[0]), int(sizes[0])
+    n, n_models, n_classes = x.shape[0], mask.shape[0], onehot.shape[1]
+    order = torch.argsort(subset_of, stable=True)  # model order[g * per + i] is subset g's i-th
+    candidates = torch.stack([row.nonzero().squeeze(1) for row in subsets])  # [G, K], sorted
+    xs = torch.stack([x.index_select(1, c) for c in candidates])  # [G, n, K], x's dtype
+    weight = torch.zeros(n_sub, width, per * n_classes)
+    bias = torch.zeros(n_sub, 1, per * n_classes)
+    grad_w, grad_b = torch.empty_like(weight), torch.empty_like(bias)
+    adam = _Adam([weight, bias])
+    matmul = _Matmul(x.dtype)
+    mask, coef = mask[order], coef[order].view(n_sub, 1, per, 1)
+    b = batches.shape[1]
+    xg = torch.empty(n_sub, b, width, dtype=x.dtype)
+    logits = torch.empty(n_sub, b, per * n_classes)
+    offset = (torch.arange(n_sub) * n).unsqueeze(1)
+    steps = batches.shape[0]
+    for step in range(steps):
+        idx = batches[step]
+        torch.index_select(xs.view(-1, width), 0, (offset + idx).view(-1), out=xg.view(-1, width))
+        matmul(torch.bmm, xg, weight, logits, "fwd").add_(bias)
+        g = logits.view(n_sub, b, per, n_classes)
+        row_weight = _row_weights(mask, idx).view(b, n_sub, per).transpose(0, 1).unsqueeze(3)
+        _ce_grad_(g, onehot[idx].view(1, b, 1, n_classes), row_weight)
+        matmul(torch.bmm, xg.transpose(1, 2), logits, grad_w, "bwd")
+        torch.sum(logits, dim=1, keepdim=True, out=grad_b)
+        _add_penalty_grad_(grad_w.view(n_sub, width, per, n_classes),
+                           weight.view(n_sub, width, per, n_classes), penalty, coef)
+        adam.step([grad_w, grad_b], cosine_lr(lr, step, steps))
+        if progress is not None and ((step + 1) % _PROGRESS_EVERY == 0 or step + 1 == steps):
+            progress(stage, done + step + 1, total)
+    full = torch.zeros(x.shape[1], n_models, n_classes)
+    for g in range(n_sub):
+        models = order[g * per:(g + 1) * per]
+        full[candidates[g].unsqueeze(1), models.unsqueeze(0)] = weight[g].view(width, per, n_classes)
+    full_bias = torch.empty(n_models, n_classes)
+    full_bias[order] = bias.view(n_models, n_classes)
+    return full, full_bias
 
 
 def _wide_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -569,10 +623,12 @@ def _run_wide(x, onehot, mask, lrs, coefs, penalty, steps, batch_size, seed, pro
                           (coefs if coefs is not None else [None] * len(lrs))])
     groups = _lr_groups(lrs)
     for i, (lr, models) in enumerate(groups):
-        w, b = _train_wide_group(x, onehot, mask[models], lr, coefs[models], penalty, batches,
-                                 progress, stage, i * steps, len(groups) * steps,
-                                 None if col_mask is None else col_mask[:, models].contiguous())
-        yield models, w, b
+        args = (x, onehot, mask[models], lr, coefs[models], penalty, batches, progress, stage, i * steps,
+                len(groups) * steps)
+        result = None if col_mask is None else _train_screened_group(*args, col_mask[:, models].contiguous())
+        if result is None:
+            result = _train_wide_group(*args, None if col_mask is None else col_mask[:, models].contiguous())
+        yield models, *result
 
 
 def _summarize(rows_acc: dict, base: dict) -> list[dict]:

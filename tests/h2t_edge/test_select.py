@@ -16,6 +16,8 @@ from h2t_edge.select import (
     _Matmul,
     _run_wide,
     _screen,
+    _train_screened_group,
+    _train_wide_group,
     _train_nested_group,
     batch_schedule,
     fit_head2toe,
@@ -370,6 +372,33 @@ def _data(x, y, n_classes):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     return _Data(xt, yt, n_classes, torch.nn.functional.one_hot(yt, n_classes).float(),
                  torch.zeros(len(y), dtype=torch.int64), torch.float32)
+
+
+@pytest.mark.parametrize("penalty", ["l21", None])
+def test_screened_training_on_candidates_equals_the_masked_pool(penalty):
+    """Per-subset training on each fold's candidates is the masked pool training, rearranged."""
+    x, y = synthetic(60, dim=40)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    onehot = torch.nn.functional.one_hot(yt, 3).float()
+    folds = torch.from_numpy(stratified_folds(y, 3, seed=0))
+    fold_of = torch.tensor([0, 1, 2, 0, 1, 2])  # 3 subsets x 2 coefficients, interleaved
+    mask = (folds.unsqueeze(0) != fold_of.unsqueeze(1)).float()
+    coef = torch.tensor([1e-3, 1e-3, 1e-3, 1e-2, 1e-2, 1e-2])
+    gen = torch.Generator().manual_seed(1)
+    cand = torch.stack([torch.randperm(40, generator=gen)[:15] for _ in range(3)])
+    col_mask = torch.zeros(40, 6)
+    for m in range(6):
+        col_mask[cand[fold_of[m]], m] = 1.0
+    batches = batch_schedule(60, 16, 25, seed=2)
+    args = (xt, onehot, mask, 0.05, coef, penalty, batches, None, "", 0, 1)
+    w_masked, b_masked = _train_wide_group(*args, col_mask)
+    w_blocked, b_blocked = _train_screened_group(*args, col_mask)
+    torch.testing.assert_close(w_blocked, w_masked, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b_blocked, b_masked, atol=1e-5, rtol=1e-4)
+    assert (w_blocked[col_mask == 0] == 0).all() and (w_blocked[col_mask == 1] != 0).any()
+    uneven = col_mask.clone()
+    uneven[cand[0][0], 0] = 0.0  # model 0 now has other candidates than its fold's second model
+    assert _train_screened_group(*args, uneven) is None  # the caller then trains the masked pool
 
 
 def test_strong_rule_scores_are_the_gradient_norm_at_zero():
