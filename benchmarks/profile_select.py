@@ -34,12 +34,13 @@ GROUPS = {"group-lasso GEMM": ("mm", "addmm"), "retrain GEMM": ("bmm", "baddbmm"
                           "add_")}
 
 
-def profile(dim: int, steps: int, keep: int = 1280, n: int = 1000, classes: int = 16) -> dict:
+def profile(dim: int, steps: int, keep: int = 1280, n: int = 1000, classes: int = 16, precision: str = "fp32",
+            budget: int | None = 32768) -> dict:
     rng = np.random.default_rng(0)
     y = np.arange(n) % classes
     x = rng.normal(size=(n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    grid = SearchGrid(steps=(steps,))
+    grid = SearchGrid(steps=(steps,), precision=precision, max_candidates=budget)
     prof = cProfile.Profile()
     start, cpu = time.perf_counter(), time.process_time()
     prof.enable()
@@ -54,10 +55,16 @@ def profile(dim: int, steps: int, keep: int = 1280, n: int = 1000, classes: int 
         if group is not None:
             seconds[group] += tottime
     seconds["other"] = wall - sum(seconds.values())
-    return {"dim": dim, "steps": steps, "kept_columns": keep, "n": n, "classes": classes, "wall_seconds": wall, "cpu_seconds": cpu,
+    return {"dim": dim, "steps": steps, "kept_columns": keep, "precision": precision, "budget": budget, "n": n, "classes": classes, "wall_seconds": wall, "cpu_seconds": cpu,
             "seconds": seconds, "paper_grid_estimate_seconds": wall / steps * 5500,
             "paper_grid_estimate_cpu_seconds": cpu / steps * 5500, "load": os.getloadavg()[0],
             "threads": os.environ.get("OMP_NUM_THREADS", "all")}
+
+
+def _key(e: dict) -> tuple:
+    # entries from before the options ran fp32 at the default budget
+    return (e["dim"], e.get("budget", 32768) or 0, e["kept_columns"], e.get("precision", "fp32"), e["steps"],
+            str(e["threads"]))
 
 
 def markdown(entries: list[dict]) -> str:
@@ -66,12 +73,14 @@ def markdown(entries: list[dict]) -> str:
              "cProfile of `fit_head2toe_variants` on random features (n=1,000, C=16), paper grid with one step count "
              "(CV: 5 folds x 2 lambdas x 2 lr; then the refit); kept: columns HEAD2TOE+LINEAR always keeps (0: HEAD2TOE alone). Seconds per kind of work; the "
              "estimate scales the wall time to the paper's 500 + 5,000 steps. Load: 1-minute load average at the end "
-             "(about 2 = alone on the 2 cores). With other jobs on the cores, wall seconds (and the per-kind seconds, which "
+             "(about 2 = alone on the 2 cores). GEMM: `SearchGrid.precision`; budget: candidates per fold "
+             "(`max_candidates`; D below it is not screened). With other jobs on the cores, wall seconds (and the per-kind seconds, which "
              "cProfile measures in wall time) run high; CPU seconds less so.", "",
-             "| D | kept | steps | threads | wall s | CPU s | " + " | ".join(groups) + " | paper-grid estimate: wall s / CPU s | load |",
-             "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(groups) + "---:|---:|"]
-    for e in sorted(entries, key=lambda e: (e["dim"], e["kept_columns"], e["steps"], str(e["threads"]))):
-        lines.append(f"| {e['dim']:,} | {e['kept_columns']:,} | {e['steps']} | {e['threads']} | {e['wall_seconds']:.1f} | {e['cpu_seconds']:.1f} | "
+             "| D | budget | kept | GEMM | steps | threads | wall s | CPU s | " + " | ".join(groups) + " | paper-grid estimate: wall s / CPU s | load |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|" + "---:|" * len(groups) + "---:|---:|"]
+    for e in sorted(entries, key=_key):
+        budget = e.get("budget", 32768)
+        lines.append(f"| {e['dim']:,} | {f'{budget:,}' if budget else 'exact'} | {e['kept_columns']:,} | {e.get('precision', 'fp32')} | {e['steps']} | {e['threads']} | {e['wall_seconds']:.1f} | {e['cpu_seconds']:.1f} | "
                      + " | ".join(f"{e['seconds'][g]:.1f}" for g in groups)
                      + f" | {e['paper_grid_estimate_seconds']:.0f} / {e['paper_grid_estimate_cpu_seconds']:.0f} | {e['load']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -82,13 +91,14 @@ def main() -> None:
     parser.add_argument("--dims", default="28296", help="comma-separated candidate counts D")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--keep", type=int, default=1280, help="kept columns (0: HEAD2TOE alone, no guard variant)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="GEMM precision")
+    parser.add_argument("--budget", type=int, default=32768, help="candidates per fold (0: exact)")
     args = parser.parse_args()
     path = RESULTS.with_suffix(".json")
     entries = read_json(path, "select profile")["results"] if path.exists() else []
     for dim in (int(d) for d in args.dims.split(",")):
-        entry = profile(dim, args.steps, args.keep)
-        entries = [e for e in entries if (e["dim"], e["steps"], e["kept_columns"], e["threads"])
-                   != (dim, args.steps, args.keep, entry["threads"])] + [entry]
+        entry = profile(dim, args.steps, args.keep, precision=args.precision, budget=args.budget or None)
+        entries = [e for e in entries if _key(e) != _key(entry)] + [entry]
         atomic_write_json(path, {"format": "h2t-edge/select-profile", "version": 1, "results": entries})
         print(f"D={dim} steps={args.steps}: {entry['wall_seconds']:.1f} s "
               + ", ".join(f"{k} {v:.1f}" for k, v in entry["seconds"].items()), flush=True)
