@@ -137,6 +137,33 @@ def _checks(checks: dict) -> list[str]:
             f"**{'–' if kept is None else f'{100 * kept:.0f}%'}** of HEAD2TOE's (target >= 90%)"]
 
 
+def _precision_table(entries: list[dict], eval_entries: list[dict]) -> list[str]:
+    """bf16 cells against the fp32 suite records of the same task, seed and protocol (same features,
+    folds and grid; only the GEMM precision and the code version differ)."""
+    fp32 = {(e["task"], e["seed"], e["protocol"]): e for e in eval_entries}
+    pairs = [(e, fp32[(e["task"], e["seed"], e["protocol"])]) for e in entries
+             if _precision(e) == "bf16" and (e["task"], e["seed"], e["protocol"]) in fp32]
+    if not pairs:
+        return []
+    lines = ["## bf16 GEMMs against the fp32 suite records", "",
+             "Same task, seed, features, folds and grid; the fp32 side is `h2t-edge eval`'s record (an earlier "
+             "code version). Test accuracy (%) and the CV accuracy of the chosen configuration.", "",
+             "| task | protocol | seed | LINEAR test fp32 / bf16 | HEAD2TOE test fp32 / bf16 | HEAD2TOE CV fp32 / bf16 |",
+             "|---|---|---:|---|---|---|"]
+    diffs = []
+    for e, f in pairs:
+        b, a = e["methods"], f["methods"]
+        diffs += [b[m]["test_accuracy"] - a[m]["test_accuracy"] for m in ("LINEAR", "HEAD2TOE")]
+        lines.append(f"| {e['task']} | {e['protocol']} | {e['seed']} | "
+                     + " | ".join(f"{100 * a[m][k]:.1f} / {100 * b[m][k]:.1f}" for m, k in
+                                  (("LINEAR", "test_accuracy"), ("HEAD2TOE", "test_accuracy"), ("HEAD2TOE", "cv_accuracy")))
+                     + " |")
+    diffs = np.array(diffs) * 100
+    lines += ["", f"Test accuracy bf16 - fp32 over {len(diffs)} fits: mean {diffs.mean():+.2f} points, largest "
+              f"|difference| {np.abs(diffs).max():.1f}.", ""]
+    return lines
+
+
 def write_markdown(entries: list[dict], eval_entries: list[dict]) -> str:
     lines = ["# The LINEAR guard on the task suite (EfficientNet-Lite0)", "",
              "Chosen = the candidate with the best CV accuracy, all on the same folds (`h2t-edge train`; ties: fewer "
@@ -157,6 +184,7 @@ def write_markdown(entries: list[dict], eval_entries: list[dict]) -> str:
                   "From benchmarks/results/vtab_lite0.json (`h2t-edge eval`: T = 512, HEAD2TOE and LINEAR on the "
                   "same folds; no new fits). These records have no HEAD2TOE+LINEAR, so this checks the choice "
                   "between the other two only.", "", *_task_table(rows, ("LINEAR", "HEAD2TOE")), "", *_checks(checks), ""]
+    lines += _precision_table(entries, eval_entries)
     if entries:
         lines += ["## CV accuracy (%) per cell of the three-candidate run", "",
                   "| task | protocol | seed | LINEAR | HEAD2TOE | HEAD2TOE+LINEAR | chosen | fit s (H2T, shared) | load |",

@@ -26,7 +26,10 @@ rows per step (one GEMM); each model masks out its validation rows. Models are g
 because the fused Adam kernel takes one scalar lr. The retraining of every (model, F) head is
 batched with bmm over models, on the model's top-k_max columns gathered once (top-k sets are
 prefixes of one ranking, so every F reuses the same gathered block), with one GEMM per block of
-columns that the same heads share rather than one per head (benchmarks/results/select_profile.md).
+columns that the same heads share rather than one per head; columns common to every model (the
+kept columns of HEAD2TOE+LINEAR) are gathered once and enter all models through one GEMM. A
+screened group lasso runs each fold's models on that fold's candidates only
+(benchmarks/results/select_profile.md).
 
 Precision: `SearchGrid.precision="bf16"` runs the training GEMMs on bfloat16 copies of the features
 and weights (fp32 accumulation inside the GEMM, results rounded to bf16 and carried on in fp32);
