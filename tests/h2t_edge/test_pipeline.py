@@ -116,6 +116,24 @@ def test_corrupt_image_is_named_or_skipped(task, lite0_onnx, tmp_path):
     assert cache.arrays()[0].shape[0] == 5
 
 
+def test_fit_precision_is_recorded_and_a_changed_precision_refits(caches, tmp_path):
+    """`fit --fit-precision bf16` trains with bf16 GEMMs, says so in task.json, and a rerun in
+    fp32 does not reuse the bf16 heads."""
+    out = tmp_path / "task"
+    result = CliRunner().invoke(cli, ["fit", str(caches["train"].root), "--out", str(out), "--grid", "quick",
+                                      "--method", "LINEAR", "--fit-precision", "bf16", "-q"])
+    assert result.exit_code == 0, result.output
+    bf16 = TaskHead.load(out / "linear")
+    assert bf16.config["grid"]["precision"] == "bf16"
+    result = CliRunner().invoke(cli, ["fit", str(caches["train"].root), "--out", str(out), "--grid", "quick",
+                                      "--method", "LINEAR", "-q"])
+    assert result.exit_code == 0, result.output
+    fp32 = TaskHead.load(out / "linear")
+    assert fp32.config["grid"]["precision"] == "fp32"
+    assert not np.array_equal(fp32.weight, bf16.weight)  # refitted, in the other precision
+    np.testing.assert_allclose(fp32.weight, bf16.weight, atol=0.05 * np.abs(fp32.weight).max())
+
+
 def test_fit_compile_predict_agree(caches, task, tmp_path):
     report = fit_step(caches["train"].root, tmp_path / "task", grid=TINY_GRID)
     assert set(report.heads) == {"HEAD2TOE", "LINEAR"}
