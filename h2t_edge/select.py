@@ -593,7 +593,19 @@ class _Data:
     dtype: torch.dtype  # GEMM precision (SearchGrid.compute_dtype)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _setup(features, labels, n_classes, grid: SearchGrid) -> _Data:
+    if grid.precision == "bf16" and not native_bf16():
+        warnings.warn("SearchGrid.precision='bf16' on a CPU without native bfloat16 (AVX512-BF16 or AMX): "
+                      "the fit is emulated and slower than fp32; use --fit-precision fp32", RuntimeWarning,
+                      stacklevel=3)
     x, y = _prepare(features, labels, n_classes, grid.folds)
     fold = torch.from_numpy(stratified_folds(y.numpy(), grid.folds, grid.seed))
     return _Data(x, y, n_classes, torch.nn.functional.one_hot(y, n_classes).float(), fold,

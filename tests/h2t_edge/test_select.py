@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +178,20 @@ def test_bf16_fit_selects_like_fp32(head2toe_fit):
     cv = {(r["l21"], r["fraction"]): r["val_acc_mean"] for r in result.cv_table}
     for row in head2toe_fit.cv_table:
         assert abs(cv[(row["l21"], row["fraction"])] - row["val_acc_mean"]) <= 0.05
+
+
+def test_bf16_without_native_support_warns(monkeypatch):
+    from h2t_edge import select
+
+    x, y = synthetic(60, dim=20)
+    grid = small_grid(precision="bf16", steps=(5,), fractions=(0.25,))
+    monkeypatch.setattr(select, "native_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="without native bfloat16"):
+        fit_linear(x, y, 3, grid)
+    monkeypatch.setattr(select, "native_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit_linear(x, y, 3, grid)
 
 
 def test_unknown_precision_is_refused():
