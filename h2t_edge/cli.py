@@ -767,7 +767,10 @@ def serve(task_graphs, port, grpc_port, host, max_batch_size, max_queue_delay_us
                           max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                           instances=instances, threads=threads)
     stopped = threading.Event()
-    signals.signal(signals.SIGTERM, lambda *_: stopped.set())
+    # Both stop the server, also where the parent started us with SIGINT ignored (a shell's `&`, some
+    # test runners): an inherited SIG_IGN would otherwise never raise KeyboardInterrupt.
+    for signum in (signals.SIGTERM, signals.SIGINT):
+        signals.signal(signum, lambda *_: stopped.set())
     try:
         click.echo(f"serving on http://{server.endpoints.http} and grpc {server.endpoints.grpc} "
                    f"(log: {server.log_path}); Ctrl-C stops")

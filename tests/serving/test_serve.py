@@ -84,9 +84,11 @@ def test_cli_serve_starts_and_stops_on_sigint(task_graphs, tmp_path):
     from h2t_edge.serve import free_port
 
     port = free_port()
+    # started with SIGINT ignored, as a background job of a shell is: serve must still stop on it
     process = subprocess.Popen([sys.executable, "-m", "h2t_edge.cli", "serve", str(task_graphs[0]), "--port",
                                 str(port), "--grpc-port", "0", "--workdir", str(tmp_path / "w")],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         first = process.stdout.readline()  # printed once the server is ready
         assert f"serving on http://127.0.0.1:{port}" in first
