@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
@@ -33,8 +32,11 @@ def small_task(lite0, lite0_onnx, tmp_path_factory):
 
 
 def _logits(path_or_model, x):
-    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else str(path_or_model)
-    session = ort.InferenceSession(src, providers=["CPUExecutionProvider"])
+    """Logits as the runtime computes them (its ONNX Runtime session options included)."""
+    from runtime.backends.onnxruntime import SessionLoader
+
+    src = path_or_model.SerializeToString() if isinstance(path_or_model, onnx.ModelProto) else path_or_model
+    session = SessionLoader(src, providers=["CPUExecutionProvider"])()
     return session.run(["logits"], {"images": x})[0]
 
 
@@ -45,7 +47,8 @@ def test_int8_cpu_graph_agrees_with_fp32(small_task, photos, tmp_path):
     assert report.calibration_images == len(photos) and report.quantized_nodes > 10
     x = np.concatenate(batches)
     fp32, int8 = _logits(path, x), _logits(report.path, x)
-    # Tolerance: int8 moves these logits (range about 2) by up to 0.04 (measured); allow 0.1.
+    # Tolerance: int8 moves these logits (range about 2) by up to 0.04 (measured on an AVX-512 VNNI
+    # CPU, and on an AVX2 CPU through the runtime's u8u8 session option: 0.29 without it); allow 0.1.
     # The head is random, so near-ties exist: the class must agree wherever fp32's margin
     # between its top two classes exceeds twice that tolerance.
     tolerance = 0.1

@@ -96,6 +96,25 @@ def test_runner_accepts_a_built_session(weights):
         assert runner.infer({"x": np.ones((1, 4), np.float32)})["y"].shape == (1, 3)
 
 
+def test_int8_products_do_not_saturate():
+    """uint8 x int8 products summed in pairs overflow int16 (255 * 127 * 2 > 32767): ONNX Runtime's
+    u8s8 kernels on x86 CPUs without VNNI saturate there unless the session asks for u8u8, which
+    the runtime's sessions do. Exact against numpy (on VNNI CPUs it holds either way)."""
+    weights = np.full((64, 8), 127, np.int8)
+    weights[:, 1] = -128
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "W"], ["y"])], "u8s8",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, ["batch", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, ["batch", 8])],
+        initializer=[numpy_helper.from_array(weights, "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    a = np.stack([np.full(64, 255, np.uint8), np.arange(64, dtype=np.uint8) * 4])
+    with OnnxRuntimeRunner(SessionLoader(model.SerializeToString(), providers=["CPUExecutionProvider"])) as runner:
+        y = runner.infer({"a": a})["y"]
+    np.testing.assert_array_equal(y, a.astype(np.int64) @ weights.astype(np.int64))
+
+
 @pytest.mark.parametrize(
     "feed, match",
     [
