@@ -24,7 +24,7 @@ search.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +160,14 @@ class Diagnosis:
 
     def to_dict(self) -> dict:
         return {"format": DIAGNOSE_FORMAT, "version": 1, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Diagnosis:
+        """The inverse of `to_dict` (extra keys, such as a report's, are ignored)."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["taps"] = [TapDiagnosis(**t) for t in data["taps"]]
+        return cls(**values)
 
 
 def diagnose(cache: FeatureCache | str | os.PathLike, task_dir: str | os.PathLike | None = None,

@@ -83,22 +83,16 @@ def _nc1_section(shown, train_caches: dict) -> dict | None:
     if c is None or c.target_size not in train_caches:
         return None
     d = diagnose(train_caches[c.target_size], c.path)
-    return {"candidate": c.key, "backbone": d.backbone, "examples": d.examples, "classes": d.classes,
-            "pre_logits": d.pre_logits, "spearman_nc1_vs_share": d.spearman_nc1_vs_share,
-            "spearman_nc1_vs_fraction": d.spearman_nc1_vs_fraction,
-            "taps": [{"tap": t.name, "depth": t.depth, "features": t.features, "nc1": t.nc1,
-                      "selected": t.selected, "selected_share": t.selected_share} for t in d.taps]}
+    section = d.to_dict()
+    del section["format"], section["version"], section["cache"]  # the cache path is this machine's
+    return {"candidate": c.key, **section}
 
 
 def figure_nc1(report: dict) -> str:
     """NC1 across depth beside the shown model's selected share (`h2t_edge.diagnose`'s figure)."""
-    from .diagnose import Diagnosis, TapDiagnosis, figure_diagnosis
+    from .diagnose import Diagnosis, figure_diagnosis
 
-    n = report["nc1"]
-    taps = [TapDiagnosis(t["tap"], t["depth"], t["features"], t["nc1"], t["selected"], t["selected_share"])
-            for t in n["taps"]]
-    d = Diagnosis("", n["backbone"], n["classes"], n["examples"], n["pre_logits"], taps, report["task"],
-                  report["candidates"][n["candidate"]]["method"], n["spearman_nc1_vs_share"])
+    d = Diagnosis.from_dict({"cache": "", **report["nc1"]})
     _pyplot()
     return _png(figure_diagnosis(d))
 

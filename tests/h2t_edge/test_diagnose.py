@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from h2t_edge.artifacts import TaskHead
-from h2t_edge.diagnose import diagnose, nc1, nc1_per_tap, prelogits_nc1, spearman, tap_nc1, write_diagnosis
+from h2t_edge.diagnose import Diagnosis, diagnose, nc1, nc1_per_tap, prelogits_nc1, spearman, tap_nc1, write_diagnosis
 from h2t_edge.errors import FitError
 from h2t_edge.features import CACHE_FORMAT, FeatureCache
 from runtime.io import atomic_write_json
@@ -126,6 +126,7 @@ def test_diagnose_per_tap_with_selection(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["format"] == "h2t-edge/nc1-diagnosis"
     assert [t["selected"] for t in data["taps"]] == [5, 2, 1]
+    assert Diagnosis.from_dict(data) == result  # the JSON reads back as the same diagnosis
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

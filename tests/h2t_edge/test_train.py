@@ -76,7 +76,7 @@ def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
     shown = sel.by_key()[n["candidate"]]
     head = TaskHead.load(shown.path)
     assert shown.method != "LINEAR"
-    assert [t["tap"] for t in n["taps"]] == [t["name"] for t in head.layout["taps"]]
+    assert [t["name"] for t in n["taps"]] == [t["name"] for t in head.layout["taps"]]
     assert sum(t["selected"] for t in n["taps"]) == len(head.features)
     train_root, = (p.parent for p in (root / "cache").rglob(f"T{shown.target_size}/manifest.json")
                    if p.parent.parent.name.startswith("train-"))
