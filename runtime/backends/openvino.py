@@ -6,6 +6,7 @@ openvino is imported inside functions only (optional extra `[openvino]`).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Union
@@ -37,13 +38,27 @@ def openvino_version() -> str:
     return _import_openvino().__version__
 
 
+# Our reduced precisions -> the OPTIMIZATION_CAPABILITIES entry a device lists when it runs them natively.
+_NATIVE_CAPABILITY = {"bf16": "BF16", "fp16": "FP16", "f16": "FP16"}
+
+
+def supports_precision(precision: str, device: str = "CPU") -> bool:
+    """Whether OpenVINO runs `precision` natively on `device` (fp32 always). Where it does not,
+    a bf16 or fp16 hint is not an error for OpenVINO: it silently runs f32."""
+    if precision not in _NATIVE_CAPABILITY:
+        return precision in PRECISION_HINTS
+    ov = _import_openvino()
+    return _NATIVE_CAPABILITY[precision] in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+
+
 class CompiledModelLoader:
     """Lazily reads and compiles a model with OpenVINO (a Polygraphy-style loader).
 
     model: path to an .onnx (or OpenVINO .xml) file, or serialized ONNX bytes.
     device: OpenVINO device name, 'CPU' by default.
     precision: 'fp32' or 'bf16' (or 'fp16'): the inference precision hint. A CPU without bf16
-        support runs in f32; `OpenVinoRunner.precision` reports what the compiled model uses.
+        support runs in f32, with a RuntimeWarning that says so; `OpenVinoRunner.precision`
+        reports what the compiled model uses.
     num_threads: inference threads (None: OpenVINO's default).
     config: further OpenVINO properties, passed as they are.
     """
@@ -81,12 +96,20 @@ class CompiledModelLoader:
             # read_model takes a path, or ONNX bytes with an empty weights tensor.
             model = (core.read_model(self.model, ov.Tensor(np.empty(0, np.uint8)))
                      if isinstance(self.model, bytes) else core.read_model(str(self.model)))
-            return core.compile_model(model, self.device, config)
+            compiled = core.compile_model(model, self.device, config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError subclasses for bad models
             raise ArtifactError(
                 f"OpenVINO cannot read or compile {self.model_name}: {exc}; "
                 "the file is corrupt or uses an operator OpenVINO lacks, re-export it"
             ) from None
+        used = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+        if used != config["INFERENCE_PRECISION_HINT"]:
+            warnings.warn(
+                f"OpenVINO runs {self.model_name} in {used}, not the requested {self.precision}: {self.device} "
+                f"has no native {self.precision} (its capabilities: "
+                f"{', '.join(core.get_property(self.device, 'OPTIMIZATION_CAPABILITIES'))}); "
+                "pass precision='fp32' to ask for what runs", RuntimeWarning, stacklevel=2)
+        return compiled
 
 
 class OpenVinoRunner(Runner):

@@ -57,6 +57,27 @@ def test_openvino_reports_precision_and_checks_feed(lite0_onnx):
             runner.infer({"images": np.zeros((1, 3, 224, 224))})
 
 
+def test_openvino_says_when_it_runs_f32_for_bf16(lite0_onnx):
+    """A bf16 hint on a CPU without native bf16 runs f32: that is said (a warning), and the
+    runner's name and `supports_precision` agree with what ran."""
+    import warnings
+
+    from runtime.backends.openvino import supports_precision
+
+    native = supports_precision("bf16")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with create_runner(lite0_onnx[0], "openvino", precision="bf16") as runner:
+            ran = runner.precision
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning) and "OpenVINO runs" in str(w.message)]
+    assert ran == ("bf16" if native else "f32")
+    if native:
+        assert not said
+    else:
+        assert len(said) == 1 and "not the requested bf16" in said[0] and "in f32" in said[0]
+    assert supports_precision("fp32")
+
+
 def test_openvino_errors_are_typed(tmp_path):
     with pytest.raises(ArtifactError, match="does not exist"):
         create_runner(tmp_path / "missing.onnx", "openvino").activate()
