@@ -264,6 +264,9 @@ def render_html(report: dict) -> str:
     settings = report["settings"]
     settings_rows += [(f"settings.{k}", k, json_text(settings[k])) for k in
                       ("backbone", "weights", "target_sizes", "guard", "train_images", "test_images", "dataset", "test")]
+    if settings.get("unreadable_images"):  # skipped with --on-error skip
+        settings_rows.append(("settings.unreadable_images", "unreadable_images (skipped)",
+                              json_text(settings["unreadable_images"])))
     try:
         import matplotlib  # noqa: F401  (the figures need it; the tables do not)
     except ImportError:

@@ -265,11 +265,12 @@ def fit_caches(paths: Sequence[str | Path], out: str | Path, *, target_sizes: Se
 
 
 def _settings(dataset, test, backbone, weights, sizes, taps, cls_token, guard, grid, export, n_train, n_test,
-              classes) -> dict:
+              classes, unreadable=()) -> dict:
     return {"dataset": str(dataset), "test": None if test is None else str(test), "backbone": backbone,
             "weights": weights, "target_sizes": list(sizes), "taps": list(taps) if taps else None,
             "cls_token": cls_token, "guard": guard, "grid": grid.to_dict(), "export": str(export),
-            "train_images": n_train, "test_images": n_test, "classes": list(classes)}
+            "train_images": n_train, "test_images": n_test, "classes": list(classes),
+            "unreadable_images": list(unreadable)}
 
 
 # ----------------------------------------------------------------------------- the train command
@@ -359,7 +360,10 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         timings[f"extract {split}"] = time.perf_counter() - start
         if len(ran) <= 1:  # only the opening call: every batch was there already
             skipped.append(f"extract {split}")
-        log(f"features {split}: {len(ds)} images x T {sizes} in {root}")
+        bad = next(iter(caches[split].values())).manifest["skipped"]
+        log(f"features {split}: {len(ds)} images x T {sizes} in {root}"
+            + (f"; skipped {len(bad)} unreadable (first: {bad[0]['path']}; all listed in the cache's "
+               "manifest.json)" if bad else ""))
 
     # fit: every T, both HEAD2TOE variants, LINEAR; choose by CV
     start = time.perf_counter()
@@ -392,8 +396,11 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     confusion = None
     if "test" in caches:
         confusion = _test_candidates(selection, caches["test"])
+    # Images used (readable ones), and the paths of those skipped as unreadable (on_error='skip').
+    used = {split: next(iter(c.values())) for split, c in caches.items()}
     settings = _settings(dataset, test, backbone, weights, sizes, taps, cls_token, guard, grid, onnx,
-                         len(train_ds), len(test_ds) if test_ds is not None else 0, train_ds.classes)
+                         int(used["train"].valid.sum()), int(used["test"].valid.sum()) if "test" in used else 0,
+                         train_ds.classes, [s["path"] for c in used.values() for s in c.manifest["skipped"]])
     start = time.perf_counter()
     report = write_report(task_dir, selection, caches["train"], settings, timings, confusion)
     timings["report"] = time.perf_counter() - start

@@ -129,6 +129,32 @@ def test_rerun_redoes_nothing(trained, monkeypatch):
 
 
 @pytest.mark.slow
+def test_unreadable_image_is_refused_or_skipped_and_said(trained, tmp_path):
+    """An image that does not decode stops train with its path and the fix; with on_error='skip'
+    it is left out, and the log says how many and which (the export is shared, not redone)."""
+    from runtime.errors import ImageError
+
+    _, _, root, _ = trained
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    lines = (root / "train.jsonl").read_text().splitlines()
+    label = json.loads(lines[0])["label"]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("\n".join([*lines, json.dumps({"path": str(broken), "label": label})]) + "\n")
+    with pytest.raises(ImageError, match=r"broken\.jpg.*--on-error skip"):
+        train_mod.train(manifest, tmp_path / "refused", target_sizes=SIZES, grid=TINY, cache_dir=root / "cache")
+    log = []
+    report = train_mod.train(manifest, tmp_path / "task", target_sizes=SIZES, grid=TINY, cache_dir=root / "cache",
+                             on_error="skip", log=log.append)
+    said = [m for m in log if m.startswith("features train:")]
+    assert len(said) == 1 and "skipped 1 unreadable" in said[0] and str(broken) in said[0], log
+    assert "export" in report.skipped
+    data = json.loads((tmp_path / "task" / "report.json").read_text())
+    assert data["settings"]["train_images"] == len(lines)  # the readable ones
+    assert data["settings"]["unreadable_images"] == [str(broken)]
+
+
+@pytest.mark.slow
 def test_changed_grid_refits_only_the_fits(trained, tmp_path):
     _, out, root, _ = trained
     copy = tmp_path / "task"
