@@ -10,6 +10,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -99,6 +100,19 @@ def cli(max_image_pixels: int | None) -> None:
     if max_image_pixels is not None:
         # the environment variable (not a module global) so Ray workers and subprocesses see it too
         os.environ[MAX_IMAGE_PIXELS_ENV] = str(max_image_pixels)
+    warnings.showwarning = _show_warning
+
+
+_OWN_PACKAGES = tuple(str(Path(__file__).resolve().parents[1] / name) for name in ("h2t_edge", "runtime", "exporters"))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings (bf16 emulated, a precision OpenVINO does not run...) as one plain line on
+    stderr; other packages' warnings as Python prints them, with their source location."""
+    if str(filename).startswith(_OWN_PACKAGES) or str(filename).startswith("<"):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 @cli.command()

@@ -108,7 +108,7 @@ class CompiledModelLoader:
                 f"OpenVINO runs {self.model_name} in {used}, not the requested {self.precision}: {self.device} "
                 f"has no native {self.precision} (its capabilities: "
                 f"{', '.join(core.get_property(self.device, 'OPTIMIZATION_CAPABILITIES'))}); "
-                "pass precision='fp32' to ask for what runs", RuntimeWarning, stacklevel=2)
+                "ask for fp32 (--precision fp32) to run what was asked", RuntimeWarning, stacklevel=2)
         return compiled
 
 

@@ -60,3 +60,21 @@ def test_max_candidates_option_sets_the_screening_budget():
         assert "--max-candidates" in CliRunner().invoke(cli, [command, "--help"]).output
     result = CliRunner().invoke(cli, ["fit", ".", "--out", "x", "--max-candidates", "-1"])
     assert result.exit_code == 2 and "max-candidates" in result.output
+
+
+def test_cli_prints_own_warnings_as_one_plain_line(capsys):
+    """Our warnings read as one 'warning: ...' line; other packages' keep Python's format (with
+    their source location, which is what one needs to chase them)."""
+    import warnings
+    from pathlib import Path
+
+    import h2t_edge
+    from h2t_edge.cli import _show_warning
+
+    own = str(Path(h2t_edge.__file__).parent / "select.py")
+    _show_warning(RuntimeWarning("bf16 is emulated here"), RuntimeWarning, own, 12)
+    assert capsys.readouterr().err == "warning: bf16 is emulated here\n"
+    _show_warning(UserWarning("old API"), UserWarning, "/usr/lib/python3/site-packages/other/mod.py", 7)
+    err = capsys.readouterr().err
+    assert err == warnings.formatwarning(UserWarning("old API"), UserWarning, "/usr/lib/python3/site-packages/other/mod.py", 7)
+    assert "mod.py:7: UserWarning: old API" in err
