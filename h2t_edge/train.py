@@ -331,6 +331,9 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     timings: dict[str, float] = {}
     skipped: list[str] = []
     train_ds = load_dataset(dataset)
+    if len(train_ds.classes) < 2:  # before the export and the extraction, not after them
+        raise TrainError(f"{dataset} has {len(train_ds.classes)} class ({', '.join(train_ds.classes) or 'none'}): "
+                         "a classifier needs at least 2; give one subfolder (or manifest label) per class")
     test_ds = load_dataset(test, classes=train_ds.classes) if test is not None else None
 
     # export: one graph, every T

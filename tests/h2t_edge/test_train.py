@@ -154,6 +154,15 @@ def test_unreadable_image_is_refused_or_skipped_and_said(trained, tmp_path):
     assert data["settings"]["unreadable_images"] == [str(broken)]
 
 
+def test_one_class_is_refused_before_any_work(task, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "_export_multi", lambda *a, **k: pytest.fail("exported a one-class task"))
+    folder = Path(task["train"].paths[0]).parent  # one class's images
+    one = tmp_path / "one"
+    shutil.copytree(folder, one / folder.name)
+    with pytest.raises(train_mod.TrainError, match=r"one has 1 class .*at least 2.*one subfolder"):
+        train_mod.train(one, tmp_path / "task", target_sizes=SIZES, grid=TINY, cache_dir=tmp_path / "cache")
+
+
 @pytest.mark.slow
 def test_changed_grid_refits_only_the_fits(trained, tmp_path):
     _, out, root, _ = trained
