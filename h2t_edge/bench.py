@@ -3,9 +3,10 @@
 Graphs: the plain backbone (logits), the LINEAR and HEAD2TOE task graphs and the backbone with all
 taps. Backends: ONNX Runtime (fp32, and int8 when calibration images are given), OpenVINO f32
 (and bf16 where the CPU runs it natively) where it is installed, TensorRT where it imports, and
-torch eager as the reference for the plain backbone. Each (graph, backend) is measured in a fresh worker process, so its peak memory is its
-own: warm-up, then repeated batch-1 runs (p50/p90/p99) and batch-N runs (images/s). Ratios are
-against the plain backbone on the same backend, measured in the same run.
+torch eager as the reference for the plain backbone. Each (graph, backend) is measured in a fresh
+worker process, so its peak memory is its own: warm-up, then repeated batch-1 runs (p50/p90/p99)
+and batch-N runs (images/s). Ratios are against the plain backbone on the same backend, measured
+in the same run.
 """
 
 from __future__ import annotations

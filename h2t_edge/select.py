@@ -640,9 +640,10 @@ def _run_wide(x, onehot, mask, lrs, coefs, penalty, steps, batch_size, seed, pro
     for i, (lr, models) in enumerate(groups):
         args = (x, onehot, mask[models], lr, coefs[models], penalty, batches, progress, stage, i * steps,
                 len(groups) * steps)
-        result = None if col_mask is None else _train_screened_group(*args, col_mask[:, models].contiguous())
-        if result is None:
-            result = _train_wide_group(*args, None if col_mask is None else col_mask[:, models].contiguous())
+        group_mask = None if col_mask is None else col_mask[:, models].contiguous()
+        result = None if group_mask is None else _train_screened_group(*args, group_mask)
+        if result is None:  # no mask, or uneven candidate subsets: the masked pool
+            result = _train_wide_group(*args, group_mask)
         yield models, *result
 
 
@@ -665,12 +666,13 @@ def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> li
     lrs = [m[1] for m in models]
     accs: dict = {}
     dim = data.x.shape[1]
+    x = data.x.to(data.dtype)  # once for every steps value and lr group (_run_wide keeps it as it is)
     for steps in grid.steps:
-        for idx, w, b in _run_wide(data.x, data.onehot, (~val_mask).float(), lrs,
+        for idx, w, b in _run_wide(x, data.onehot, (~val_mask).float(), lrs,
                                    [m[0] for m in models], penalty, steps, _cv_batch_size(grid),
                                    grid.seed, progress, f"cv {method} steps={steps}",
                                    dtype=data.dtype):
-            pred = _wide_logits(data.x.to(data.dtype), w, b).argmax(-1).t()  # [Mg, n]
+            pred = _wide_logits(x, w, b).argmax(-1).t()  # [Mg, n]
             acc = _masked_mean((pred == data.y).double(), val_mask[idx])
             for j, m in enumerate(idx):
                 coef, lr, _ = models[m]

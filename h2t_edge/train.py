@@ -350,6 +350,7 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
 
     # extract: one backbone pass per split, one cache per T
     caches = {}
+    first = {}  # split -> one of its caches (every T's cache has the same images, valid rows, skips)
     for split, ds in (("train", train_ds), ("test", test_ds)):
         if ds is None:
             continue
@@ -363,7 +364,8 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         timings[f"extract {split}"] = time.perf_counter() - start
         if len(ran) <= 1:  # only the opening call: every batch was there already
             skipped.append(f"extract {split}")
-        bad = next(iter(caches[split].values())).manifest["skipped"]
+        first[split] = next(iter(caches[split].values()))
+        bad = first[split].manifest["skipped"]
         log(f"features {split}: {len(ds)} images x T {sizes} in {root}"
             + (f"; skipped {len(bad)} unreadable (first: {bad[0]['path']}; all listed in the cache's "
                "manifest.json)" if bad else ""))
@@ -400,10 +402,9 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     if "test" in caches:
         confusion = _test_candidates(selection, caches["test"])
     # Images used (readable ones), and the paths of those skipped as unreadable (on_error='skip').
-    used = {split: next(iter(c.values())) for split, c in caches.items()}
     settings = _settings(dataset, test, backbone, weights, sizes, taps, cls_token, guard, grid, onnx,
-                         int(used["train"].valid.sum()), int(used["test"].valid.sum()) if "test" in used else 0,
-                         train_ds.classes, [s["path"] for c in used.values() for s in c.manifest["skipped"]])
+                         int(first["train"].valid.sum()), int(first["test"].valid.sum()) if "test" in first else 0,
+                         train_ds.classes, [s["path"] for c in first.values() for s in c.manifest["skipped"]])
     start = time.perf_counter()
     report = write_report(task_dir, selection, caches["train"], settings, timings, confusion)
     timings["report"] = time.perf_counter() - start

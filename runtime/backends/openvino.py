@@ -47,8 +47,16 @@ def supports_precision(precision: str, device: str = "CPU") -> bool:
     a bf16 or fp16 hint is not an error for OpenVINO: it silently runs f32."""
     if precision not in _NATIVE_CAPABILITY:
         return precision in PRECISION_HINTS
-    ov = _import_openvino()
-    return _NATIVE_CAPABILITY[precision] in ov.Core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    return _NATIVE_CAPABILITY[precision] in _capabilities(_import_openvino().Core(), device)
+
+
+def _capabilities(core, device: str) -> list[str]:
+    return list(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+
+
+def _inference_precision(compiled) -> str:
+    """The precision a compiled model really runs in, e.g. 'bf16' or 'f32'."""
+    return str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
 
 
 class CompiledModelLoader:
@@ -102,12 +110,12 @@ class CompiledModelLoader:
                 f"OpenVINO cannot read or compile {self.model_name}: {exc}; "
                 "the file is corrupt or uses an operator OpenVINO lacks, re-export it"
             ) from None
-        used = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+        used = _inference_precision(compiled)
         if used != config["INFERENCE_PRECISION_HINT"]:
             warnings.warn(
                 f"OpenVINO runs {self.model_name} in {used}, not the requested {self.precision}: {self.device} "
                 f"has no native {self.precision} (its capabilities: "
-                f"{', '.join(core.get_property(self.device, 'OPTIMIZATION_CAPABILITIES'))}); "
+                f"{', '.join(_capabilities(core, self.device))}); "
                 "ask for fp32 (--precision fp32) to run what was asked", RuntimeWarning, stacklevel=2)
         return compiled
 
@@ -149,7 +157,7 @@ class OpenVinoRunner(Runner):
     @property
     def precision(self) -> str:
         """The inference precision the compiled model really uses, e.g. 'bf16' or 'f32'."""
-        return str(self.compiled_model.get_property("INFERENCE_PRECISION_HINT").get_type_name())
+        return _inference_precision(self.compiled_model)
 
     @property
     def name(self) -> str:
