@@ -4,7 +4,7 @@
     python benchmarks/bench_backends.py --backbone resnet50 --weights random
 
 Builds a small dSprites-style task, exports the backbone, extracts features, fits HEAD2TOE and
-LINEAR (quick grid), then runs `h2t_edge.bench.run_bench` (plain backbone, both task graphs and the
+LINEAR (quick grid), then runs `h2t_edge.serving.bench.run_bench` (plain backbone, both task graphs and the
 backbone with all taps on every backend available, plus ONNX Runtime int8 calibrated on the task's
 images and torch eager). Speed does not depend on what the weights learned, so random weights are
 fine for backbones without bundled ones; the task's accuracy then means nothing and is not reported.
@@ -17,11 +17,11 @@ import argparse
 import shutil
 from pathlib import Path
 
-from h2t_edge.bench import run_bench
-from h2t_edge.features import extract_features
+from h2t_edge.serving.bench import run_bench
+from h2t_edge.steps.extract import extract_features
 from h2t_edge.pipeline import export_step, fit_step
-from h2t_edge.select import SearchGrid
-from h2t_edge.tasks.dsprites import build_dsprites_task
+from h2t_edge.selection import SearchGrid
+from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ What is measured (EfficientNet-Lite0, bundled weights, T = 512):
   uniform selection reads nearly every tap (the slow case);
 - multi-task graphs: 1 task (dspr_loc), 3 tasks (dspr_loc, digits, count2d, each fitted here), and
   10 tasks (those 3 plus 7 heads with random selections of the dspr_loc head's size).
-Every case runs in its own worker process (`h2t_edge.bench`); each case is measured in two rounds
+Every case runs in its own worker process (`h2t_edge.serving.bench`); each case is measured in two rounds
 and the better round is kept, so a burst of load on the shared machine does not decide a ratio.
 Ratios are against the plain backbone on the same backend in the same run. "bytes per added task"
 is (bytes of the N-task graph - bytes of the 1-task graph) / (N - 1), and for the shared-backbone
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from h2t_edge.bench import BenchCase, _run_worker
+from h2t_edge.serving.bench import BenchCase, measure_in_subprocess
 from runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TASKS = ("dspr_loc", "digits", "count2d")
@@ -47,14 +47,14 @@ def prepare(work: Path, n_train: int, seed: int = 0) -> tuple[dict[str, Path], d
     from exporters.backbones import load_backbone
     from exporters.compile import HeadSpec, compile_multitask_graph, compile_task_graph
     from exporters.export import export_backbone, export_plain
-    from h2t_edge.artifacts import TaskHead
-    from h2t_edge.deploy import package_shared_step
-    from h2t_edge.features import extract_features
+    from h2t_edge.core.artifacts import TaskHead
+    from h2t_edge.steps.deploy import package_shared_step
+    from h2t_edge.steps.extract import extract_features
     from h2t_edge.pipeline import fit_step
-    from h2t_edge.select import SearchGrid
+    from h2t_edge.selection import SearchGrid
 
     grid = SearchGrid(**BENCH_GRID_ARGS)
-    from h2t_edge.tasks import build_task
+    from h2t_edge.suite.tasks import build_task
 
     work.mkdir(parents=True, exist_ok=True)
     bb = load_backbone("efficientnet_lite0", weights="bundled")
@@ -137,7 +137,7 @@ def measure_all(graphs: dict[str, Path], batch: int, repeat: int, rounds: int) -
         # Rounds interleave every case, so slow stretches of the machine hit all of them alike.
         for backend, precision in BACKENDS:
             for label, path in graphs.items():
-                result = _run_worker(BenchCase(label, path, backend, precision), batch, 10, repeat, providers)
+                result = measure_in_subprocess(BenchCase(label, path, backend, precision), batch, 10, repeat, providers)
                 key = (label, backend)
                 old = best.get(key)
                 if "error" in result and old is None:

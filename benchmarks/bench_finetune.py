@@ -36,11 +36,11 @@ import numpy as np
 from exporters.backbones import load_backbone
 from exporters.export import feature_layout, select_taps
 from exporters.finetune_graph import FineTunedModel, paper_layer, summarize, tuning_units
-from h2t_edge.diagnose import build_diagnosis, nc1, nc1_per_tap, write_diagnosis
-from h2t_edge.evaluate import best_cv_accuracy, grid_for, holdout_accuracy, task_features
-from h2t_edge.finetune import FineTuneConfig, finetuned_logits, prefix_activations, train_finetuned
-from h2t_edge.select import fit_head2toe, fit_linear
-from h2t_edge.tasks.registry import build_task, list_tasks
+from h2t_edge.research.diagnose import build_diagnosis, nc1, nc1_per_tap, write_diagnosis
+from h2t_edge.suite.evaluate import best_cv_accuracy, grid_for, holdout_accuracy, task_features
+from h2t_edge.research.finetune import FineTuneConfig, finetuned_logits, prefix_activations, train_finetuned
+from h2t_edge.selection import fit_head2toe, fit_linear
+from h2t_edge.suite.tasks.registry import build_task, list_tasks
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 RESULTS = Path(__file__).parent / "results"
@@ -60,13 +60,13 @@ def _save(records: list[dict], settings: dict) -> None:
                                                  "settings": settings, "records": records})
 
 
-def _features(task: str, seed: int, args) -> tuple:
+def feature_caches(task: str, seed: int, args) -> tuple:
     return task_features(task, T, backbone=BACKBONE, seed=seed, work_dir=args.work_dir, data_dir=args.data_dir,
                          log=print)
 
 
 def _linear_and_head2toe(task, seed, method, args, layout, bb) -> dict:
-    x, y, xt, yt, n_classes = _features(task, seed, args)
+    x, y, xt, yt, n_classes = feature_caches(task, seed, args)
     grid = grid_for(args.grid, seed)
     if method == "LINEAR":
         pre = next(t for t in layout["taps"] if t["name"] == layout["pre_logits"])

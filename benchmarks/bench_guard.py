@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from h2t_edge.evaluate import _backbone_onnx, _features, best_cv_accuracy, grid_for, holdout_accuracy
-from h2t_edge.select import HEAD2TOE_KEEP, fit_head2toe_variants, fit_linear
-from h2t_edge.tasks.registry import GROUPS, build_task, list_tasks
-from h2t_edge.train import Candidate, choose
+from h2t_edge.suite.evaluate import backbone_export, feature_caches, best_cv_accuracy, grid_for, holdout_accuracy
+from h2t_edge.selection import HEAD2TOE_KEEP, fit_head2toe_variants, fit_linear
+from h2t_edge.suite.tasks.registry import GROUPS, build_task, list_tasks
+from h2t_edge.train.protocol import Candidate, choose
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 RESULTS = Path(__file__).parent / "results" / "guard"
@@ -41,8 +41,8 @@ METHODS = ("LINEAR", "HEAD2TOE", HEAD2TOE_KEEP)
 
 def run_cell(task: str, seed: int, protocol: str, target_size: int, precision: str, work: Path, log) -> dict:
     data = build_task(task, None, seed)
-    onnx = _backbone_onnx(work, "efficientnet_lite0", target_size, "bundled", log)
-    feats = _features(work, "efficientnet_lite0", target_size, onnx, data, 32, log)
+    onnx = backbone_export(work, "efficientnet_lite0", target_size, "bundled", log)
+    feats = feature_caches(work, "efficientnet_lite0", target_size, onnx, data, 32, log)
     x, y, xt, yt = feats.arrays()
     pre = feats.pre_logits()
     n_classes = len(data.train.classes)

@@ -7,7 +7,7 @@
 Phase `fits`: for each task (task-major, so a partial run covers whole tasks) and backbone, extract
 the train and test features at T (the `h2t-edge eval` caches in --work-dir; the seconds of each
 fresh extraction are kept in WORK/extract_seconds.json) and fit LINEAR and HEAD2TOE (quick grid,
-seed 0) through `h2t_edge.evaluate.run_eval` (records in WORK/evals.json). Phase `search`: the
+seed 0) through `h2t_edge.suite.evaluate.run_eval` (records in WORK/evals.json). Phase `search`: the
 search's proxies on the train features of every backbone (timed; WORK/proxies.json). Phase
 `report`: strategies, picks, regrets, rank correlations and the search time against fitting every
 backbone, into benchmarks/results/model_search.{json,md}. Every phase is resumable and stops
@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results" / "model_search"
 
 
 def _tasks(names: list[str] | None) -> list[str]:
-    from h2t_edge.tasks.registry import list_tasks
+    from h2t_edge.suite.tasks.registry import list_tasks
 
     installed = [s.name for s in list_tasks(include_optional=False) if s.missing() is None]
     order = [t for t in TASK_ORDER if t in installed] + [t for t in installed if t not in TASK_ORDER]
@@ -44,8 +44,8 @@ def _log(message: str) -> None:
 
 
 def phase_fits(tasks: list[str], work: Path, target_size: int, deadline: float) -> None:
-    from h2t_edge.evaluate import _backbone_onnx, _features, run_eval
-    from h2t_edge.tasks.registry import build_task
+    from h2t_edge.suite.evaluate import backbone_export, feature_caches, run_eval
+    from h2t_edge.suite.tasks.registry import build_task
 
     times_path = work / "extract_seconds.json"
     times = read_json(times_path, "extraction times") if times_path.exists() else {}
@@ -56,9 +56,9 @@ def phase_fits(tasks: list[str], work: Path, target_size: int, deadline: float) 
                 return
             key = f"{task}/{backbone}/T{target_size}"
             data = build_task(task, None, 0)
-            onnx = _backbone_onnx(work, backbone, target_size, "bundled", _log)
+            onnx = backbone_export(work, backbone, target_size, "bundled", _log)
             start = time.perf_counter()
-            _features(work, backbone, target_size, onnx, data, 32, _log)
+            feature_caches(work, backbone, target_size, onnx, data, 32, _log)
             seconds = time.perf_counter() - start
             if key not in times and seconds > 5:  # a fresh (or resumed: then marked) extraction
                 times[key] = {"seconds": seconds, "images": len(data.train) + len(data.test),
@@ -70,11 +70,11 @@ def phase_fits(tasks: list[str], work: Path, target_size: int, deadline: float) 
 
 def _task_features(work: Path, task: str, backbone: str, target_size: int):
     """The train/test caches of `phase_fits` (extracted there; built here on first use)."""
-    from h2t_edge.evaluate import _backbone_onnx, _features
-    from h2t_edge.tasks.registry import build_task
+    from h2t_edge.suite.evaluate import backbone_export, feature_caches
+    from h2t_edge.suite.tasks.registry import build_task
 
-    onnx = _backbone_onnx(work, backbone, target_size, "bundled", _log)
-    return onnx, _features(work, backbone, target_size, onnx, build_task(task, None, 0), 32, _log)
+    onnx = backbone_export(work, backbone, target_size, "bundled", _log)
+    return onnx, feature_caches(work, backbone, target_size, onnx, build_task(task, None, 0), 32, _log)
 
 
 def phase_search(tasks: list[str], work: Path, target_size: int, deadline: float,
@@ -82,8 +82,8 @@ def phase_search(tasks: list[str], work: Path, target_size: int, deadline: float
     """Proxies of every backbone on every task's training features (timed), and each backbone's
     batch-1 latency on ONNX Runtime (the graph the search extracts with). Only what is missing is
     computed; each cell is merged into WORK/proxies.json as it ends."""
-    from h2t_edge.evaluate import load_results
-    from h2t_edge.search import PROXIES, measure_latency, proxy_scores
+    from h2t_edge.suite.evaluate import load_results
+    from h2t_edge.research.model_search import PROXIES, measure_latency, proxy_scores
 
     proxies = tuple(proxies or PROXIES)
     path = work / "proxies.json"
@@ -140,8 +140,8 @@ def _mean(values) -> float | None:
 def build_report(tasks: list[str], work: Path, target_size: int) -> dict:
     """Everything the results files show, from WORK's records (only tasks with every piece)."""
     from exporters.backbones import get_backbone_spec
-    from h2t_edge.evaluate import load_results
-    from h2t_edge.search import AGNOSTIC, PROXIES, Candidate, add_regrets, strategies
+    from h2t_edge.suite.evaluate import load_results
+    from h2t_edge.research.model_search import AGNOSTIC, PROXIES, Candidate, add_regrets, strategies
 
     records = {(r["task"], r["backbone"], r["method"]): r for r in load_results(work / "evals.json")
                if r["protocol"] == "quick" and r["seed"] == 0}
@@ -224,7 +224,7 @@ def _corr(v) -> str:
 
 
 def report_markdown(data: dict) -> str:
-    from h2t_edge.search import AGNOSTIC, PROXIES
+    from h2t_edge.research.model_search import AGNOSTIC, PROXIES
 
     s, meta = data["summary"], data["meta"]
     labels = {AGNOSTIC: "ImageNet top-1 (task-agnostic)", **{p: PROXIES[p][0] for p in PROXIES}}
@@ -300,7 +300,7 @@ def report_markdown(data: dict) -> str:
 
 def verdict(data: dict) -> str:
     """The answer, computed from the numbers (mean Spearman and mean regret, multi-layer vs pre-logits)."""
-    from h2t_edge.search import PAPER_PROXIES, PROXIES
+    from h2t_edge.research.model_search import PAPER_PROXIES, PROXIES
 
     s = data["summary"]
     if not data["tasks"]:

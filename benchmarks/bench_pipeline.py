@@ -3,7 +3,7 @@
     h2t-edge demo                                   # once, to have a fitted task
     python benchmarks/bench_pipeline.py --task-root h2t-demo/task
 
-The measuring is `h2t_edge.bench.run_bench` (the same as `h2t-edge bench`); this script only
+The measuring is `h2t_edge.serving.bench.run_bench` (the same as `h2t-edge bench`); this script only
 files the JSON and markdown under benchmarks/results/ so they can be committed.
 """
 
@@ -13,7 +13,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from h2t_edge.bench import run_bench
+from h2t_edge.serving.bench import run_bench
 
 
 def main() -> None:

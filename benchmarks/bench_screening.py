@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from h2t_edge.evaluate import best_cv_accuracy, holdout_accuracy, task_features
-from h2t_edge.select import SearchGrid, fit_head2toe
+from h2t_edge.suite.evaluate import best_cv_accuracy, holdout_accuracy, task_features
+from h2t_edge.selection import SearchGrid, fit_head2toe
 from runtime.io import atomic_write_json, atomic_write_text
 
 RESULTS = Path(__file__).parent / "results" / "screening"

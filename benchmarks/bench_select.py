@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from h2t_edge.select import SearchGrid, fit_head2toe
+from h2t_edge.selection import SearchGrid, fit_head2toe
 
 RESULTS = Path(__file__).parent / "results" / "select.json"
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from h2t_edge.distributed import RayBatches
-from h2t_edge.features import FeatureCache, extract_features
+from h2t_edge.steps.extract_ray import RayBatches
+from h2t_edge.steps.extract import FeatureCache, extract_features
 from h2t_edge.pipeline import compile_step, export_step, fit_step
-from h2t_edge.select import SearchGrid
-from h2t_edge.serve import serve
-from h2t_edge.tasks.dsprites import build_dsprites_task
+from h2t_edge.selection import SearchGrid
+from h2t_edge.serving.serve import serve
+from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 from runtime.io import atomic_write_json, atomic_write_text
 from runtime.predictor import Predictor
 from runtime.preprocess import load_image, preprocess_image

@@ -33,9 +33,9 @@ OUT = ROOT / "benchmarks" / "results" / "train_speed"
 def run(task: str, grid_name: str, budget: int, precision: str, guard: bool, work: Path) -> dict:
     import dataclasses
 
-    from h2t_edge.select import SearchGrid
-    from h2t_edge.tasks.registry import build_task
-    from h2t_edge.train import train
+    from h2t_edge.selection import SearchGrid
+    from h2t_edge.suite.tasks.registry import build_task
+    from h2t_edge.train.protocol import train
 
     grid = SearchGrid.paper() if grid_name == "paper" else SearchGrid.quick()
     grid = dataclasses.replace(grid, max_candidates=budget or None, precision=precision)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from h2t_edge.select import SearchGrid, fit_head2toe_variants
+from h2t_edge.selection import SearchGrid, fit_head2toe_variants
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 _OP = re.compile(r"<built-in method ([\w.]+)>|<method '(\w+)' of")  # how cProfile names torch's C calls

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from h2t_edge import select
-from h2t_edge.evaluate import task_features
+from h2t_edge.selection import kernels, screening, stratified_folds
+from h2t_edge.suite.evaluate import task_features
 from runtime.io import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results" / "screening_recall.json"
@@ -33,10 +33,10 @@ def main() -> None:
     parser.add_argument("--work-dir", default="h2t-eval")
     args = parser.parse_args()
     x, y, _, _, n_classes = task_features(args.task, args.target_size, work_dir=args.work_dir, log=print)
-    train = select.stratified_folds(y, 5, 0) != 0
+    train = stratified_folds(y, 5, 0) != 0
     xt, yt = x[train], y[train]
     onehot = np.eye(n_classes, dtype=np.float32)[yt]
-    grad = select.strong_rule_scores(torch.from_numpy(xt), torch.from_numpy(onehot),
+    grad = screening.strong_rule_scores(torch.from_numpy(xt), torch.from_numpy(onehot),
                                      torch.ones(1, len(yt)))[0].numpy()
     counts = onehot.sum(0)
     means = (onehot.T @ xt) / counts[:, None]
@@ -46,7 +46,7 @@ def main() -> None:
     out = {"task": args.task, "target_size": args.target_size, "candidates": int(x.shape[1]), "recall": {}}
     for lr in (0.1, 0.01):
         start = time.perf_counter()
-        weight, _ = select.train_heads(xt, yt, n_classes, np.ones((2, len(yt)), bool), [lr, lr], 500,
+        weight, _ = kernels.train_heads(xt, yt, n_classes, np.ones((2, len(yt)), bool), [lr, lr], 500,
                                        penalty="l21", coefs=[1e-3, 1e-5])
         print(f"exact heads lr={lr}: {time.perf_counter() - start:.0f} s")
         for j, lam in enumerate((1e-3, 1e-5)):

@@ -384,4 +384,4 @@ register_backbone(
     )
 )
 
-DEFAULT_BACKBONE = "efficientnet_lite0"
+from exporters import DEFAULT_BACKBONE  # noqa: E402,F401  (re-exported; defined torch-free)

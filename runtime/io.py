@@ -77,6 +77,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_bytes(obj: Any) -> bytes:
+    """The bytes h2t-edge writes for a JSON artifact: indented, newline-terminated UTF-8."""
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as indented JSON (keys in insertion order, trailing newline) atomically."""
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

@@ -184,6 +184,30 @@ def _backbone_and_preprocess(d: dict, source: str, bad) -> tuple[dict, Preproces
     return backbone, PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}")
 
 
+def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None) -> "TaskSidecar":
+    """The checked sidecar of the task graph (or engine) PATH: the one reader of task-graph sidecars.
+
+    Refuses a missing graph or sidecar, a sidecar edited after it was written (`content_sha256`),
+    a malformed one, and a graph whose bytes do not match the sidecar's hash; each error names the
+    file and the fix. sidecar_file: where the sidecar is (default: next to the graph, same stem)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"task graph {path} does not exist; pass the .onnx written by the compiler")
+    sidecar_file = Path(sidecar_file) if sidecar_file is not None else sidecar_path(path)
+    if not sidecar_file.is_file():
+        raise ArtifactError(
+            f"task sidecar {sidecar_file} is missing; it must sit next to {path.name} with the "
+            "same stem. Copy it along with the graph or re-compile the task"
+        )
+    raw = read_json(sidecar_file, "task sidecar")
+    if isinstance(raw, dict) and "content_sha256" in raw and content_sha256(raw, "content_sha256") != raw["content_sha256"]:
+        raise ArtifactError(f"task sidecar {sidecar_file} was changed after it was written (its content does not "
+                            "match its content_sha256); re-compile the task")
+    sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
+    verify_artifact_hash(path, sidecar.extra, sidecar_file)
+    return sidecar
+
+
 def verify_artifact_hash(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike) -> None:
     """Check the graph or engine at `path` against the sha256 its sidecar recorded when it was written:
     `build.artifact_sha256` (an engine from `h2t-edge build-engine`) or `graph_sha256` (a compiled task
@@ -263,20 +287,7 @@ class Predictor:
         when the backend or an explicitly requested provider does not initialize.
         """
         path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"task graph {path} does not exist; pass the .onnx written by the compiler")
-        sidecar_file = sidecar_path(path)
-        if not sidecar_file.is_file():
-            raise ArtifactError(
-                f"task sidecar {sidecar_file} is missing; it must sit next to {path.name} with the "
-                "same stem. Copy it along with the graph or re-compile the task"
-            )
-        raw = read_json(sidecar_file, "task sidecar")
-        if isinstance(raw, dict) and "content_sha256" in raw and content_sha256(raw, "content_sha256") != raw["content_sha256"]:
-            raise ArtifactError(f"task sidecar {sidecar_file} was changed after it was written (its content does not "
-                                "match its content_sha256); re-compile the task")
-        sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
-        verify_artifact_hash(path, sidecar.extra, sidecar_file)
+        sidecar = read_task_sidecar(path)
         runner = create_runner(path, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
         return cls(runner, sidecar, path)
 

@@ -6,9 +6,9 @@ import torch
 
 from exporters.export import TappedBackbone, export_backbone, select_taps
 from exporters.multi_export import MultiTargetBackbone, export_backbone_multi
-from h2t_edge.errors import CacheError
-from h2t_edge.features import extract_features, extract_features_multi
-from h2t_edge.tasks.dsprites import build_dsprites_task
+from h2t_edge.core.errors import CacheError
+from h2t_edge.steps.extract import extract_features, extract_features_multi
+from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 
 SHALLOW = ["stem", "blocks.0.*", "blocks.1.*"]  # three segments: a quick export
 
@@ -65,7 +65,7 @@ def test_multi_caches_equal_single_export_caches(lite0, lite0_onnx, images, tmp_
     with pytest.raises(CacheError, match="export it again"):
         extract_features_multi(path, images, {2048: tmp_path / "m2048"}, batch_size=4)
     # these caches lack the pre-logits: fitting them with the guard is an error naming the fix
-    from h2t_edge.train import TrainError, fit_target_sizes
+    from h2t_edge.train.protocol import TrainError, fit_target_sizes
 
     with pytest.raises(TrainError, match="--tap pre_logits"):
         fit_target_sizes(caches, tmp_path / "fit")

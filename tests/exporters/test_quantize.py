@@ -103,7 +103,7 @@ def test_cli_build_engine_then_check(small_task, lite0_onnx, photos, tmp_path):
     from click.testing import CliRunner
 
     from h2t_edge.cli import cli
-    from h2t_edge.features import LAYOUT_KEY
+    from h2t_edge.steps.extract import LAYOUT_KEY
 
     # the layout in the graph's metadata tells build-engine how to preprocess the calibration images
     model = onnx.load(str(small_task[0]))

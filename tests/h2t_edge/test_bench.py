@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from h2t_edge.bench import BACKBONE, HEAD2TOE, BenchCase, _add_ratios, _run_worker, format_table, measure
+from h2t_edge.serving.bench import BACKBONE, HEAD2TOE, BenchCase, _add_ratios, measure_in_subprocess, format_table, measure
 
 
 def _tiny_graph(path, scale: float):
@@ -29,7 +29,7 @@ def test_worker_process_and_ratios(tmp_path):
     for graph, scale in ((BACKBONE, 1.0), (HEAD2TOE, 2.0)):
         case = BenchCase(graph, _tiny_graph(tmp_path / f"{scale}.onnx", scale), "onnxruntime", "fp32")
         rows.append({"graph": graph, "backend": "onnxruntime", "precision": "fp32", "bytes": 10,
-                     **_run_worker(case, 4, 2, 10, ["CPUExecutionProvider"])})
+                     **measure_in_subprocess(case, 4, 2, 10, ["CPUExecutionProvider"])})
     assert all("error" not in r for r in rows), rows
     _add_ratios(rows)
     assert rows[0]["latency_vs_backbone"] == 1.0 and rows[0]["speedup_vs_ort_fp32"] == 1.0
@@ -40,4 +40,4 @@ def test_worker_process_and_ratios(tmp_path):
 
 def test_worker_failure_is_reported_not_raised(tmp_path):
     case = BenchCase(BACKBONE, tmp_path / "missing.onnx", "onnxruntime", "fp32")
-    assert "error" in _run_worker(case, 4, 1, 3, ["CPUExecutionProvider"])
+    assert "error" in measure_in_subprocess(case, 4, 1, 3, ["CPUExecutionProvider"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from h2t_edge.datasets import ImageDataset, from_folder, from_manifest, load_dataset
-from h2t_edge.errors import DatasetError
+from h2t_edge.core.datasets import ImageDataset, from_folder, from_manifest, load_dataset
+from h2t_edge.core.errors import DatasetError
 
 
 def _image(path: Path) -> Path:

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from h2t_edge.artifacts import TaskHead
+from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.cli import cli
-from h2t_edge.deploy import DeployError, compile_tasks_step, package_shared_step
+from h2t_edge.steps.compile import DeployError, compile_tasks_step
+from h2t_edge.steps.deploy import package_shared_step
 from runtime.errors import ArtifactError
 from runtime.heads import SharedBackbonePredictor
 from runtime.io import file_sha256
@@ -57,6 +58,23 @@ def reference(lite0_onnx, tasks):
 @pytest.fixture(scope="module")
 def multitask_graph(tasks, tmp_path_factory):
     return compile_tasks_step(tasks, tmp_path_factory.mktemp("graph") / "tasks.onnx")
+
+
+@pytest.mark.parametrize("edit", ["swap_classes", "rename_task"])
+def test_edited_multitask_sidecar_is_refused(multitask_graph, tmp_path, edit):
+    """The multi-task sidecar is signed like the single-task one (core.sidecar.write_task_graph):
+    an edit that still fits the schema is refused at load, naming the file."""
+    graph = tmp_path / "tasks.onnx"
+    shutil.copy(multitask_graph.path, graph)
+    sidecar = json.loads(multitask_graph.path.with_suffix(".json").read_text())
+    assert "content_sha256" in sidecar
+    if edit == "swap_classes":  # valid, and every label of t1 would be wrong
+        sidecar["tasks"][1]["classes"] = sidecar["tasks"][1]["classes"][::-1]
+    else:
+        sidecar["tasks"][0]["task"] = "renamed"
+    (tmp_path / "tasks.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ArtifactError, match=f"{tmp_path / 'tasks.json'} was changed after it was written"):
+        Predictor.load(graph, providers=["CPUExecutionProvider"])
 
 
 def test_multitask_graph_predicts_every_task_like_the_pipeline(multitask_graph, reference):
@@ -155,7 +173,7 @@ def test_multitask_graph_on_openvino_names_each_task(multitask_graph, reference)
 @pytest.mark.gpu
 def test_multitask_engine_on_tensorrt_matches_onnxruntime(multitask_graph, reference, tmp_path):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed: pip install 'h2t-edge[tensorrt]'")
-    from h2t_edge.engines import build_engine
+    from h2t_edge.serving.engines import build_engine
     from runtime.backends.tensorrt import gpu_name
     from runtime.errors import BackendUnavailable
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from h2t_edge.artifacts import TaskHead
-from h2t_edge.diagnose import Diagnosis, diagnose, nc1, nc1_per_tap, prelogits_nc1, spearman, tap_nc1, write_diagnosis
-from h2t_edge.errors import FitError
-from h2t_edge.features import CACHE_FORMAT, FeatureCache
+from h2t_edge.core.artifacts import TaskHead
+from h2t_edge.research.diagnose import Diagnosis, diagnose, nc1, nc1_per_tap, prelogits_nc1, spearman, tap_nc1, write_diagnosis
+from h2t_edge.core.errors import FitError
+from h2t_edge.steps.extract import CACHE_FORMAT, FeatureCache
 from runtime.io import atomic_write_json
 from runtime.preprocess import PreprocessConfig
 
@@ -149,7 +149,7 @@ def test_diagnose_cli(tmp_path):
 def test_finetune_layer_nc1_picks_the_most_collapsed_block(tmp_path):
     """`--layer nc1`: the tunable block whose output tap has the lowest NC1 (non-block taps ignored)."""
     from exporters.backbones import load_backbone
-    from h2t_edge.finetune import choose_layer
+    from h2t_edge.research.finetune import choose_layer
 
     bb = load_backbone("efficientnet_lite0", weights="bundled", input_size=32)
     cache = _synthetic_cache(tmp_path / "cache", noise=(0.01, 1.0, 0.2, 3.0),

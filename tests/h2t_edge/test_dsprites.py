@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from h2t_edge.datasets import from_folder
-from h2t_edge.errors import DatasetError
-from h2t_edge.tasks import build_dsprites_task
-from h2t_edge.tasks.dsprites import pixel_position, position_bin
+from h2t_edge.core.datasets import from_folder
+from h2t_edge.core.errors import DatasetError
+from h2t_edge.suite.tasks import build_dsprites_task
+from h2t_edge.suite.tasks.dsprites import pixel_position, position_bin
 
 _SMALL = dict(n_train=48, n_test=16, bins=16, seed=3)
 _PIXEL_CENTRES = np.arange(64) + 0.5

@@ -7,10 +7,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import h2t_edge.evaluate as evaluate
+import h2t_edge.selection.methods as methods
+import h2t_edge.suite.evaluate as evaluate
 from h2t_edge.cli import cli
-from h2t_edge.evaluate import METHODS, EvalError, report_markdown, run_eval, write_report
-from h2t_edge.select import SearchGrid
+from h2t_edge.suite.evaluate import METHODS, EvalError, report_markdown, run_eval, write_report
+from h2t_edge.selection import SearchGrid
 
 TINY_GRID = SearchGrid(lrs=(0.1,), steps=(40,), l21s=(1e-3,), penalties=(1e-4,), fractions=(0.01, 0.1),
                        folds=2, batch_size=32)
@@ -53,8 +54,9 @@ def test_rerun_skips_finished_cells(evaluated, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a finished cell was fitted again")
 
-    for name in ("fit_head2toe", "fit_linear", "fit_regularized"):
-        monkeypatch.setattr(evaluate, name, refuse)
+    monkeypatch.setattr(evaluate, "fit_head2toe", refuse)  # evaluate looks HEAD2TOE's fit up itself,
+    for name in ("fit_linear", "fit_regularized"):  # the other methods' through the method registry
+        monkeypatch.setattr(methods, name, refuse)
     again = run_eval(["distance2d"], root / "res", seeds=(0,), protocol="tiny", grid=TINY_GRID,
                      work_dir=root / "work", data_dir=root / "data", **TINY)
     assert again == json.loads((root / "res.json").read_text())["results"]
@@ -63,21 +65,21 @@ def test_rerun_skips_finished_cells(evaluated, monkeypatch):
 def test_interrupted_eval_keeps_finished_cells(evaluated, monkeypatch):
     root, _, _ = evaluated
     calls = []
-    real = evaluate.fit_regularized
+    real = methods.fit_regularized
 
-    def stop_at_l1(x, y, n, penalty, grid):
+    def stop_at_l1(x, y, n, penalty, grid, progress=None):
         calls.append(penalty)
         if penalty == "l1":
             raise KeyboardInterrupt
-        return real(x, y, n, penalty, grid)
+        return real(x, y, n, penalty, grid, progress)
 
-    monkeypatch.setattr(evaluate, "fit_regularized", stop_at_l1)
+    monkeypatch.setattr(methods, "fit_regularized", stop_at_l1)
     args = dict(seeds=(0,), protocol="tiny", grid=TINY_GRID, work_dir=root / "work", data_dir=root / "data", **TINY)
     with pytest.raises(KeyboardInterrupt):
         run_eval(["distance2d"], root / "part", **args)
     kept = json.loads((root / "part.json").read_text())["results"]
     assert [r["method"] for r in kept] == ["LINEAR", "ALL-L2"]
-    monkeypatch.setattr(evaluate, "fit_regularized", real)
+    monkeypatch.setattr(methods, "fit_regularized", real)
     done = run_eval(["distance2d"], root / "part", **args)
     assert [r["method"] for r in done] == list(METHODS) and done[:2] == kept
 
@@ -111,7 +113,8 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch, tmp_path):
 
     import numpy as np
 
-    from h2t_edge.select import FitResult, LinearHead
+    from h2t_edge.selection import FitResult, LinearHead
+    from h2t_edge.steps.fit import FitKey
 
     dims = {512: 10, 2048: 20, 8192: 30}
     cv = {10: 0.5, 20: 0.7, 30: 0.7}  # a tie between 2048 and 8192 goes to the smaller T
@@ -119,7 +122,8 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch, tmp_path):
     def features(t):
         x = np.zeros((4, dims[t]), np.float32)
         return SimpleNamespace(target_size=t, arrays=lambda: (x, np.array([0, 1, 0, 1]), x[:2], np.array([0, 1])),
-                               run_path=lambda method, grid: tmp_path / f"{method}-T{t}.json")
+                               run_path=lambda method, grid: tmp_path / f"{method}-T{t}.json",
+                               fit_key=lambda method, grid: FitKey(f"{t:064x}", (method,), grid.to_dict()))
 
     def fake_fit(x, y, n_classes, grid):
         head = LinearHead(np.zeros((1, 2), np.float32), np.zeros(2, np.float32), np.array([0]))

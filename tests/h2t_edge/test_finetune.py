@@ -15,7 +15,8 @@ from PIL import Image
 from exporters.backbones import load_backbone
 from exporters.errors import ExportError
 from exporters.finetune_graph import FineTunedModel, paper_layer, tuning_units
-from h2t_edge.finetune import FineTuneConfig, FineTunedTask, finetuned_logits, train_finetuned
+from h2t_edge.steps.compile import DeployError
+from h2t_edge.research.finetune import FineTuneConfig, FineTunedTask, finetuned_logits, train_finetuned
 
 
 @pytest.fixture(scope="module")
@@ -139,4 +140,6 @@ def test_finetune_compile_predict_cli_matches_torch(tmp_path):
     # ... and refuses to put it in a multi-task graph (its backbone is not the shared one)
     result = runner.invoke(cli, ["compile", str(tmp_path / "task"), str(tmp_path / "task"), "-o",
                                  str(tmp_path / "multi.onnx")])
-    assert result.exit_code == 2 and "fine-tuned task" in result.output
+    # a typed error (h2t-edge prints it as one "error: ..." line and exits 1), raised by the API
+    assert result.exit_code == 1 and isinstance(result.exception, DeployError)
+    assert "fine-tuned task" in str(result.exception)

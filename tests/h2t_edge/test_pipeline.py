@@ -8,14 +8,14 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from h2t_edge.artifacts import TaskHead
+from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.cli import cli
-from h2t_edge.datasets import from_manifest
-from h2t_edge.errors import CacheError, TaskArtifactError
-from h2t_edge.features import FeatureCache, extract_features
+from h2t_edge.core.datasets import from_manifest
+from h2t_edge.core.errors import CacheError, TaskArtifactError
+from h2t_edge.steps.extract import FeatureCache, extract_features
 from h2t_edge.pipeline import accuracy, check_same_backbone, fit_step
-from h2t_edge.select import SearchGrid
-from h2t_edge.tasks.dsprites import build_dsprites_task
+from h2t_edge.selection import SearchGrid
+from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 from runtime.errors import ImageError
 from runtime.predictor import Predictor
 from runtime.preprocess import PreprocessConfig, preprocess_batch

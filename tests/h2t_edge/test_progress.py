@@ -2,8 +2,8 @@
 
 import io
 
-from h2t_edge import progress
-from h2t_edge.progress import StageBars
+from h2t_edge.core import progress
+from h2t_edge.core.progress import StageBars
 
 
 def _run(bars: StageBars, total: int, stage: str = "extract") -> None:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from h2t_edge import search
-from h2t_edge.search import (
+from h2t_edge.research import model_search as search
+from h2t_edge.research.model_search import (
     Candidate, SearchError, add_regrets, fit_logistic, knn_loo_accuracy, linear_probe_cv_accuracy, proxy_scores,
     recommended_ranking, resolve_pool, strategies, stratified_fold_ids,
 )
@@ -206,7 +206,7 @@ POOL = "test_efficientnet,test_resnet"  # tiny timm models with automatic taps, 
 def test_budget_drops_slow_backbones_before_extraction(tiny_dataset, tmp_path, monkeypatch):
     latencies = {"test_efficientnet": 2.0, "test_resnet": 50.0}
     monkeypatch.setattr(search, "measure_latency",
-                        lambda path, *a, **k: {"p50_ms": latencies[path.name.split("-T")[0]]})
+                        lambda path, *a, **k: {"p50_ms": latencies[path.name.rsplit("-", 2)[0]]})
     report = search.search_models(tiny_dataset, tmp_path / "out", pool=POOL.split(","),
                                   weights={"test_efficientnet": "random", "test_resnet": "random"},
                                   budget_ms=10.0, target_size=64, proxies=("knn", "knn_all"))

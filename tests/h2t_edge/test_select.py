@@ -9,26 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from h2t_edge.errors import FitError
-from h2t_edge.select import (
+from h2t_edge.core.errors import FitError
+from h2t_edge.selection import (
     LinearHead,
     SearchGrid,
-    _Data,
-    _Matmul,
-    _run_wide,
-    _screen,
-    _train_screened_group,
-    _train_wide_group,
-    _train_nested_group,
-    batch_schedule,
     fit_head2toe,
     fit_linear,
     fit_regularized,
     predict_logits,
     stratified_folds,
-    strong_rule_scores,
-    train_heads,
 )
+from h2t_edge.selection.grid import CVData, batch_schedule
+from h2t_edge.selection.kernels import (
+    Matmul,
+    run_wide,
+    train_heads,
+    train_nested_group,
+    train_screened_group,
+    train_wide_group,
+)
+from h2t_edge.selection.screening import screen_candidates, strong_rule_scores
 
 INFORMATIVE = np.array([3, 97, 180, 251, 330, 399])  # spread over the index range
 
@@ -116,7 +116,7 @@ def test_nested_retraining_equals_training_each_subset_alone(shared):
         columns = torch.stack([torch.cat([kept, c[~torch.isin(c, kept)][:20 - shared]]) for c in columns])
     ks = [7, 12, 20] if shared else [2, 7, 20]
     batches = batch_schedule(90, 16, 30, seed=4)
-    weights, biases, logits = _train_nested_group(xt, onehot, torch.from_numpy(mask).float(), 0.05,
+    weights, biases, logits = train_nested_group(xt, onehot, torch.from_numpy(mask).float(), 0.05,
                                                   columns, ks, batches, None, "", 0, 1, shared=shared)
     for m in range(2):
         for f, k in enumerate(ks):  # the returned logits are each head on every row
@@ -143,7 +143,7 @@ def test_bf16_matmul_is_the_product_of_the_rounded_inputs(op):
     shape_a, shape_b = ((37, 300), (300, 11)) if op == "mm" else ((3, 37, 300), (3, 300, 11))
     a, b = torch.randn(shape_a, generator=gen), torch.randn(shape_b, generator=gen)
     out = torch.empty(*shape_a[:-1], shape_b[-1])
-    matmul = _Matmul(torch.bfloat16)
+    matmul = Matmul(torch.bfloat16)
     for _ in range(2):  # the second call reuses the buffers
         matmul(getattr(torch, op), a.to(torch.bfloat16), b, out, "k")
     assert out.dtype == torch.float32
@@ -160,7 +160,7 @@ def test_bf16_nested_retraining_tracks_fp32_and_returns_its_own_logits():
     mask = torch.ones(2, 120)
     columns = torch.stack([torch.randperm(60, generator=torch.Generator().manual_seed(s))[:30] for s in range(2)])
     ks, batches = [3, 10, 30], batch_schedule(120, 16, 60, seed=1)
-    runs = {dtype: _train_nested_group(xt, onehot, mask, 0.05, columns, ks, batches, None, "", 0, 1, dtype)
+    runs = {dtype: train_nested_group(xt, onehot, mask, 0.05, columns, ks, batches, None, "", 0, 1, dtype)
             for dtype in (torch.float32, torch.bfloat16)}
     (w32, b32, _), (w16, b16, logits16) = runs[torch.float32], runs[torch.bfloat16]
     for f, k in enumerate(ks):
@@ -181,7 +181,7 @@ def test_bf16_fit_selects_like_fp32(head2toe_fit):
 
 
 def test_bf16_without_native_support_warns(monkeypatch):
-    from h2t_edge import select
+    from h2t_edge.selection import grid as select
 
     x, y = synthetic(60, dim=20)
     grid = small_grid(precision="bf16", steps=(5,), fractions=(0.25,))
@@ -204,7 +204,7 @@ def test_nested_retraining_refuses_a_prefix_that_is_not_shared():
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     columns = torch.stack([torch.arange(10), torch.arange(10, 20)])
     with pytest.raises(FitError, match="not common"):
-        _train_nested_group(xt, torch.nn.functional.one_hot(yt, 3).float(), torch.ones(2, 40), 0.05, columns,
+        train_nested_group(xt, torch.nn.functional.one_hot(yt, 3).float(), torch.ones(2, 40), 0.05, columns,
                             [5, 10], batch_schedule(40, 8, 2, seed=0), None, "", 0, 1, shared=3)
 
 
@@ -385,7 +385,7 @@ def test_rows_outside_a_models_mask_do_not_touch_it():
 
 def _data(x, y, n_classes):
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    return _Data(xt, yt, n_classes, torch.nn.functional.one_hot(yt, n_classes).float(),
+    return CVData(xt, yt, n_classes, torch.nn.functional.one_hot(yt, n_classes).float(),
                  torch.zeros(len(y), dtype=torch.int64), torch.float32)
 
 
@@ -406,14 +406,14 @@ def test_screened_training_on_candidates_equals_the_masked_pool(penalty):
         col_mask[cand[fold_of[m]], m] = 1.0
     batches = batch_schedule(60, 16, 25, seed=2)
     args = (xt, onehot, mask, 0.05, coef, penalty, batches, None, "", 0, 1)
-    w_masked, b_masked = _train_wide_group(*args, col_mask)
-    w_blocked, b_blocked = _train_screened_group(*args, col_mask)
+    w_masked, b_masked = train_wide_group(*args, col_mask)
+    w_blocked, b_blocked = train_screened_group(*args, col_mask)
     torch.testing.assert_close(w_blocked, w_masked, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(b_blocked, b_masked, atol=1e-5, rtol=1e-4)
     assert (w_blocked[col_mask == 0] == 0).all() and (w_blocked[col_mask == 1] != 0).any()
     uneven = col_mask.clone()
     uneven[cand[0][0], 0] = 0.0  # model 0 now has other candidates than its fold's second model
-    assert _train_screened_group(*args, uneven) is None  # the caller then trains the masked pool
+    assert train_screened_group(*args, uneven) is None  # the caller then trains the masked pool
 
 
 def test_strong_rule_scores_are_the_gradient_norm_at_zero():
@@ -436,7 +436,7 @@ def test_masked_columns_train_exactly_like_the_submatrix_alone():
     allowed[[0, 3, 5, 8, 13, 21, 29], 0] = True
     allowed[:, 1] = True
     mask = torch.ones(2, 90)
-    (_, w, _), = _run_wide(torch.from_numpy(x), torch.nn.functional.one_hot(
+    (_, w, _), = run_wide(torch.from_numpy(x), torch.nn.functional.one_hot(
         torch.from_numpy(y), 3).float(), mask, [0.1, 0.1], [1e-3, 1e-3], "l21", 30, 16, 0, None,
         "", torch.from_numpy(allowed).float())
     assert torch.all(w[~torch.from_numpy(allowed[:, 0]), 0] == 0)
@@ -449,20 +449,20 @@ def test_screen_uses_only_each_models_training_rows():
     x, y = synthetic(90, dim=200, seed=5)
     folds = stratified_folds(y, 3, seed=0)
     train = torch.from_numpy(np.stack([folds != f for f in (0, 0, 1, 2)])).float()
-    screen = _screen(_data(x, y, 3), train, 20)
+    screen = screen_candidates(_data(x, y, 3), train, 20)
     assert screen.col_mask.shape == (len(screen.pool), 4)
     assert torch.all(screen.col_mask.sum(0) == 20)
     torch.testing.assert_close(screen.col_mask[:, 0], screen.col_mask[:, 1])  # same rows, same pool
     x2 = x.copy()
     x2[folds == 0] = np.random.default_rng(0).standard_normal(x2[folds == 0].shape)
-    screen2 = _screen(_data(x2, y, 3), train, 20)
+    screen2 = screen_candidates(_data(x2, y, 3), train, 20)
 
     def candidates(s, m):
         return set(s.pool[s.col_mask[:, m] > 0].tolist())
 
     assert candidates(screen2, 0) == candidates(screen, 0)  # fold 0's validation rows changed
     assert candidates(screen2, 2) != candidates(screen, 2)
-    assert _screen(_data(x, y, 3), train, 200) is None  # D <= budget: exact method
+    assert screen_candidates(_data(x, y, 3), train, 200) is None  # D <= budget: exact method
 
 
 def test_screened_head2toe_selects_informative_features_from_a_large_pool():
@@ -479,11 +479,11 @@ def test_screened_head2toe_selects_informative_features_from_a_large_pool():
 
 
 def test_training_threads_follow_omp_num_threads(monkeypatch):
-    from h2t_edge.select import _training_threads
+    from h2t_edge.selection.grid import training_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert _training_threads() == 1
+    assert training_threads() == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
-    assert _training_threads() == (os.cpu_count() or 1)
+    assert training_threads() == (os.cpu_count() or 1)
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert _training_threads() == (os.cpu_count() or 1)
+    assert training_threads() == (os.cpu_count() or 1)

@@ -12,10 +12,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from h2t_edge.cli import cli
-from h2t_edge.datasets import from_folder
-from h2t_edge.errors import DatasetError
-from h2t_edge.tasks import build_task, get_task, list_tasks, natural, scenes
-from h2t_edge.tasks.registry import TEST_SEED
+from h2t_edge.core.datasets import from_folder
+from h2t_edge.core.errors import DatasetError
+from h2t_edge.suite.tasks import build_task, get_task, list_tasks, natural, scenes
+from h2t_edge.suite.tasks.registry import TEST_SEED
 
 TINY = dict(n_train=60, n_val=12, n_test=30)
 
@@ -125,7 +125,7 @@ def test_structured_test_set_uses_its_own_fixed_seed(tmp_path):
 
 
 def test_clevr3d_scenes_and_labels():
-    from h2t_edge.tasks import clevr3d
+    from h2t_edge.suite.tasks import clevr3d
 
     rng = np.random.default_rng(0)
     count = clevr3d.count_scenes(20, rng)

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from h2t_edge import select, train as train_mod
-from h2t_edge.artifacts import TaskHead
+from h2t_edge.selection import methods as methods_mod
+from h2t_edge.steps import export as export_mod
+from h2t_edge.train import protocol as train_mod
+from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.cli import cli
-from h2t_edge.select import HEAD2TOE_KEEP, SearchGrid, fit_head2toe, fit_head2toe_variants
-from h2t_edge.tasks.dsprites import build_dsprites_task
-from h2t_edge.train import Candidate, choose, default_target_sizes, open_caches, summary_table
+from h2t_edge.selection import HEAD2TOE_KEEP, SearchGrid, fit_head2toe, fit_head2toe_variants
+from h2t_edge.suite.tasks.dsprites import build_dsprites_task
+from h2t_edge.train.protocol import Candidate, choose, default_target_sizes, open_caches, summary_table
 from runtime.predictor import Predictor
 
 SIZES = (16, 64)
@@ -69,8 +71,8 @@ def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
     assert {c["target_size"] for c in data["cv_curves"]} == set(SIZES)
     assert "*" in summary_table(report)
     # NC1 per layer beside the shown HEAD2TOE-family selection, each tap's value from its own columns
-    from h2t_edge.diagnose import nc1
-    from h2t_edge.features import FeatureCache
+    from h2t_edge.research.diagnose import nc1
+    from h2t_edge.steps.extract import FeatureCache
 
     n = data["nc1"]
     shown = sel.by_key()[n["candidate"]]
@@ -89,7 +91,7 @@ def test_train_writes_every_artifact_and_picks_the_best_cv(trained, task):
 def test_every_winner_kind_compiles_to_the_head_it_came_from(trained, task, tmp_path):
     """The guard can pick LINEAR, HEAD2TOE or HEAD2TOE+LINEAR: each compiles, and the graph's logits
     equal the head's on the same images' features."""
-    from h2t_edge.features import FeatureCache
+    from h2t_edge.steps.extract import FeatureCache
     from h2t_edge.pipeline import compile_step
     from runtime.preprocess import PreprocessConfig, preprocess_batch
 
@@ -110,15 +112,14 @@ def test_every_winner_kind_compiles_to_the_head_it_came_from(trained, task, tmp_
 @pytest.mark.slow
 def test_rerun_redoes_nothing(trained, monkeypatch):
     report, out, root, _ = trained
-    for name in ("fit_head2toe_variants", "fit_linear"):
-        monkeypatch.setattr(select, name, lambda *a, **k: pytest.fail("refitted a kept fit"))
-    monkeypatch.setattr(train_mod, "_export_multi", lambda *a, **k: pytest.fail("exported again"))
-    import h2t_edge.pipeline as pipeline
+    refit = lambda *a, **k: pytest.fail("refitted a kept fit")  # noqa: E731
+    monkeypatch.setattr(train_mod, "fit_head2toe_variants", refit)  # the protocol runs both HEAD2TOE variants,
+    monkeypatch.setattr(methods_mod, "fit_linear", refit)  # LINEAR through the method registry
+    monkeypatch.setattr(export_mod, "export_multi_step", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(train_mod, "compile_step", lambda *a, **k: pytest.fail("compiled again"))
+    from h2t_edge.cli import options as cli_options
 
-    monkeypatch.setattr(pipeline, "compile_step", lambda *a, **k: pytest.fail("compiled again"))
-    import h2t_edge.cli as cli_mod
-
-    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None, precision="fp32": TINY)
+    monkeypatch.setattr(cli_options, "make_grid", lambda name, max_candidates=None, precision="fp32": TINY)
     result = CliRunner().invoke(cli, ["train", str(root / "train.jsonl"), "-o", str(out), "--test", str(trained[3]),
                                       "-T", "64", "-T", "16", "--cache-dir", str(root / "cache"), "-q"],
                                 catch_exceptions=False)
@@ -155,7 +156,7 @@ def test_unreadable_image_is_refused_or_skipped_and_said(trained, tmp_path):
 
 
 def test_one_class_is_refused_before_any_work(task, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "_export_multi", lambda *a, **k: pytest.fail("exported a one-class task"))
+    monkeypatch.setattr(export_mod, "export_multi_step", lambda *a, **k: pytest.fail("exported a one-class task"))
     folder = Path(task["train"].paths[0]).parent  # one class's images
     one = tmp_path / "one"
     shutil.copytree(folder, one / folder.name)
@@ -176,9 +177,9 @@ def test_changed_grid_refits_only_the_fits(trained, tmp_path):
 
 @pytest.mark.slow
 def test_fit_cli_takes_several_caches_and_chooses_t(trained, tmp_path, monkeypatch):
-    import h2t_edge.cli as cli_mod
+    from h2t_edge.cli import options as cli_options
 
-    monkeypatch.setattr(cli_mod, "_grid", lambda name, max_candidates=None, precision="fp32": TINY)  # keep the test fast
+    monkeypatch.setattr(cli_options, "make_grid", lambda name, max_candidates=None, precision="fp32": TINY)  # keep the test fast
     report, out, root, _ = trained
     features = next((root / "cache" / "features").iterdir())
     train_root = next(p for p in features.iterdir() if p.name.startswith("train"))

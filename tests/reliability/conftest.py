@@ -21,8 +21,8 @@ from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256  # noq
 def tiny_root(tmp_path_factory):
     """{backbone: ONNX at T=48, backbone12: at T=12, images: class folders, cache: float32 cache,
     task: fitted task dir (head2toe/, linear/)} built once."""
-    from h2t_edge.datasets import from_folder
-    from h2t_edge.features import extract_features
+    from h2t_edge.core.datasets import from_folder
+    from h2t_edge.steps.extract import extract_features
     from h2t_edge.pipeline import fit_step
 
     root = tmp_path_factory.mktemp("tiny")

@@ -8,7 +8,7 @@ from pathlib import Path
 from tiny_backbone import TINY_GRID
 from tiny_backbone import write_backbone
 
-from h2t_edge import evaluate
+from h2t_edge.suite import evaluate
 
 
 def _tiny_onnx(work: Path, backbone: str, target_size: int, weights: str, log) -> Path:

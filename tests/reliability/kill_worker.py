@@ -3,7 +3,7 @@
     python kill_worker.py STEP ARGS_JSON [KILL_AT]
 
 KILL_AT is "FUNCTION:N:WHEN": the process kills itself with SIGKILL at the N-th call (1-based) of
-FUNCTION (a module attribute path, e.g. "h2t_edge.features._save_npy"), WHEN "before" the call,
+FUNCTION (a module attribute path, e.g. "h2t_edge.steps.extract._save_npy"), WHEN "before" the call,
 "after" it, or "during" it (an atomic write: a partial temporary file is written, then the kill).
 "pause:N" instead blocks at the N-th batch written (for the lock test) after touching ARGS["ready"].
 Without KILL_AT the step runs to the end. The worker prints "counts <json>" of the hooked calls.
@@ -51,7 +51,7 @@ def hook(target: str, n: int, when: str) -> None:
 
 
 def pause_at_batch(n: int, ready: str) -> None:
-    from h2t_edge import features
+    from h2t_edge.steps import extract as features
 
     original = features._CacheWriter.write
 
@@ -74,8 +74,8 @@ def main() -> None:
             target, n, when = spec.rsplit(":", 2)
             hook(target, int(n), when)
     if step == "extract":
-        from h2t_edge.datasets import from_folder
-        from h2t_edge.features import extract_features
+        from h2t_edge.core.datasets import from_folder
+        from h2t_edge.steps.extract import extract_features
 
         extract_features(args["onnx"], from_folder(args["images"]), args["cache"], batch_size=args["batch_size"],
                          dtype="float32", on_error="skip")

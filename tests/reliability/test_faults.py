@@ -19,10 +19,10 @@ import pytest
 from PIL import Image
 
 import runtime.io
-from h2t_edge.artifacts import TaskHead
-from h2t_edge.datasets import from_folder
-from h2t_edge.errors import CacheError
-from h2t_edge.features import FeatureCache, extract_features
+from h2t_edge.core.artifacts import TaskHead
+from h2t_edge.core.datasets import from_folder
+from h2t_edge.core.errors import CacheError
+from h2t_edge.steps.extract import FeatureCache, extract_features
 from runtime.errors import ArtifactWriteError
 from runtime.io import atomic_write_files
 from runtime.predictor import Predictor
@@ -69,12 +69,12 @@ def reference_cache(tiny_root, kill_images, tmp_path_factory):
 # at the start, then per batch valid.npy and progress.npy; atomic_write_json #1 the first manifest,
 # #2 the manifest listing the truncated image (batch 4), #3 the final one marking it complete.
 EXTRACT_KILLS = [
-    "h2t_edge.features._save_npy:1:after",  # arrays created, no manifest yet
-    "h2t_edge.features.atomic_write_json:1:during",  # first manifest half written
-    "h2t_edge.features._save_npy:5:after",  # batch 2's features and valid flags in, progress not
-    "h2t_edge.features._save_npy:6:during",  # batch 2's progress record half written
-    "h2t_edge.features.atomic_write_json:2:before",  # batch 4 (a skipped image) written, manifest not
-    "h2t_edge.features.atomic_write_json:3:before",  # every batch done, not yet marked complete
+    "h2t_edge.steps.extract._save_npy:1:after",  # arrays created, no manifest yet
+    "h2t_edge.steps.extract.atomic_write_json:1:during",  # first manifest half written
+    "h2t_edge.steps.extract._save_npy:5:after",  # batch 2's features and valid flags in, progress not
+    "h2t_edge.steps.extract._save_npy:6:during",  # batch 2's progress record half written
+    "h2t_edge.steps.extract.atomic_write_json:2:before",  # batch 4 (a skipped image) written, manifest not
+    "h2t_edge.steps.extract.atomic_write_json:3:before",  # every batch done, not yet marked complete
 ]
 
 
@@ -110,8 +110,8 @@ def reference_fit(tiny_root, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kill", [
-    "h2t_edge.artifacts.atomic_write_files:1:before",  # HEAD2TOE fitted, not saved
-    "h2t_edge.artifacts.atomic_write_files:1:after",  # HEAD2TOE saved, LINEAR not fitted
+    "h2t_edge.core.artifacts.atomic_write_files:1:before",  # HEAD2TOE fitted, not saved
+    "h2t_edge.core.artifacts.atomic_write_files:1:after",  # HEAD2TOE saved, LINEAR not fitted
     "runtime.io._stage:4:during",  # LINEAR's task.json half written (its head staged)
 ])
 def test_killed_fit_resumes(tiny_root, reference_fit, tmp_path, kill):
@@ -147,9 +147,9 @@ def test_killed_eval_resumes(tmp_path):
     ref = {"out": str(tmp_path / "ref" / "eval"), "work": str(tmp_path / "ref" / "work"), "data": str(data)}
     run_worker("eval", ref)
     args = {"out": str(tmp_path / "run" / "eval"), "work": str(tmp_path / "run" / "work"), "data": str(data)}
-    for kill in ("h2t_edge.features._save_npy:5:after",  # inside the first extraction
-                 "h2t_edge.evaluate.atomic_write_json:1:after",  # LINEAR's record saved
-                 "h2t_edge.evaluate.atomic_write_json:1:after"):  # HEAD2TOE at T=12 kept, T=48 not fitted
+    for kill in ("h2t_edge.steps.extract._save_npy:5:after",  # inside the first extraction
+                 "h2t_edge.suite.evaluate.atomic_write_json:1:after",  # LINEAR's record saved
+                 "h2t_edge.steps.fit.atomic_write_json:1:after"):  # HEAD2TOE at T=12 kept, T=48 not fitted
         run_worker("eval", args, kill)
     fits = sorted((tmp_path / "run" / "work").rglob("fits/HEAD2TOE-*.json"))
     assert len(fits) == 1  # the T=12 fit survived the last kill ...

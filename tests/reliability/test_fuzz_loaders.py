@@ -20,10 +20,10 @@ from json_mutations import damaged, damaged_text
 from tiny_backbone import tiny_layout, write_backbone
 from tiny_task import task_sidecar_dict
 
-from h2t_edge.artifacts import TaskHead
-from h2t_edge.datasets import from_folder
-from h2t_edge.errors import H2TEdgeError
-from h2t_edge.features import FeatureCache, extract_features, read_layout
+from h2t_edge.core.artifacts import TaskHead
+from h2t_edge.core.datasets import from_folder
+from h2t_edge.core.errors import H2TEdgeError
+from h2t_edge.steps.extract import FeatureCache, extract_features, read_layout
 from runtime.backends.base import BatchProfile
 from runtime.backends.tensorrt import EngineKey, check_engine_record, write_engine_record
 from runtime.errors import H2TRuntimeError
@@ -218,7 +218,7 @@ def test_layout_in_onnx_metadata(tiny_root, data):
 def test_multi_target_layout_in_onnx_metadata(data):
     """The multi-target-size export's metadata (exporters.multi_export): refused naming the file, or
     one valid single-T layout and one output per tap for every target size."""
-    from h2t_edge.features import MULTI_LAYOUT_KEY, read_multi_layout
+    from h2t_edge.steps.extract import MULTI_LAYOUT_KEY, read_multi_layout
     from tiny_backbone import tiny_backbone
 
     multi = {"format": "h2t-edge/multi-target-layout", "version": 1, "backbone": "tiny", "target_sizes": [12, 48],

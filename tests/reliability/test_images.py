@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 from tiny_backbone import PREPROCESS
 
-from h2t_edge.datasets import from_folder, from_manifest
-from h2t_edge.errors import DatasetError
-from h2t_edge.features import extract_features
+from h2t_edge.core.datasets import from_folder, from_manifest
+from h2t_edge.core.errors import DatasetError
+from h2t_edge.steps.extract import extract_features
 from runtime.errors import ImageError
 from runtime.predictor import Predictor
 from runtime.preprocess import MAX_IMAGE_PIXELS_ENV, load_image, preprocess_image

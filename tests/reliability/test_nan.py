@@ -12,9 +12,9 @@ import pytest
 from tiny_backbone import write_backbone
 from tiny_task import TASK_PREPROCESS, build_task_graph, task_sidecar_dict
 
-from h2t_edge.artifacts import TaskHead
-from h2t_edge.errors import CacheError, FitError, TaskArtifactError
-from h2t_edge.features import extract_features
+from h2t_edge.core.artifacts import TaskHead
+from h2t_edge.core.errors import CacheError, FitError, TaskArtifactError
+from h2t_edge.steps.extract import extract_features
 from h2t_edge.pipeline import fit_step
 from runtime.errors import ArtifactError, ImageError
 from runtime.io import atomic_write_json, file_sha256

@@ -14,9 +14,9 @@ from onnx import numpy_helper
 from tiny_backbone import tiny_layout, write_backbone
 from tiny_task import task_sidecar_dict
 
-from h2t_edge.artifacts import TaskHead
-from h2t_edge.errors import CacheError, TaskArtifactError
-from h2t_edge.features import FeatureCache, extract_features
+from h2t_edge.core.artifacts import TaskHead
+from h2t_edge.core.errors import CacheError, TaskArtifactError
+from h2t_edge.steps.extract import FeatureCache, extract_features
 from h2t_edge.pipeline import accuracy, fit_step
 from runtime.backends.base import BatchProfile
 from runtime.backends.tensorrt import EngineKey, check_engine_record, write_engine_record

@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from h2t_edge.select import SearchGrid
+from h2t_edge.selection import SearchGrid
 from runtime.preprocess import PreprocessConfig
 
 PREPROCESS = PreprocessConfig(input_size=(3, 16, 16), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),

@@ -1,4 +1,4 @@
-"""`h2t_edge.distributed`: extraction on a local Ray instance (2 CPUs) writes the same feature cache,
+"""`h2t_edge.steps.extract_ray`: extraction on a local Ray instance (2 CPUs) writes the same feature cache,
 bit for bit, as local extraction; it resumes per shard and reports worker errors as local ones."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from h2t_edge.datasets import load_dataset
-from h2t_edge.distributed import RayBatches
-from h2t_edge.features import FeatureCache, extract_features
+from h2t_edge.core.datasets import load_dataset
+from h2t_edge.steps.extract_ray import RayBatches
+from h2t_edge.steps.extract import FeatureCache, extract_features
 from runtime.errors import ImageError
 
 ray = pytest.importorskip("ray")
@@ -147,8 +147,8 @@ def test_cli_extract_ray(backbone, dataset_dir, tmp_path, local_ray):
 
 
 def test_unreachable_cluster_is_a_prompt_error(backbone, dataset_dir, tmp_path):
-    from h2t_edge.errors import ServingError
-    from h2t_edge.serve import free_port
+    from h2t_edge.core.errors import ServingError
+    from h2t_edge.serving.serve import free_port
 
     address = f"127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ServingError, match=f"no Ray cluster answers at {address}"):

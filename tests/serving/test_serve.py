@@ -1,4 +1,4 @@
-"""`h2t_edge.serve`: a real Triton server (the nvidia-pytriton wheel's tritonserver) on loopback,
+"""`h2t_edge.serving.serve`: a real Triton server (the nvidia-pytriton wheel's tritonserver) on loopback,
 queried concurrently with tritonclient over HTTP and gRPC, answers checked against runtime.Predictor."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from h2t_edge.errors import ServingError
-from h2t_edge.serve import find_triton, serve
+from h2t_edge.core.errors import ServingError
+from h2t_edge.serving.serve import find_triton, serve
 from runtime.predictor import Predictor
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -81,7 +81,7 @@ def test_models_labels_and_preprocessing_contract(server):
 
 def test_cli_serve_starts_and_stops_on_sigint(task_graphs, tmp_path):
     _triton_or_skip()
-    from h2t_edge.serve import free_port
+    from h2t_edge.serving.serve import free_port
 
     port = free_port()
     # started with SIGINT ignored, as a background job of a shell is: serve must still stop on it
@@ -108,7 +108,7 @@ def test_cli_serve_starts_and_stops_on_sigint(task_graphs, tmp_path):
 
 def test_startup_failure_names_the_log(task_graphs, tmp_path):
     _triton_or_skip()
-    from h2t_edge.serve import TritonServer, free_port
+    from h2t_edge.serving.serve import TritonServer, free_port
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "bad").mkdir()
@@ -120,7 +120,7 @@ def test_startup_failure_names_the_log(task_graphs, tmp_path):
 def test_client_follows_the_served_preprocessing_contract(server, task_graphs, photo_paths):
     """A client that knows only the server: it reads the contract from the model config, preprocesses
     real photos with it and gets what Predictor.predict_paths gives for the same files."""
-    from h2t_edge.triton_repo import preprocess_contract
+    from h2t_edge.serving.triton_repo import preprocess_contract
     from runtime.preprocess import preprocess_batch
 
     client = tritonclient_http.InferenceServerClient(server.endpoints.http)

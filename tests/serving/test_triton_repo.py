@@ -1,4 +1,4 @@
-"""`h2t_edge.triton_repo`: model repositories checked with Triton's own ModelConfig protobuf."""
+"""`h2t_edge.serving.triton_repo`: model repositories checked with Triton's own ModelConfig protobuf."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from h2t_edge.cli import cli
-from h2t_edge.errors import ServingError
-from h2t_edge.triton_repo import export_repository, validate_model_dir
+from h2t_edge.core.errors import ServingError
+from h2t_edge.serving.triton_repo import export_repository, validate_model_dir
 from runtime.io import read_json
 
 
@@ -100,7 +100,7 @@ def test_cli_export_triton(task_graphs, tmp_path):
 
 
 def test_preprocess_contract_from_config_and_its_errors(task_graphs, tmp_path):
-    from h2t_edge.triton_repo import preprocess_contract
+    from h2t_edge.serving.triton_repo import preprocess_contract
     from runtime.preprocess import PreprocessConfig
 
     (model_dir,) = export_repository(task_graphs[:1], tmp_path / "repo")

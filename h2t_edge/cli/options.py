@@ -1,0 +1,140 @@
+"""Options shared by several commands, each defined once, and the values they stand for.
+
+Only click is imported here (the commands import the heavy modules lazily, in their bodies), so
+`h2t-edge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import click
+
+from exporters import DEFAULT_BACKBONE  # torch-free: `h2t-edge --help` does not wait for torch
+
+__all__ = [
+    "BACKEND_OPTION", "DATA_DIR_OPTION", "DEFAULT_BACKBONE", "FIT_PRECISION_OPTION", "GRID_OPTION",
+    "MAX_CANDIDATES_OPTION", "OUTPUT_ALIASES", "OutputOption", "PRECISION_OPTION", "QUIET_OPTION", "backend_option",
+    "backend_options", "grid_option", "make_grid", "output_option", "precision_option", "quiet_option",
+]
+
+
+def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp32"):
+    """The named grid; max_candidates (0 = exact) replaces its screening budget when given."""
+    import dataclasses
+
+    from h2t_edge.selection import SearchGrid
+
+    grid = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}[name]()
+    if max_candidates is not None:
+        grid = dataclasses.replace(grid, max_candidates=max_candidates or None)
+    return dataclasses.replace(grid, precision=precision)
+
+
+def backend_options(backend: str, precision: str) -> dict:
+    """The loader options that --backend / --precision stand for."""
+    if backend == "onnxruntime":
+        if precision != "fp32":
+            raise click.UsageError("--precision applies to openvino and tensorrt; onnxruntime runs the graph "
+                                   "as built (make an int8 graph with `h2t-edge build-engine`)")
+        return {}
+    return {"precision": precision}
+
+
+# --- where a command writes: -o/--output (and the old --out, hidden) ---------------------------
+
+OUTPUT_ALIASES = ("--out",)  # older spellings: still accepted, not shown in --help
+
+
+class OutputOption(click.Option):
+    """An option whose hidden aliases parse like its other names but appear neither in --help nor
+    in error messages."""
+
+    def __init__(self, *args, hidden_aliases: tuple[str, ...] = OUTPUT_ALIASES, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases = tuple(hidden_aliases)
+
+    def _shown(self, method, ctx):
+        opts = self.opts
+        self.opts = [o for o in opts if o not in self.hidden_aliases] or opts
+        try:
+            return method(ctx)
+        finally:
+            self.opts = opts
+
+    def get_help_record(self, ctx):
+        return self._shown(super().get_help_record, ctx)
+
+    def get_error_hint(self, ctx):
+        return self._shown(super().get_error_hint, ctx)
+
+
+def output_option(name: str = "output", *, file_okay: bool = True, dir_okay: bool = True, **kwargs):
+    """`-o/--output` (also `--out`, hidden) storing into the parameter `name`; every command that
+    writes files takes its destination this way. kwargs go to click.option (required, default,
+    show_default, help)."""
+    return click.option("--output", "-o", *OUTPUT_ALIASES, name, cls=OutputOption,
+                        type=click.Path(file_okay=file_okay, dir_okay=dir_okay), **kwargs)
+
+
+# --- fitting -----------------------------------------------------------------------------------
+
+GRID_HELP = ("Hyperparameter search: 'paper' is the paper's 5-fold grid (lr x steps x lambda x F); "
+             "'quick' is a 3-fold, 500-step subset for demos.")
+
+
+def grid_option(default: str = "paper", help: str = GRID_HELP):
+    """--grid: the named CV grid (`make_grid`)."""
+    return click.option("--grid", type=click.Choice(["paper", "quick"]), default=default, show_default=True,
+                        help=help)
+
+
+GRID_OPTION = grid_option()
+
+MAX_CANDIDATES_OPTION = click.option(
+    "--max-candidates", type=click.IntRange(min=0), default=None,
+    help="HEAD2TOE on pools larger than this: each CV fold runs the group lasso on its top N "
+         "features by the strong-rule statistic (fractions F whose k exceeds N are skipped). "
+         "0 runs the exact method on every feature. [default: 32768]",
+)
+
+FIT_PRECISION_OPTION = click.option(
+    "--fit-precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+    help="Precision of the training GEMMs. bf16 casts features and weights to bfloat16 for the "
+         "matrix products only (weights, optimiser and loss stay fp32): about 2x faster fitting on "
+         "CPUs with AVX512-BF16 or AMX, slower elsewhere. Recorded in the task's config.",
+)
+
+# --- inference backends ------------------------------------------------------------------------
+
+BACKEND_HELP = "Inference backend (openvino and tensorrt are optional extras)."
+PRECISION_HELP = ("Inference precision: openvino takes fp32/bf16, tensorrt fp32/fp16/int8; onnxruntime runs the "
+                  "graph as it is (use `build-engine --precision int8` to make an int8 graph).")
+
+
+def backend_option(help: str | None = BACKEND_HELP):
+    """--backend: onnxruntime, openvino or tensorrt."""
+    return click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]),
+                        default="onnxruntime", show_default=True, help=help)
+
+
+def precision_option(default: str = "fp32", help: str | None = PRECISION_HELP):
+    """--precision of a backend (see `backend_options`)."""
+    return click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=default,
+                        show_default=True, help=help)
+
+
+BACKEND_OPTION = backend_option()
+PRECISION_OPTION = precision_option()
+
+# --- misc --------------------------------------------------------------------------------------
+
+DATA_DIR_OPTION = click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None,
+    help="Where task images are cached (default: $H2T_EDGE_DATA or ~/.cache/h2t-edge/tasks).")
+
+
+def quiet_option(help: str = "No progress bars."):
+    """-q/--quiet: no progress bars."""
+    return click.option("--quiet", "-q", is_flag=True, help=help)
+
+
+QUIET_OPTION = quiet_option()

@@ -1,0 +1,226 @@
+"""Head2Toe feature selection and linear heads on cached features (Evci et al., ICML'22, Sec. 3.3).
+
+A head is trained with Adam, a cosine learning-rate decay to 0, batches of `batch_size` rows and
+mean cross-entropy plus an optional penalty on the weight W: [D, C]:
+
+- ``l21``: lambda * sum_i ||W_i,:||_2 (group lasso; relevance s_i = ||W_i,:||_2),
+- ``l2``:  lambda * ||W||_F^2,
+- ``l1``:  lambda * ||W||_1.
+
+Head2Toe trains an ``l21`` head on all D features, keeps the top fraction F of features by
+relevance and retrains an unregularized head on them with the same lr and steps. All
+hyperparameters are chosen by stratified k-fold cross-validation on the training rows.
+
+Large pools: training the group-lasso head costs O(D) per step for every CV model, so for D above
+`SearchGrid.max_candidates` (the pool of a large target size T) each fold first keeps its
+`max_candidates` features with the largest group-lasso strong-rule statistic
+||X_S^T (Y_S - mean Y_S)||_2 / |S| over its own training rows S (the norm of the loss gradient at
+W = 0, Tibshirani et al. 2012) and runs the group lasso on those only. Fractions F still count
+against the full D; those whose k exceeds the budget are left out of the grid. On dSprites
+location at T=8192 (D=421,736) the statistic's top 8,192 held every feature of the exact
+lambda=1e-3 selection's top 0.1% (benchmarks/results/screening_recall.json; end-to-end accuracy
+in screening.md). `max_candidates=None` is the exact method.
+
+Speed: the CV heads of one (steps, lr) share one weight tensor W: [D, models, C] and one batch of
+rows per step (one GEMM); each model masks out its validation rows. Models are grouped by lr
+because the fused Adam kernel takes one scalar lr. The retraining of every (model, F) head is
+batched with bmm over models, on the model's top-k_max columns gathered once (top-k sets are
+prefixes of one ranking, so every F reuses the same gathered block), with one GEMM per block of
+columns that the same heads share rather than one per head; columns common to every model (the
+kept columns of HEAD2TOE+LINEAR) are gathered once and enter all models through one GEMM. A
+screened group lasso runs each fold's models on that fold's candidates only
+(benchmarks/results/select_profile.md).
+
+Precision: `SearchGrid.precision="bf16"` runs the training GEMMs on bfloat16 copies of the features
+and weights (fp32 accumulation inside the GEMM, results rounded to bf16 and carried on in fp32);
+the weights, Adam's moments, the softmax and the penalty stay fp32. On CPUs with AVX512-BF16 or
+AMX this makes the GEMMs 3-4x faster; CV accuracy moves within noise
+(benchmarks/results/train_speed.md). It is a choice that is recorded in the fit's config, never
+a silent fallback: the default is "fp32".
+
+HEAD2TOE+LINEAR (`fit_head2toe_variants(..., keep=...)`, used by `h2t-edge train`'s guard against
+LINEAR; not in the paper) retrains on the same ranking with the kept columns always first.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from h2t_edge.core.errors import FitError
+from h2t_edge.core.progress import Progress
+from h2t_edge.selection.grid import (
+    PENALTIES,
+    FitResult,
+    LinearHead,
+    SearchGrid,
+    best_row,
+    chosen_config,
+    cpu_training_mode,
+    cv_batch_size,
+    cv_models,
+    n_selected,
+    prepare_cv,
+    summarize_cv,
+)
+from h2t_edge.selection.kernels import masked_mean, run_wide, wide_logits
+from h2t_edge.selection.screening import screen_candidates, select_and_retrain
+
+
+def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> list[dict]:
+    models, val_mask = cv_models(data, grid, coefs)
+    lrs = [m[1] for m in models]
+    accs: dict = {}
+    dim = data.x.shape[1]
+    x = data.x.to(data.dtype)  # once for every steps value and lr group (run_wide keeps it as it is)
+    for steps in grid.steps:
+        for idx, w, b in run_wide(x, data.onehot, (~val_mask).float(), lrs,
+                                   [m[0] for m in models], penalty, steps, cv_batch_size(grid),
+                                   grid.seed, progress, f"cv {method} steps={steps}",
+                                   dtype=data.dtype):
+            pred = wide_logits(x, w, b).argmax(-1).t()  # [Mg, n]
+            acc = masked_mean((pred == data.y).double(), val_mask[idx])
+            for j, m in enumerate(idx):
+                coef, lr, _ = models[m]
+                key = ((coef_key, coef), ("lr", lr), ("steps", steps))
+                accs.setdefault(key, []).append(float(acc[j]))
+    base = {"method": method, "l21": None, "penalty": None, "fraction": 1.0, "n_features": dim}
+    return summarize_cv(accs, base)
+
+
+def _refit_wide(data, grid, penalty, coef, lr, steps, progress) -> LinearHead:
+    mask = torch.ones(1, data.x.shape[0])
+    (_, w, b), = run_wide(data.x, data.onehot, mask, [lr], [coef], penalty, steps,
+                           grid.batch_size, grid.seed, progress, "refit", dtype=data.dtype)
+    return LinearHead(w[:, 0].numpy().copy(), b[0].numpy().copy(),
+                      np.arange(data.x.shape[1], dtype=np.int64))
+
+
+@cpu_training_mode()
+def fit_linear(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
+               progress: Progress | None = None) -> FitResult:
+    """LINEAR baseline: unregularized head on all given features (grid lrs x steps by CV)."""
+    start = time.perf_counter()
+    data = prepare_cv(features, labels, n_classes, grid)
+    table = _cv_wide_table(data, grid, None, [None], "LINEAR", "penalty", progress)
+    best = best_row(table)
+    head = _refit_wide(data, grid, None, None, best["lr"], best["steps"], progress)
+    return FitResult("LINEAR", head, chosen_config(best, grid, "lr", "steps"), table, None,
+                     time.perf_counter() - start)
+
+
+@cpu_training_mode()
+def fit_regularized(features, labels, n_classes: int, penalty: str,
+                    grid: SearchGrid = SearchGrid.paper(),
+                    progress: Progress | None = None) -> FitResult:
+    """+ALL baselines: one head on all features with an l2 / l1 / l21 penalty (grid.penalties)."""
+    if penalty not in PENALTIES:
+        raise FitError(f"penalty {penalty!r} is unknown; use one of {PENALTIES}")
+    start = time.perf_counter()
+    data = prepare_cv(features, labels, n_classes, grid)
+    method = f"ALL-{penalty.upper()}"
+    table = _cv_wide_table(data, grid, penalty, grid.penalties, method, "penalty", progress)
+    best = best_row(table)
+    head = _refit_wide(data, grid, penalty, best["penalty"], best["lr"], best["steps"], progress)
+    return FitResult(method, head, chosen_config(best, grid, "penalty", "lr", "steps"), table, None,
+                     time.perf_counter() - start)
+
+
+
+
+HEAD2TOE_KEEP = "HEAD2TOE+LINEAR"  # HEAD2TOE whose selection always keeps given columns
+
+
+@cpu_training_mode()
+def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
+                 progress: Progress | None = None) -> FitResult:
+    """HEAD2TOE: group-lasso relevance on all D features, keep the top fraction, retrain.
+
+    features: float[n, D] (per-tap pooled, L2-normalized), labels: int[n] in [0, n_classes).
+    CV over grid.l21s x lrs x steps x fractions; the best config is refitted on all rows.
+    """
+    return fit_head2toe_variants(features, labels, n_classes, grid, progress)["HEAD2TOE"]
+
+
+@cpu_training_mode()
+def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
+                          progress: Progress | None = None,
+                          keep: np.ndarray | None = None) -> dict[str, FitResult]:
+    """HEAD2TOE and, when `keep` is given, HEAD2TOE+LINEAR from one group-lasso run per CV model.
+
+    features: float[n, D]; keep: int[K] columns (e.g. the pre-logits) that HEAD2TOE+LINEAR always
+    keeps, adding the best k_F others by the same relevance ranking (its selection can only add
+    to a head on `keep`). This variant is not in the paper; both are cross-validated on the same
+    folds, and each gets its own best (F, lambda, lr, steps) and final refit.
+    Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; their fit_seconds are the
+    shared total.
+    """
+    start = time.perf_counter()
+    data = prepare_cv(features, labels, n_classes, grid)
+    dim = data.x.shape[1]
+    models, val_mask = cv_models(data, grid, grid.l21s)
+    train_mask = (~val_mask).float()
+    screen = screen_candidates(data, train_mask, grid.max_candidates)
+    k_of = {f: n_selected(dim, f) for f in grid.fractions}
+    fractions = [f for f in grid.fractions if screen is None or k_of[f] <= screen.budget]
+    if not fractions:
+        raise FitError(f"every fraction in SearchGrid.fractions keeps more than max_candidates="
+                       f"{grid.max_candidates} of {dim} features; raise max_candidates or add "
+                       f"smaller fractions")
+    plan = {"HEAD2TOE": (fractions, None)}
+    if keep is not None:
+        keep_t = torch.from_numpy(np.unique(np.asarray(keep, dtype=np.int64)))
+        if keep_t.numel() == 0 or keep_t[0] < 0 or keep_t[-1] >= dim:
+            raise FitError(f"keep must name columns in [0, {dim}); got {keep_t.numel()} columns")
+        room = (dim if screen is None else len(screen.pool)) - len(keep_t)
+        plan[HEAD2TOE_KEEP] = ([f for f in fractions if k_of[f] <= room], keep_t)
+        if not plan[HEAD2TOE_KEEP][0]:
+            raise FitError(f"no fraction in SearchGrid.fractions leaves room beside the {len(keep_t)} "
+                           f"kept columns of {dim}; add smaller fractions")
+    extra = {name: 0 if kp is None else len(kp) for name, (_, kp) in plan.items()}
+    ks = {name: sorted(set(k_of[f] + extra[name] for f in fr)) for name, (fr, _) in plan.items()}
+    variants = {name: (ks[name], kp) for name, (_, kp) in plan.items()}
+    accs: dict = {name: {} for name in plan}
+    for steps in grid.steps:
+        for name, idx, _, _, _, acc in select_and_retrain(
+                data, train_mask, val_mask, [m[1] for m in models], [m[0] for m in models],
+                steps, cv_batch_size(grid), grid.seed, variants, progress, "cv", screen):
+            for j, m in enumerate(idx):
+                l21, lr, _ = models[m]
+                for fraction in plan[name][0]:
+                    k = k_of[fraction] + extra[name]
+                    key = (("l21", l21), ("lr", lr), ("steps", steps), ("fraction", fraction),
+                           ("n_features", k))
+                    accs[name].setdefault(key, []).append(float(acc[j, ks[name].index(k)]))
+    tables = {name: summarize_cv(accs[name], {"method": name, "penalty": None}) for name in plan}
+    best = {name: best_row(table) for name, table in tables.items()}
+    del screen
+    all_rows = torch.ones(1, data.x.shape[0])
+    screen = screen_candidates(data, all_rows, grid.max_candidates)
+    refits: dict = {}
+    # variants whose CV picked the same (lambda, lr, steps) share the final selection run
+    for config in dict.fromkeys((b["l21"], b["lr"], b["steps"]) for b in best.values()):
+        l21, lr, steps = config
+        wanted = {name: ([best[name]["n_features"]], plan[name][1]) for name in plan
+                  if (best[name]["l21"], best[name]["lr"], best[name]["steps"]) == config}
+        for name, _, scores, heads, columns, _ in select_and_retrain(
+                data, all_rows, None, [lr], [l21], steps, grid.batch_size, grid.seed, wanted,
+                progress, "refit", screen):
+            refits[name] = (scores, heads, columns)
+    seconds = time.perf_counter() - start
+    results = {}
+    for name in plan:
+        scores, heads, columns = refits[name]
+        weight, bias = heads[0]
+        order = torch.argsort(columns[0])  # LinearHead keeps columns sorted
+        head = LinearHead(weight[0][order].numpy().copy(), bias[0].numpy().copy(),
+                          columns[0][order].numpy().astype(np.int64))
+        config = chosen_config(best[name], grid, "l21", "lr", "steps", "fraction", "n_features")
+        config["screened_to"] = None if screen is None else screen.budget  # candidates per fold
+        if extra[name]:
+            config["kept_columns"] = extra[name]
+        results[name] = FitResult(name, head, config, tables[name],
+                                  scores[0].numpy().astype(np.float32), seconds)
+    return results

@@ -1,0 +1,134 @@
+"""Deploy several tasks on one backbone as a shared-backbone folder (`h2t-edge deploy`).
+
+(The other form, one multi-task graph, is `h2t_edge.steps.compile.compile_tasks_step`.)
+
+- `package_shared_step`: the backbone with all its taps once (`backbone.onnx`, the graph the features
+  were extracted with) and a tiny head per task (`heads/TASK.safetensors` + `heads/TASK.json`);
+  `runtime.heads.SharedBackbonePredictor` composes them with numpy. Adding a task to a device is
+  copying its two head files (`h2t-edge deploy NEW_TASK -o DIR` writes only those when DIR has the
+  backbone already).
+
+Tasks can share a graph only when they were fitted on features of the same exported backbone
+(same sha256 and layout); anything else is refused with an error naming both tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from h2t_edge.core.artifacts import TaskHead
+from h2t_edge.steps.compile import DeployError, load_backbone_of, load_tasks
+from runtime.heads import BACKBONE_FORMAT, HEAD_FORMAT, layout_sha256
+from runtime.io import atomic_write_files, json_bytes, read_json
+
+
+@dataclass
+class SharedDeployReport:
+    root: Path
+    backbone_written: bool
+    backbone_bytes: int
+    heads: dict[str, int]  # task -> bytes of its two head files
+    seconds: float
+
+
+def package_shared_step(
+    task_dirs: Sequence[str | Path], out_dir: str | Path, backbone_onnx: str | Path | None = None,
+    weights: str | None = None,
+) -> SharedDeployReport:
+    """Write (or extend) a shared-backbone deployment: OUT/backbone.onnx + backbone.json once, and
+    OUT/heads/TASK.safetensors + TASK.json per task.
+
+    backbone_onnx: the exported backbone the tasks' features came from (checked by sha256). Without
+    it the backbone is exported again with the tasks' layout (same taps, target size and weights).
+    When OUT already holds a backbone, only the heads are written, after checking their layout.
+    """
+    start = time.perf_counter()
+    heads = load_tasks(task_dirs)
+    first = heads[0]
+    root = Path(out_dir)
+    backbone_json = root / "backbone.json"
+    layout_hash = layout_sha256(first.layout)
+    written = False
+    if backbone_json.is_file():
+        existing = read_json(backbone_json, "shared backbone sidecar")
+        if existing.get("layout_sha256") != layout_hash:
+            raise DeployError(
+                f"{backbone_json} holds backbone {existing.get('backbone', {}).get('name')} with another feature "
+                f"layout than task {first.task!r} was fitted on; deploy it to a new folder"
+            )
+    else:
+        blob = _backbone_blob(first, backbone_onnx, weights)
+        meta = {
+            "format": BACKBONE_FORMAT,
+            "version": 1,
+            "preprocess": first.layout.preprocess,
+            "input": first.layout.input,
+            "backbone": first.backbone,
+            "layout": first.layout,
+            "layout_sha256": layout_hash,
+            "graph_sha256": _sha256(blob),
+        }
+        atomic_write_files({root / "backbone.onnx": blob, backbone_json: json_bytes(meta)})
+        written = True
+    sizes = {}
+    for head in heads:
+        sizes[head.task] = _write_head(root / "heads", head, layout_hash)
+    return SharedDeployReport(root, written, (root / "backbone.onnx").stat().st_size, sizes,
+                              time.perf_counter() - start)
+
+
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _backbone_blob(head: TaskHead, backbone_onnx: str | Path | None, weights: str | None) -> bytes:
+    if backbone_onnx is not None:
+        blob = Path(backbone_onnx).read_bytes()
+        if _sha256(blob) != head.backbone.get("onnx_sha256"):
+            raise DeployError(
+                f"{backbone_onnx} is not the backbone export task {head.task!r} was fitted on (sha256 differs from "
+                "its task.json 'backbone.onnx_sha256'); pass the .onnx its features were extracted with"
+            )
+        return blob
+    from exporters.export import export_backbone
+
+    layout = head.layout
+    bb = load_backbone_of(head.backbone, weights)
+    model, fresh = export_backbone(bb, layout.target_size, layout.tap_names,
+                                   cls_token=layout.cls_token)
+    if layout_sha256(fresh) != layout_sha256(layout):
+        raise DeployError(f"re-exporting {head.backbone['name']} gives another feature layout than task {head.task!r} "
+                          "was fitted on; pass the original export with --backbone")
+    return model.SerializeToString()
+
+
+def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str) -> int:
+    """heads/TASK.safetensors (features int64[k], weight float32[k, C], bias float32[C]) + heads/TASK.json."""
+    from safetensors.numpy import save
+
+    blob = save({
+        "features": np.ascontiguousarray(head.features, dtype=np.int64),
+        "weight": np.ascontiguousarray(head.weight, dtype=np.float32),
+        "bias": np.ascontiguousarray(head.bias, dtype=np.float32),
+    })
+    meta = {
+        "format": HEAD_FORMAT,
+        "version": 1,
+        "task": head.task,
+        "method": head.method,
+        "classes": head.classes,
+        "n_features": int(len(head.features)),
+        "layout_sha256": layout_hash,
+        "backbone": head.backbone,
+        "head_sha256": _sha256(blob),
+    }
+    weights_path, meta_path = heads_dir / f"{head.task}.safetensors", heads_dir / f"{head.task}.json"
+    # The JSON vouches for the tensors (their sha256): it replaces its old version last.
+    atomic_write_files({weights_path: blob, meta_path: json_bytes(meta)})
+    return weights_path.stat().st_size + meta_path.stat().st_size

@@ -1,0 +1,1 @@
+"""h2t_edge.suite."""
