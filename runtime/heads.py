@@ -4,11 +4,12 @@ A deployment folder (written by `h2t-edge deploy`):
 
     backbone.onnx          the exported backbone with all taps: images -> one float32[batch, f_t]
                            output per tap, pooled and unit-normalised (the graph features came from)
-    backbone.json          format "h2t-edge/shared-backbone": preprocess, input, feature layout,
-                           layout_sha256, graph_sha256
+    backbone.json          format "h2t-edge/shared-backbone" (version 2): preprocess, input, feature
+                           layout, layout_sha256, graph_sha256; sealed (runtime.trust), maybe signed
     heads/TASK.safetensors features int64[k] (indices into the layout's concatenated features),
                            weight float32[k, C], bias float32[C]
-    heads/TASK.json        format "h2t-edge/task-head": task, classes, layout_sha256, head_sha256
+    heads/TASK.json        format "h2t-edge/task-head" (version 2): task, classes, layout_sha256,
+                           head_sha256; sealed, maybe signed, each on its own (heads arrive one by one)
 
 The backbone runs once per batch; each head gathers its k features from the tap outputs and applies
 its linear layer in numpy. A device adds a task by copying its two head files into heads/.
@@ -28,13 +29,21 @@ import numpy as np
 
 from .backends import create_runner
 from .errors import ArtifactError
-from .io import file_sha256, read_json
+from .io import read_json
 from .predictor import (
-    MULTITASK_SIDECAR_VERSION, SIDECAR_FORMAT, Predictor, TaskOutputs, TaskSidecar, runner_options, softmax,
+    MULTITASK_SIDECAR_VERSION,
+    SIDECAR_FORMAT,
+    Predictor,
+    TaskOutputs,
+    TaskSidecar,
+    runner_options,
+    softmax,
 )
+from .trust import ISSUED_FIELD, IntegrityError, TrustedKeys, VersionRecord, verify_file, verify_seal
 
 BACKBONE_FORMAT = "h2t-edge/shared-backbone"
 HEAD_FORMAT = "h2t-edge/task-head"
+SHARED_VERSION = 2  # backbone.json and heads/TASK.json: sealed (runtime.trust); version 1 was not
 
 
 def layout_sha256(layout: Mapping[str, Any]) -> str:
@@ -61,14 +70,22 @@ class SharedHead:
         return x @ self.weight + self.bias
 
 
-def load_head(meta_path: Path, layout: Mapping[str, Any], layout_hash: str) -> SharedHead:
-    """Read heads/TASK.json and its safetensors, checked against the backbone's layout."""
+def load_head(meta_path: Path, layout: Mapping[str, Any], layout_hash: str, *,
+              trusted: TrustedKeys | None = None, record: VersionRecord | None = None) -> SharedHead:
+    """Read heads/TASK.json and its safetensors, checked: the seal (and signature, with trusted keys),
+    the tensors' sha256, the file name against the signed task name, the backbone's layout and,
+    with a version record, that it is not older than the head this device loaded before."""
     from safetensors.numpy import load
 
     meta = read_json(meta_path, "task head")
     fix = "copy the head again from `h2t-edge deploy`"
-    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT or meta.get("version") != 1:
-        raise ArtifactError(f"{meta_path} is not an h2t-edge task head (format {HEAD_FORMAT!r}, version 1); {fix}")
+    if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT or meta.get("version") != SHARED_VERSION:
+        raise IntegrityError(f"{meta_path} is not an h2t-edge task head (format {HEAD_FORMAT!r}, version "
+                             f"{SHARED_VERSION}; version 1 heads were not sealed); deploy the task again")
+    verify_seal(meta, f"task head {meta_path}", fix=fix, trusted=trusted)
+    if meta.get("task") != meta_path.stem:
+        raise IntegrityError(f"task head {meta_path} holds task {meta.get('task')!r}, not {meta_path.stem!r}: it was "
+                             f"renamed or swapped in from another task; {fix}")
     if meta.get("layout_sha256") != layout_hash:
         raise ArtifactError(
             f"task head {meta_path}: field 'layout_sha256' does not match the backbone's in "
@@ -81,7 +98,10 @@ def load_head(meta_path: Path, layout: Mapping[str, Any], layout_hash: str) -> S
     except OSError as exc:
         raise ArtifactError(f"cannot read {tensors_path}: {exc}; {fix}") from exc
     if hashlib.sha256(blob).hexdigest() != meta.get("head_sha256"):
-        raise ArtifactError(f"{tensors_path} does not match 'head_sha256' in {meta_path}; {fix}")
+        raise IntegrityError(f"{tensors_path} does not match 'head_sha256' in {meta_path} (changed, or swapped in "
+                             f"from another head); {fix}")
+    if record is not None:
+        record.check_and_update([meta_path.stem], meta.get(ISSUED_FIELD), meta_path)
     t = load(blob)
     features, weight, bias = t["features"].astype(np.int64), t["weight"], t["bias"]
     classes = meta.get("classes")
@@ -111,25 +131,33 @@ class SharedBackbonePredictor(Predictor):
 
     @classmethod
     def load(cls, path: str | os.PathLike, providers="auto", intra_op_threads: int | None = None,
-             backend: str = "onnxruntime", tasks: Sequence[str] | None = None,
+             backend: str = "onnxruntime", tasks: Sequence[str] | None = None, *,
+             trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
+             version_record: VersionRecord | str | os.PathLike | None = None,
              **backend_options: Any) -> "SharedBackbonePredictor":
-        """Load DIR/backbone.onnx and the heads in DIR/heads (all, or those named in `tasks`)."""
+        """Load DIR/backbone.onnx and the heads in DIR/heads (all, or those named in `tasks`); each
+        file is checked as `Predictor.load` checks a task graph (trusted_keys, version_record)."""
         root = Path(path)
+        trusted = TrustedKeys.resolve(trusted_keys)
+        record = VersionRecord.resolve(version_record)
         meta_file = root / "backbone.json"
         if not meta_file.is_file():
             raise ArtifactError(f"{root} is not a shared-backbone deployment: {meta_file.name} is missing; "
                                 "write one with `h2t-edge deploy TASK_DIR ... -o DIR`")
         meta = read_json(meta_file, "shared backbone sidecar")
-        if not isinstance(meta, dict) or meta.get("format") != BACKBONE_FORMAT or meta.get("version") != 1:
-            raise ArtifactError(f"{meta_file}: field 'format' must be {BACKBONE_FORMAT!r} (version 1); "
-                                "write the folder again with `h2t-edge deploy`")
+        fix = "write the folder again with `h2t-edge deploy`"
+        if not isinstance(meta, dict) or meta.get("format") != BACKBONE_FORMAT or meta.get("version") != SHARED_VERSION:
+            raise IntegrityError(f"{meta_file}: field 'format' must be {BACKBONE_FORMAT!r} (version {SHARED_VERSION}; "
+                                 f"version 1 was not sealed); {fix}")
+        verify_seal(meta, f"shared backbone sidecar {meta_file}", fix=fix, trusted=trusted)
         graph = root / "backbone.onnx"
-        if not graph.is_file() or file_sha256(graph) != meta.get("graph_sha256"):
-            raise ArtifactError(f"{graph} is missing or does not match 'graph_sha256' in {meta_file}; "
-                                "write the folder again with `h2t-edge deploy`")
+        verify_file(graph, meta.get("graph_sha256"), field="graph_sha256", descriptor=meta_file, fix=fix,
+                    what="backbone graph")
         layout = meta["layout"]
+        if layout_sha256(layout) != meta.get("layout_sha256"):
+            raise IntegrityError(f"{meta_file}: field 'layout_sha256' does not match its layout; {fix}")
         files = sorted((root / "heads").glob("*.json"))
-        heads = [load_head(f, layout, meta["layout_sha256"]) for f in files]
+        heads = [load_head(f, layout, meta["layout_sha256"], trusted=trusted, record=record) for f in files]
         if tasks is not None:
             missing = sorted(set(tasks) - {h.task for h in heads})
             if missing:
@@ -161,5 +189,5 @@ class SharedBackbonePredictor(Predictor):
         self.predict_tasks(np.zeros((1, *self.preprocess.input_size), dtype=np.float32))
 
 
-__all__ = ["BACKBONE_FORMAT", "HEAD_FORMAT", "SharedBackbonePredictor", "SharedHead", "TaskOutputs", "layout_sha256",
+__all__ = ["BACKBONE_FORMAT", "HEAD_FORMAT", "SHARED_VERSION", "SharedBackbonePredictor", "SharedHead", "TaskOutputs", "layout_sha256",
            "load_head", "softmax"]

@@ -20,13 +20,19 @@ import numpy as np
 from .backends import create_runner
 from .backends.base import Runner
 from .errors import ArtifactError, ImageError
-from .io import file_sha256, read_json
-from .schema import content_sha256
+from .io import read_json
+from .trust import (
+    ISSUED_FIELD, IntegrityError, TrustedKeys, VersionRecord, verify_file, verify_seal, warn_unverified,
+)
 from .preprocess import PreprocessConfig, load_image, preprocess_image
 
 SIDECAR_FORMAT = "h2t-edge/task-graph"
-SIDECAR_VERSION = 1
-MULTITASK_SIDECAR_VERSION = 2  # "tasks": [{task, classes, outputs: {logits}}] instead of task/classes/outputs
+# Versions 3 and 4 are sealed (runtime.trust): content_sha256, graph/engine sha256 and `issued` are
+# mandatory, a signature is checked when keys are trusted. 1 and 2 are the same layouts from before
+# that; they load only with allow_unverified.
+SIDECAR_VERSION = 3
+MULTITASK_SIDECAR_VERSION = 4  # "tasks": [{task, classes, outputs: {logits}}] instead of task/classes/outputs
+LEGACY_VERSIONS = {1: SIDECAR_VERSION, 2: MULTITASK_SIDECAR_VERSION}  # unsealed version -> its sealed successor
 
 
 def sidecar_path(onnx_path: str | os.PathLike) -> Path:
@@ -69,7 +75,7 @@ class TaskSidecar:
 
     @property
     def multitask(self) -> bool:
-        """Written as a multi-task sidecar (version 2), even when it holds a single task."""
+        """Written as a multi-task sidecar (version 4), even when it holds a single task."""
         return not self.outputs
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,12 +114,13 @@ class TaskSidecar:
             raise ArtifactError(f"task sidecar {source} must hold a JSON object; {fix}")
         if d.get("format") != SIDECAR_FORMAT:
             raise bad("format", f"is {d.get('format')!r}, expected {SIDECAR_FORMAT!r}")
-        if d.get("version") not in (SIDECAR_VERSION, MULTITASK_SIDECAR_VERSION):
+        if type(d.get("version")) is not int or d["version"] not in (SIDECAR_VERSION, MULTITASK_SIDECAR_VERSION,
+                                                                       *LEGACY_VERSIONS):
             raise ArtifactError(
                 f"task sidecar {source}: field 'version' is {d.get('version')!r}, this runtime reads "
                 f"versions {SIDECAR_VERSION} and {MULTITASK_SIDECAR_VERSION}; re-compile the task with a matching h2t-edge"
             )
-        if d["version"] == MULTITASK_SIDECAR_VERSION:
+        if LEGACY_VERSIONS.get(d["version"], d["version"]) == MULTITASK_SIDECAR_VERSION:
             return cls._multitask_from_dict(d, source, bad)
         for key in ("task", "input"):
             if not isinstance(d.get(key), str) or not d[key]:
@@ -184,12 +191,19 @@ def _backbone_and_preprocess(d: dict, source: str, bad) -> tuple[dict, Preproces
     return backbone, PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}")
 
 
-def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None) -> "TaskSidecar":
+def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None, *,
+                      trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
+                      allow_unverified: bool = False,
+                      version_record: VersionRecord | str | os.PathLike | None = None) -> "TaskSidecar":
     """The checked sidecar of the task graph (or engine) PATH: the one reader of task-graph sidecars.
 
-    Refuses a missing graph or sidecar, a sidecar edited after it was written (`content_sha256`),
-    a malformed one, and a graph whose bytes do not match the sidecar's hash; each error names the
-    file and the fix. sidecar_file: where the sidecar is (default: next to the graph, same stem)."""
+    Refuses a missing graph or sidecar; a sidecar without its seal, edited after it was written, or
+    malformed; a graph or engine whose bytes do not match the sha256 the sidecar records; with
+    trusted keys (here or in $H2T_EDGE_TRUSTED_KEYS) a sidecar not signed by one of them; with a
+    version record (here or $H2T_EDGE_VERSION_RECORD) an older artifact of a task than the device
+    already loaded. Each error names the file and the fix. A sidecar from before sealing (versions
+    1 and 2) loads only with `allow_unverified`, loudly. sidecar_file: where the sidecar is
+    (default: next to the graph, same stem)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"task graph {path} does not exist; pass the .onnx written by the compiler")
@@ -200,31 +214,44 @@ def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike |
             "same stem. Copy it along with the graph or re-compile the task"
         )
     raw = read_json(sidecar_file, "task sidecar")
-    if isinstance(raw, dict) and "content_sha256" in raw and content_sha256(raw, "content_sha256") != raw["content_sha256"]:
-        raise ArtifactError(f"task sidecar {sidecar_file} was changed after it was written (its content does not "
-                            "match its content_sha256); re-compile the task")
+    trusted = TrustedKeys.resolve(trusted_keys)
+    fix = "re-compile the task (and rebuild its engine)"
+    version = raw.get("version") if isinstance(raw, dict) else None
+    if type(version) is int and version in LEGACY_VERSIONS:
+        if not allow_unverified or trusted:
+            raise IntegrityError(
+                f"task sidecar {sidecar_file} is format version {version}, from before h2t-edge sealed its artifacts "
+                f"(this runtime reads {LEGACY_VERSIONS[version]}); {fix}"
+                + ("" if trusted else " (or load it with --allow-unverified)"))
+        warn_unverified(str(sidecar_file), f"is format version {version} (unsealed)")
+        sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
+        return sidecar
+    if isinstance(raw, dict):
+        verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix, trusted=trusted)
     sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
     verify_artifact_hash(path, sidecar.extra, sidecar_file)
+    record = VersionRecord.resolve(version_record)
+    if record is not None:
+        record.check_and_update([t.task for t in sidecar.tasks], raw.get(ISSUED_FIELD), sidecar_file)
     return sidecar
 
 
 def verify_artifact_hash(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike) -> None:
     """Check the graph or engine at `path` against the sha256 its sidecar recorded when it was written:
-    `build.artifact_sha256` (an engine from `h2t-edge build-engine`) or `graph_sha256` (a compiled task
-    graph). A changed file is refused before use. Sidecars without either (hand-written) are not checked."""
+    `build.artifact_sha256` (an engine from `h2t-edge build-engine`; an OpenVINO IR's weights too, as
+    `build.weights_sha256`) or else `graph_sha256` (a compiled task graph). One of them is mandatory."""
+    path = Path(path)
     build = sidecar.get("build")
-    if isinstance(build, Mapping) and "artifact_sha256" in build:
-        field, expected, what = "build.artifact_sha256", build["artifact_sha256"], "engine"
-    elif "graph_sha256" in sidecar:
-        field, expected, what = "graph_sha256", sidecar["graph_sha256"], "task graph"
-    else:
+    fix = "re-compile the task or rebuild the engine"
+    if isinstance(build, Mapping):
+        verify_file(path, build.get("artifact_sha256"), field="build.artifact_sha256", descriptor=sidecar_file,
+                    fix=fix, what="engine")
+        if path.suffix == ".xml":  # the IR's weights are the .bin beside it
+            verify_file(path.with_suffix(".bin"), build.get("weights_sha256"), field="build.weights_sha256",
+                        descriptor=sidecar_file, fix=fix, what="engine weights")
         return
-    if not (isinstance(expected, str) and len(expected) == 64):
-        raise ArtifactError(f"task sidecar {sidecar_file}: field '{field}' must be a sha256 (64 hex digits); "
-                            "re-compile the task")
-    if file_sha256(path) != expected.lower():
-        raise ArtifactError(f"{what} {path} does not match the {field} recorded in {sidecar_file} (it changed "
-                            "after it was built); re-compile the task or rebuild the engine")
+    verify_file(path, sidecar.get("graph_sha256"), field="graph_sha256", descriptor=sidecar_file, fix=fix,
+                what="task graph")
 
 
 @dataclass
@@ -276,18 +303,27 @@ class Predictor:
         providers: Union[str, Sequence[str]] = "auto",
         intra_op_threads: int | None = None,
         backend: str = "onnxruntime",
+        *,
+        trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
+        allow_unverified: bool = False,
+        version_record: VersionRecord | str | os.PathLike | None = None,
         **backend_options: Any,
     ) -> "Predictor":
         """Load `TASK.onnx` and its sidecar `TASK.json` with `backend` ('onnxruntime',
         'openvino' or 'tensorrt'; see `runtime.backends.create_runner`).
 
         providers applies to onnxruntime only; intra_op_threads to onnxruntime and openvino;
-        backend_options go to the backend's loader as they are.
+        backend_options go to the backend's loader as they are. The sidecar and the graph are
+        checked first (`read_task_sidecar`): trusted_keys (public key files, added to those in
+        $H2T_EDGE_TRUSTED_KEYS) makes a signature by one of them mandatory; version_record (a
+        file the device keeps, or $H2T_EDGE_VERSION_RECORD) refuses rollbacks; allow_unverified
+        loads an unsealed sidecar of the old format, with a warning.
         Raises ArtifactError when either file is missing or malformed, and BackendUnavailable
         when the backend or an explicitly requested provider does not initialize.
         """
         path = Path(path)
-        sidecar = read_task_sidecar(path)
+        sidecar = read_task_sidecar(path, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
+                                    version_record=version_record)
         runner = create_runner(path, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
         return cls(runner, sidecar, path)
 

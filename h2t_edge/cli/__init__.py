@@ -77,4 +77,4 @@ def main() -> None:
 
 # the verbs: importing a module registers its commands on `cli` (in this order in --help's list,
 # which click sorts by name anyway)
-from h2t_edge.cli import flow, research, serving, suite, train  # noqa: E402,F401
+from h2t_edge.cli import flow, research, serving, suite, train, trust  # noqa: E402,F401

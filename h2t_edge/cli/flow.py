@@ -14,6 +14,8 @@ from h2t_edge.cli.options import (
     GRID_OPTION,
     MAX_CANDIDATES_OPTION,
     PRECISION_OPTION,
+    SIGN_KEY_OPTION,
+    TRUSTED_KEY_OPTION,
     output_option,
     quiet_option,
 )
@@ -152,14 +154,15 @@ def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_prec
 @click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @output_option(dir_okay=False, required=True, help="Task graph .onnx path.")
 @click.option("--weights", default=None, help="Override the backbone weights source recorded in the task.")
-def compile_(task_dirs, output, weights) -> None:
+@SIGN_KEY_OPTION
+def compile_(task_dirs, output, weights, sign_key) -> None:
     """Fuse the truncated backbone, pooling, feature gather and head into one ONNX graph.
 
     With several TASK_DIRS (fitted on the same exported backbone) the graph runs the backbone once
     and has one logits output per task, named after it."""
     from h2t_edge.steps.compile import compile_any
 
-    report = compile_any(task_dirs, output, weights)
+    report = compile_any(task_dirs, output, weights, options.signing_key(sign_key))
     click.echo(render.compile_summary(report, multi_task=len(task_dirs) > 1))
 
 
@@ -172,9 +175,20 @@ def compile_(task_dirs, output, weights) -> None:
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
 @BACKEND_OPTION
 @PRECISION_OPTION
-def predict(task_graph, images, fmt, output, batch_size, on_error, backend, precision) -> None:
+@TRUSTED_KEY_OPTION
+@click.option("--version-record", type=click.Path(dir_okay=False), default=None,
+              help="This device's record of the newest version loaded per task (a JSON file it keeps; default "
+                   "$H2T_EDGE_VERSION_RECORD): an older artifact of a task is refused as a rollback.")
+@click.option("--allow-unverified", is_flag=True,
+              help="Load a task graph of the format before sealing (no content_sha256), with a warning. "
+                   "Never needed for artifacts of this h2t-edge; refused when keys are trusted.")
+def predict(task_graph, images, fmt, output, batch_size, on_error, backend, precision, trusted_keys, version_record,
+            allow_unverified) -> None:
     """Predict labels and probabilities for image files or folders with a compiled task graph
-    (one column per task for a multi-task graph) or a shared-backbone folder from `deploy`."""
+    (one column per task for a multi-task graph) or a shared-backbone folder from `deploy`.
+
+    Every file is checked before use (seals, sha256 of the graph and heads); with --trusted-key
+    (or $H2T_EDGE_TRUSTED_KEYS) only artifacts signed by a trusted key load."""
     from runtime.heads import SharedBackbonePredictor
     from runtime.io import atomic_write_text
     from runtime.predictor import Predictor
@@ -183,8 +197,13 @@ def predict(task_graph, images, fmt, output, batch_size, on_error, backend, prec
     paths = []
     for item in images:
         paths += list_images(item) if Path(item).is_dir() else [Path(item)]
-    kind = SharedBackbonePredictor if Path(task_graph).is_dir() else Predictor
-    predictor = kind.load(task_graph, backend=backend, **options.backend_options(backend, precision))
+    trust = {"trusted_keys": trusted_keys, "version_record": version_record}
+    if Path(task_graph).is_dir():
+        predictor = SharedBackbonePredictor.load(task_graph, backend=backend, **trust,
+                                                 **options.backend_options(backend, precision))
+    else:
+        predictor = Predictor.load(task_graph, backend=backend, allow_unverified=allow_unverified, **trust,
+                                   **options.backend_options(backend, precision))
     results = predictor.predict_paths(paths, batch_size=batch_size, on_error=on_error)
     tasks = [t.task for t in predictor.tasks]
     rows = render.prediction_rows(results, tasks)
@@ -203,12 +222,13 @@ def predict(task_graph, images, fmt, output, batch_size, on_error, backend, prec
 @click.option("--backbone", "backbone_onnx", type=click.Path(exists=True, dir_okay=False), default=None,
               help="The exported backbone the tasks' features came from (default: export it again).")
 @click.option("--weights", default=None, help="Override the backbone weights source recorded in the task.")
-def deploy(task_dirs, output, backbone_onnx, weights) -> None:
+@SIGN_KEY_OPTION
+def deploy(task_dirs, output, backbone_onnx, weights, sign_key) -> None:
     """Ship the backbone with taps once and a tiny head per task; run it with `predict DIR IMAGES`.
     Into a folder that has the backbone already, only the new tasks' heads are written."""
     from h2t_edge.steps.deploy import package_shared_step
 
-    report = package_shared_step(task_dirs, output, backbone_onnx, weights)
+    report = package_shared_step(task_dirs, output, backbone_onnx, weights, options.signing_key(sign_key))
     if report.backbone_written:
         click.echo(f"wrote {report.root / 'backbone.onnx'} ({report.backbone_bytes / 1e6:.2f} MB)")
     for task, size in report.heads.items():

@@ -138,3 +138,24 @@ def quiet_option(help: str = "No progress bars."):
 
 
 QUIET_OPTION = quiet_option()
+
+
+# --- trust: signing on the build machine, trusted keys on the device -----------------------------
+
+SIGN_KEY_OPTION = click.option(
+    "--sign-key", "sign_key", type=click.Path(exists=True, dir_okay=False), default=None,
+    help="Sign what this writes with this ed25519 private key (KEYDIR/signing.key from `h2t-edge keys "
+         "generate`); a device that trusts KEYDIR/signing.pub then accepts it.")
+TRUSTED_KEY_OPTION = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+    help="Accept only artifacts signed by this public key (a signing.pub; repeatable; added to "
+         "$H2T_EDGE_TRUSTED_KEYS). Without any, artifacts are checked for integrity only.")
+
+
+def signing_key(path: str | None):
+    """The SigningKey at PATH (None: do not sign)."""
+    if path is None:
+        return None
+    from runtime.trust import SigningKey
+
+    return SigningKey.load(path)

@@ -10,8 +10,15 @@ from pathlib import Path
 
 import click
 
-from h2t_edge.cli import cli
-from h2t_edge.cli.options import backend_option, output_option, precision_option, quiet_option
+from h2t_edge.cli import cli, options
+from h2t_edge.cli.options import (
+    SIGN_KEY_OPTION,
+    TRUSTED_KEY_OPTION,
+    backend_option,
+    output_option,
+    precision_option,
+    quiet_option,
+)
 from h2t_edge.core.progress import StageBars
 
 
@@ -45,11 +52,13 @@ def check(model, tensorrt, as_json) -> None:
                help="Default: next to GRAPH as STEM.BACKEND.PRECISION.{onnx,xml,engine}.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="TensorRT engine and timing cache folder (keyed by ONNX hash, TensorRT, GPU, precision, profile).")
-def build_engine_(graph, backend, precision, calib, calib_limit, max_batch, output, cache_dir) -> None:
+@SIGN_KEY_OPTION
+def build_engine_(graph, backend, precision, calib, calib_limit, max_batch, output, cache_dir, sign_key) -> None:
     """Build an engine or optimized model from GRAPH.onnx, with a JSON sidecar saying how."""
     from h2t_edge.serving.engines import build_engine
 
-    report = build_engine(graph, backend, precision, output, calib, calib_limit, max_batch, cache_dir)
+    report = build_engine(graph, backend, precision, output, calib, calib_limit, max_batch, cache_dir,
+                          options.signing_key(sign_key))
     calibration = report.build.get("calibration")
     click.echo(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB) and {report.sidecar.name} in "
                f"{report.build['seconds']:.1f} s: {report.build['method']}"
@@ -93,13 +102,18 @@ def bench(task_root, out, batch, warmup, repeat, calib, quiet) -> None:
 @click.option("--version", "model_version", default=1, show_default=True, type=click.IntRange(1),
               help="Version folder to write.")
 @click.option("--overwrite", is_flag=True, help="Replace model folders that exist.")
-def export_triton(task_graphs, output, max_batch_size, max_queue_delay_us, tensorrt, model_version, overwrite) -> None:
-    """Write a Triton model repository: one onnxruntime model per TASK_GRAPH (with its sidecar)."""
+@TRUSTED_KEY_OPTION
+@SIGN_KEY_OPTION
+def export_triton(task_graphs, output, max_batch_size, max_queue_delay_us, tensorrt, model_version, overwrite,
+                  trusted_keys, sign_key) -> None:
+    """Write a Triton model repository: one onnxruntime model per TASK_GRAPH (with its sidecar).
+    Each graph is verified first (seal, sha256; a trusted signature with --trusted-key)."""
     from h2t_edge.serving.triton_repo import export_repository
 
     dirs = export_repository(task_graphs, output, overwrite=overwrite, version=model_version,
                              max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                             tensorrt=None if tensorrt == "off" else tensorrt)
+                             tensorrt=None if tensorrt == "off" else tensorrt, trusted_keys=trusted_keys,
+                             signing_key=options.signing_key(sign_key))
     for model_dir in dirs:
         click.echo(f"{model_dir.name}: {model_dir}/config.pbtxt, {model_dir}/{model_version}/model.onnx")
 
@@ -116,7 +130,9 @@ def export_triton(task_graphs, output, max_batch_size, max_queue_delay_us, tenso
 @click.option("--threads", default=None, type=click.IntRange(1), help="ONNX Runtime threads per instance.")
 @click.option("--workdir", default=None, type=click.Path(file_okay=False),
               help="Keep the served repository and the server log here (default: a temporary folder).")
-def serve(task_graphs, port, grpc_port, host, max_batch_size, max_queue_delay_us, instances, threads, workdir) -> None:
+@TRUSTED_KEY_OPTION
+def serve(task_graphs, port, grpc_port, host, max_batch_size, max_queue_delay_us, instances, threads, workdir,
+          trusted_keys) -> None:
     """Serve TASK_GRAPHs on Triton Inference Server (HTTP and gRPC), one model per task, until Ctrl-C."""
     import signal as signals
     import threading
@@ -125,7 +141,7 @@ def serve(task_graphs, port, grpc_port, host, max_batch_size, max_queue_delay_us
 
     server = start_server(task_graphs, host=host, http_port=port, grpc_port=grpc_port, workdir=workdir,
                           max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                          instances=instances, threads=threads)
+                          instances=instances, threads=threads, trusted_keys=trusted_keys)
     stopped = threading.Event()
     # Both stop the server, also where the parent started us with SIGINT ignored (a shell's `&`, some
     # test runners): an inherited SIG_IGN would otherwise never raise KeyboardInterrupt.

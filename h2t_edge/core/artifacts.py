@@ -34,6 +34,7 @@ from h2t_edge.core.schemas import TASK
 from runtime.errors import ArtifactError
 from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, read_json
 from runtime.schema import content_sha256, validate
+from runtime.trust import seal, verify_seal
 
 TASK_FORMAT = "h2t-edge/task"
 
@@ -167,6 +168,7 @@ def _read_tensors(blob: bytes, head_path: Path, meta: dict) -> dict[str, np.ndar
 # ----------------------------------------------------------------------------- fine-tuned tasks
 
 FINETUNED_FORMAT = "h2t-edge/finetuned-task"
+FINETUNED_VERSION = 2  # sealed (runtime.trust)
 
 
 @dataclass
@@ -196,11 +198,11 @@ class FineTunedTask:
         blob = save(tensors)
         atomic_write_bytes(root / "tuned.safetensors", blob)
         # written last: a task.json always describes the weights next to it
-        atomic_write_json(root / "task.json", {
-            "format": FINETUNED_FORMAT, "version": 1, "task": self.task, "method": self.method,
+        atomic_write_json(root / "task.json", seal({
+            "format": FINETUNED_FORMAT, "version": FINETUNED_VERSION, "task": self.task, "method": self.method,
             "layer": self.layer, "classes": self.classes, "backbone": self.backbone, "preprocess": self.preprocess,
             "config": self.config, "report": self.report, "weights_sha256": hashlib.sha256(blob).hexdigest(),
-        })
+        }))
         return root
 
     @classmethod
@@ -209,9 +211,14 @@ class FineTunedTask:
 
         root = Path(root)
         meta = read_json(root / "task.json", "fine-tuned task")
-        if not isinstance(meta, dict) or meta.get("format") != FINETUNED_FORMAT or meta.get("version") != 1:
-            raise TaskArtifactError(f"{root / 'task.json'} is not an h2t-edge fine-tuned task (version 1); "
-                                    "make one with `h2t-edge finetune`")
+        if not isinstance(meta, dict) or meta.get("format") != FINETUNED_FORMAT or meta.get("version") != FINETUNED_VERSION:
+            raise TaskArtifactError(f"{root / 'task.json'} is not an h2t-edge fine-tuned task (version "
+                                    f"{FINETUNED_VERSION}; version 1 was not sealed); fine-tune it again with "
+                                    "`h2t-edge finetune`")
+        try:
+            verify_seal(meta, root / "task.json", fix="fine-tune the task again")
+        except ArtifactError as exc:
+            raise TaskArtifactError(str(exc)) from None
         missing = [k for k in ("task", "method", "layer", "classes", "backbone", "preprocess", "weights_sha256")
                    if k not in meta]
         if missing:

@@ -105,25 +105,44 @@ def _manifest_rows(m: dict, where: str) -> None:
         raise SchemaMismatch("layout.total_features", "times the image count exceeds 2^40 values")
 
 
+_CACHE_FIELDS = {
+    "format": const("h2t-edge/feature-cache"),
+    "backbone": obj({"name": string(), "weights": string(), "onnx_sha256": sha256(), "onnx": string()}),
+    "layout": LAYOUT,
+    "dataset": obj({"source": string(nonempty=False), "fingerprint": sha256()}),
+    "images": list_of(string()),
+    "labels": list_of(integer(min=0)),
+    "classes": list_of(string(nonempty=False), min_len=1),
+    "dtype": one_of(*FEATURE_DTYPES),
+    "batch_size": integer(min=1),
+    "provider": string(),
+    "skipped": list_of(obj({"index": integer(min=0), "path": string(), "error": string(nonempty=False)})),
+    "complete": boolean(),
+}
+
+
+def _manifest_digests(m: dict, where: str) -> None:
+    _manifest_rows(m, where)
+    if not m["complete"]:
+        return
+    for key in ("batch_sha256", "labels_sha256"):
+        if key not in m:
+            raise SchemaMismatch(key, "is missing (a complete cache records the digests of its arrays)")
+    batches = -(-len(m["images"]) // m["batch_size"])
+    if len(m["batch_sha256"]) != batches:
+        raise SchemaMismatch("batch_sha256", f"has {len(m['batch_sha256'])} digests for {batches} batches")
+
+
+# Version 2: sealed (runtime.trust: content_sha256 always, `issued`), and a complete cache records
+# the sha256 of every batch of rows of features.npy + valid.npy and of labels.npy.
 CACHE_MANIFEST = obj(
-    {
-        "format": const("h2t-edge/feature-cache"),
-        "version": const(1),
-        "backbone": obj({"name": string(), "weights": string(), "onnx_sha256": sha256(), "onnx": string()}),
-        "layout": LAYOUT,
-        "dataset": obj({"source": string(nonempty=False), "fingerprint": sha256()}),
-        "images": list_of(string()),
-        "labels": list_of(integer(min=0)),
-        "classes": list_of(string(nonempty=False), min_len=1),
-        "dtype": one_of(*FEATURE_DTYPES),
-        "batch_size": integer(min=1),
-        "provider": string(),
-        "skipped": list_of(obj({"index": integer(min=0), "path": string(), "error": string(nonempty=False)})),
-        "complete": boolean(),
-    },
-    {"content_sha256": sha256()},
-    rule=_manifest_rows,
+    {**_CACHE_FIELDS, "version": const(2), "issued": integer(min=0), "content_sha256": sha256()},
+    {"batch_sha256": list_of(sha256()), "labels_sha256": sha256()},
+    rule=_manifest_digests,
 )
+
+# Version 1 (before the arrays carried digests): read only under an explicit allow_unverified.
+CACHE_MANIFEST_V1 = obj({**_CACHE_FIELDS, "version": const(1)}, {"content_sha256": sha256()}, rule=_manifest_rows)
 
 
 def _task_consistent(m: dict, where: str) -> None:

@@ -3,9 +3,10 @@
 A compiled task graph `TASK.onnx` travels with `TASK.json`, the runtime's contract: classes,
 preprocessing, outputs, backbone identity and the graph's sha256. Single-task (version 1),
 multi-task (version 2) and fine-tuned graphs all get their sidecar from `task_sidecar` /
-`multitask_sidecar` and are written by `write_task_graph`, which always signs the sidecar with
-`content_sha256` (the sha256 of its canonical JSON without that field), so an edited sidecar of
-any kind is refused at load. The one checker is the runtime's (`runtime.predictor.read_task_sidecar`),
+`multitask_sidecar` and are written by `write_task_graph`, which always seals the sidecar
+(`runtime.trust.seal`: `issued`, `content_sha256` over its canonical JSON, and with a signing key an
+ed25519 signature over it, which covers the graph's sha256 and the task names), so an edited sidecar
+of any kind is refused at load. The one checker is the runtime's (`runtime.predictor.read_task_sidecar`),
 because the device checks what it loads without h2t_edge installed.
 """
 
@@ -18,9 +19,10 @@ from typing import Any
 
 from runtime.io import atomic_write_files, json_bytes
 from runtime.predictor import MULTITASK_SIDECAR_VERSION, SIDECAR_FORMAT, SIDECAR_VERSION, read_task_sidecar
-from runtime.schema import content_sha256
+from runtime.trust import DIGEST_FIELD, SigningKey
+from runtime.trust import seal as seal_descriptor
 
-SIGNATURE_FIELD = "content_sha256"
+SIGNATURE_FIELD = DIGEST_FIELD  # the field whose presence says "sealed"
 INPUT_NAME = "images"
 
 __all__ = ["graph_path", "multitask_sidecar", "read_task_sidecar", "sign", "task_sidecar", "write_task_graph"]
@@ -53,18 +55,17 @@ def multitask_sidecar(blob: bytes, *, tasks: Sequence[Mapping[str, Any]], prepro
             "graph_sha256": hashlib.sha256(blob).hexdigest(), **extra}
 
 
-def sign(sidecar: dict) -> dict:
-    """Set the sidecar's `content_sha256` (over everything else in it); returns the sidecar."""
-    sidecar[SIGNATURE_FIELD] = content_sha256(sidecar, SIGNATURE_FIELD)
-    return sidecar
+def sign(sidecar: dict, signing_key: SigningKey | None = None) -> dict:
+    """Seal the sidecar in place (`issued`, `content_sha256`, and with a key its signature); returns it."""
+    return seal_descriptor(sidecar, signing_key)
 
 
-def write_task_graph(path: str | Path, blob: bytes, sidecar: dict) -> Path:
-    """Sign `sidecar` (sets its `content_sha256`) and write the graph PATH (.onnx) with it as PATH.json.
+def write_task_graph(path: str | Path, blob: bytes, sidecar: dict, signing_key: SigningKey | None = None) -> Path:
+    """Seal `sidecar` (signed when a key is given) and write the graph PATH (.onnx) with it as PATH.json.
 
     Both files are staged before either replaces an old one, so a failed write keeps the previous
     pair. Returns the graph's path."""
     path = graph_path(path)
-    sign(sidecar)
+    sign(sidecar, signing_key)
     atomic_write_files({path: blob, path.with_suffix(".json"): json_bytes(sidecar)})
     return path

@@ -21,11 +21,14 @@ from pathlib import Path
 
 from h2t_edge import __version__
 from h2t_edge.core.errors import H2TEdgeError
-from h2t_edge.core.sidecar import SIGNATURE_FIELD, sign
+from h2t_edge.core.sidecar import sign
 from h2t_edge.steps.extract import LAYOUT_KEY, read_layout
 from runtime.backends.base import BatchProfile
+from runtime.errors import ArtifactError
 from runtime.io import atomic_write_json, file_sha256, read_json
+from runtime.predictor import read_task_sidecar
 from runtime.preprocess import PreprocessConfig
+from runtime.trust import SigningKey
 
 BUILD_FORMAT = "h2t-edge/engine-build"
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
@@ -87,10 +90,12 @@ def build_engine(
     calib_limit: int = 64,
     max_batch: int = 32,
     cache_dir: str | os.PathLike | None = None,
+    signing_key: SigningKey | None = None,
 ) -> EngineReport:
     """Build `graph` for `backend` at `precision` into `output` (default: next to the graph,
-    `STEM.BACKEND.PRECISION.EXT`) and write its sidecar. `calib` is a folder of task images
-    (int8 only); at most `calib_limit` of them are used."""
+    `STEM.BACKEND.PRECISION.EXT`) and write its sidecar (sealed; signed with `signing_key` when
+    given). `calib` is a folder of task images (int8 only); at most `calib_limit` of them are used.
+    A task graph is checked against its sidecar before anything is built from it."""
     graph = Path(graph)
     if not graph.is_file():
         raise EngineBuildError(f"graph {graph} does not exist; pass an exported backbone or compiled task .onnx")
@@ -123,25 +128,35 @@ def build_engine(
         "source_sha256": file_sha256(graph),
         "artifact": output.name,
         "artifact_sha256": file_sha256(output),
+        **({"weights_sha256": file_sha256(output.with_suffix(".bin"))} if output.suffix == ".xml" else {}),
         "calibration": {"images": sum(len(b) for b in batches), "source": str(calib)} if batches else None,
         "seconds": round(time.perf_counter() - start, 2),
         "versions": {"h2t-edge": __version__, "python": platform.python_version(), **build.pop("versions", {})},
     }
-    sidecar = _write_sidecar(graph, output, build)
+    sidecar = _write_sidecar(graph, output, build, signing_key)
     return EngineReport(output, sidecar, build)
 
 
-def _write_sidecar(graph: Path, output: Path, build: dict) -> Path:
+def _write_sidecar(graph: Path, output: Path, build: dict, signing_key: SigningKey | None = None) -> Path:
+    """OUTPUT.json: the task sidecar of GRAPH (checked, as the runtime checks it) with the build
+    record added, sealed again (signed with `signing_key` when given): the engine's own sidecar."""
     task_sidecar = graph.with_suffix(".json")
-    data = read_json(task_sidecar, "task sidecar") if task_sidecar.is_file() else {"format": BUILD_FORMAT}
+    if task_sidecar.is_file():
+        try:
+            read_task_sidecar(graph, task_sidecar)  # build only from a graph that is what its sidecar says
+        except ArtifactError as exc:
+            raise EngineBuildError(str(exc)) from exc
+        data = read_json(task_sidecar, "task sidecar")
+    else:
+        data = {"format": BUILD_FORMAT, "version": 1}
     sidecar = output.with_suffix(".json")
     # An engine's own record (key + checksum, written by the builder) shares the name: keep it.
     if sidecar.is_file() and output.suffix == ".engine":
         record = read_json(sidecar, "engine record")
         data = {**data, "key": record["key"], "engine_sha256": record["engine_sha256"]}
+    data = {k: v for k, v in data.items() if k != "graph_sha256"}  # the engine is checked by build.artifact_sha256
     data = {**data, "build": build}
-    if SIGNATURE_FIELD in data:  # a task sidecar signs its content: sign the engine's copy again
-        sign(data)
+    sign(data, signing_key)  # every engine sidecar is sealed; a task sidecar's copy gets a new seal
     return atomic_write_json(sidecar, data)
 
 

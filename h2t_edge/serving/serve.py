@@ -37,6 +37,7 @@ from pathlib import Path
 from h2t_edge.core.errors import ServingError
 from h2t_edge.serving.triton_python_model import THREADS_ENV
 from h2t_edge.serving.triton_repo import export_repository
+from runtime.trust import TRUSTED_KEYS_ENV
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton (the wheel that ships tritonserver)"
 
@@ -117,8 +118,9 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, threads: int | None = None, workdir: str | Path | None = None,
-                 startup_timeout: float = 120.0):
+                 startup_timeout: float = 120.0, trusted_keys: Sequence[str] = ()):
         self.repository = Path(repository)
+        self.trusted_keys = list(trusted_keys)  # passed to the model file, which checks each model at load
         self.endpoints = Endpoints(host, http_port or free_port(host), grpc_port or free_port(host))
         self.threads = threads
         self.startup_timeout = startup_timeout
@@ -148,6 +150,8 @@ class TritonServer:
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         if self.threads is not None:
             env[THREADS_ENV] = str(self.threads)
+        if self.trusted_keys:
+            env[TRUSTED_KEYS_ENV] = os.pathsep.join([*self.trusted_keys, *filter(None, [env.get(TRUSTED_KEYS_ENV)])])
         return env
 
     def start(self) -> "TritonServer":
@@ -239,13 +243,16 @@ def serve(
     instances: int = 1,
     threads: int | None = None,
     startup_timeout: float = 120.0,
+    trusted_keys: Sequence[str | Path] | None = None,
 ) -> TritonServer:
     """Start a Triton server that serves each task graph as a model named after its task.
 
     grpc_port: default http_port + 1 (Triton's 8000/8001 convention); 0 picks a free port, and so does
     http_port=0. instances: Python-backend model instances per task (each runs its own ONNX Runtime
     session with `threads` intra-op threads). Returns the started server; call `stop()` (or use it as
-    a context manager) to shut it down.
+    a context manager) to shut it down. Every graph is verified before it enters the repository;
+    trusted_keys (public key files, added to $H2T_EDGE_TRUSTED_KEYS) also make a trusted signature
+    mandatory, and the server's model file checks each model again when Triton loads it.
     """
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="h2t-serve-")) if owned else Path(workdir)
@@ -253,10 +260,11 @@ def serve(
     if repository.exists():
         shutil.rmtree(repository)
     export_repository(graphs, repository, backend="python", max_batch_size=max_batch_size,
-                      max_queue_delay_us=max_queue_delay_us, instances=instances)
+                      max_queue_delay_us=max_queue_delay_us, instances=instances, trusted_keys=trusted_keys)
     if grpc_port is None:
         grpc_port = http_port + 1 if http_port else 0
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, threads=threads,
-                          workdir=workdir, startup_timeout=startup_timeout)
+                          workdir=workdir, startup_timeout=startup_timeout,
+                          trusted_keys=[str(Path(k).resolve()) for k in trusted_keys or ()])
     server._own_workdir = owned
     return server.start()

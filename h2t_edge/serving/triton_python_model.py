@@ -23,7 +23,8 @@ try:
 except ImportError:  # imported outside Triton (h2t_edge.serving.serve reads THREADS_ENV)
     pb_utils = None
 
-GRAPH_PARAMETER = "h2t_edge.graph_file"
+GRAPH_PARAMETER = "h2t_edge.graph_file"  # config parameter: the graph file in the version folder
+SIDECAR_FILE = "h2t_edge_task.json"  # in the model folder: the task's sealed sidecar
 # The stub renames a DLPack capsule it took over to "used_dlpack"; NumPy's capsule destructor only
 # recognises "used_dltensor" and would report the other name as an error on every response.
 _STUB_USED, _NUMPY_USED = b"used_dlpack", b"used_dltensor"
@@ -37,10 +38,14 @@ THREADS_ENV = "H2T_EDGE_SERVE_THREADS"
 class TritonPythonModel:
     def initialize(self, args):
         from runtime.backends import create_runner
+        from runtime.predictor import read_task_sidecar
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         graph = Path(args["model_repository"]) / args["model_version"] / params[GRAPH_PARAMETER]
+        # Checked again here, where the server loads it: the copied sidecar's seal, the graph's
+        # sha256 and, with keys in $H2T_EDGE_TRUSTED_KEYS, its signature. A failure fails the load.
+        read_task_sidecar(graph, Path(args["model_repository"]) / SIDECAR_FILE)
         threads = int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None
         self.runner = create_runner(graph, "onnxruntime", providers="auto", intra_op_threads=threads)
         self.runner.activate()

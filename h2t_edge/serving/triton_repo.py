@@ -22,6 +22,7 @@ inputs, outputs, batching and labels, and a `1/model.py` that runs `1/model.onnx
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Mapping, Sequence
@@ -30,18 +31,18 @@ from pathlib import Path
 from typing import Any
 
 from h2t_edge.core.errors import ServingError
+from h2t_edge.serving.triton_python_model import GRAPH_PARAMETER, SIDECAR_FILE
 from runtime.errors import ArtifactError
-from runtime.io import atomic_write_bytes, atomic_write_text
+from runtime.io import atomic_write_bytes, atomic_write_text, json_bytes
 from runtime.predictor import TaskSidecar, read_task_sidecar, sidecar_path
 from runtime.preprocess import PreprocessConfig
+from runtime.trust import SigningKey, TrustedKeys, seal
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
-SIDECAR_FILE = "h2t_edge_task.json"
 # Model-config parameters (a string map Triton hands to backends and to clients in get_model_config).
 PREPROCESS_PARAMETER = "h2t_edge.preprocess"
 TASK_PARAMETER = "h2t_edge.task"
-GRAPH_PARAMETER = "h2t_edge.graph_file"
 PYTHON_MODEL_SOURCE = Path(__file__).with_name("triton_python_model.py")
 
 # ONNX TensorProto element type -> Triton DataType name.
@@ -98,7 +99,8 @@ class TritonTask:
         return files
 
 
-def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Path | None = None) -> TritonTask:
+def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Path | None = None, *,
+              trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None) -> TritonTask:
     """Read a compiled task graph and its sidecar into a TritonTask.
 
     name: the Triton model name (default: the sidecar's task name).
@@ -113,8 +115,8 @@ def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Pa
     side = Path(sidecar_file) if sidecar_file is not None else sidecar_path(graph)
     if not side.is_file():
         raise ServingError(f"task sidecar {side} is missing; it must sit next to {graph.name} (same stem)")
-    try:  # the runtime's one checker: schema, content_sha256 and the graph's sha256
-        sidecar = read_task_sidecar(graph, side)
+    try:  # the runtime's one checker: seal (and signature, with trusted keys), schema, the graph's sha256
+        sidecar = read_task_sidecar(graph, side, trusted_keys=trusted_keys)
     except ArtifactError as exc:
         raise ServingError(str(exc)) from exc
     if name is None:
@@ -305,9 +307,11 @@ def validate_model_dir(model_dir: str | Path) -> Any:
 
 
 def write_model(
-    task: TritonTask, repository: str | Path, *, version: int = 1, backend: str = "onnxruntime", **options: Any
+    task: TritonTask, repository: str | Path, *, version: int = 1, backend: str = "onnxruntime",
+    signing_key: SigningKey | None = None, **options: Any
 ) -> Path:
-    """Write one task's model folder into `repository`; options go to `build_config`. Returns the folder."""
+    """Write one task's model folder into `repository`; options go to `build_config`. Returns the folder.
+    The task's sealed sidecar goes along as `h2t_edge_task.json` (signed again with `signing_key`)."""
     if version < 1:
         raise ServingError(f"model version must be at least 1, got {version}")
     model_dir = Path(repository) / task.name
@@ -319,7 +323,10 @@ def write_model(
         files[model_dir / str(version) / "model.py"] = PYTHON_MODEL_SOURCE.read_bytes()
     for labels, file_name in task.label_sets.items():
         files[model_dir / file_name] = "".join(f"{label}\n" for label in labels).encode()
-    files[model_dir / SIDECAR_FILE] = task.sidecar_file.read_bytes()  # the contract, exactly as compiled
+    contract = task.sidecar_file.read_bytes()  # the contract, exactly as compiled (sealed, maybe signed)
+    if signing_key is not None:  # or signed again by the repository's publisher
+        contract = json_bytes(seal(json.loads(contract), signing_key))
+    files[model_dir / SIDECAR_FILE] = contract
     for path, data in files.items():
         atomic_write_bytes(path, data)
     atomic_write_text(model_dir / "config.pbtxt", text)  # last: a folder with a config is complete
@@ -333,9 +340,15 @@ def export_repository(
     *,
     names: Sequence[str] | None = None,
     overwrite: bool = False,
+    trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
+    signing_key: SigningKey | None = None,
     **options: Any,
 ) -> list[Path]:
     """Write a Triton model repository with one model per task graph. Returns the model folders.
+
+    Every graph is verified first as a device verifies it (`runtime.predictor.read_task_sidecar`:
+    seal, graph sha256, and with trusted keys, here or in $H2T_EDGE_TRUSTED_KEYS, a trusted
+    signature); nothing unverified enters the repository. signing_key: sign the copied sidecars.
 
     names: Triton model names, one per graph (default: each sidecar's task name).
     overwrite: replace the version folder of a model that already has it (other models and
@@ -347,7 +360,7 @@ def export_repository(
         raise ServingError("no task graphs given; pass one or more TASK.onnx files")
     if names is not None and len(names) != len(graphs):
         raise ServingError(f"{len(names)} model names for {len(graphs)} task graphs; give one per graph")
-    tasks = [read_task(g, n) for g, n in zip(graphs, names or [None] * len(graphs))]
+    tasks = [read_task(g, n, trusted_keys=trusted_keys) for g, n in zip(graphs, names or [None] * len(graphs))]
     seen: dict[str, Path] = {}
     for task in tasks:
         if task.name in seen:
@@ -363,4 +376,4 @@ def export_repository(
                 raise ServingError(f"{out / task.name / str(version)} already exists; pass --overwrite to "
                                    "replace it, or --version N to add a version")
             shutil.rmtree(out / task.name / str(version))
-    return [write_model(task, out, **options) for task in tasks]
+    return [write_model(task, out, signing_key=signing_key, **options) for task in tasks]

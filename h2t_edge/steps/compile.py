@@ -25,6 +25,7 @@ from typing import Any
 from h2t_edge.core.artifacts import FineTunedTask, TaskHead, is_finetuned_task
 from h2t_edge.core.errors import TaskArtifactError
 from h2t_edge.core.sidecar import multitask_sidecar, task_sidecar, write_task_graph
+from runtime.trust import SigningKey
 
 
 class DeployError(TaskArtifactError):
@@ -69,8 +70,10 @@ def _outputs() -> dict:
     return {"probabilities": OUTPUT_NAMES[0], "logits": OUTPUT_NAMES[1]}
 
 
-def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = None) -> CompileReport:
-    """Compile a task artifact into OUT.onnx + OUT.json (the runtime's sidecar)."""
+def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = None,
+                 signing_key: SigningKey | None = None) -> CompileReport:
+    """Compile a task artifact into OUT.onnx + OUT.json (the runtime's sidecar, sealed; signed with
+    `signing_key` when given)."""
     from exporters.compile import compile_task_graph
 
     start = time.perf_counter()
@@ -83,7 +86,7 @@ def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = No
         backbone=head.backbone, outputs=_outputs(), taps_used=summary.taps_used,
         n_features=int(len(head.features)), segments_kept=summary.segments_kept,
         segments_total=summary.segments_total)
-    path = write_task_graph(out, blob, sidecar)
+    path = write_task_graph(out, blob, sidecar, signing_key)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar, [head.task])
 
 
@@ -115,7 +118,8 @@ def _describe(head: TaskHead) -> str:
     return f"{head.backbone.get('name')} sha256 {sha}... (T={head.layout.get('target_size')})"
 
 
-def compile_tasks_step(task_dirs: Sequence[str | Path], out: str | Path, weights: str | None = None) -> CompileReport:
+def compile_tasks_step(task_dirs: Sequence[str | Path], out: str | Path, weights: str | None = None,
+                       signing_key: SigningKey | None = None) -> CompileReport:
     """Compile several task artifacts into one multi-task graph OUT.onnx + OUT.json (sidecar version 2)."""
     from exporters.compile import HeadSpec, compile_multitask_graph
 
@@ -130,12 +134,13 @@ def compile_tasks_step(task_dirs: Sequence[str | Path], out: str | Path, weights
                       "n_features": int(len(h.features)), "taps_used": list(h.per_tap_indices())} for h in heads],
         preprocess=first.layout.preprocess, backbone=first.backbone, taps_used=summary.taps_used,
         segments_kept=summary.segments_kept, segments_total=summary.segments_total)
-    path = write_task_graph(out, blob, sidecar)
+    path = write_task_graph(out, blob, sidecar, signing_key)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar,
                          [h.task for h in heads])
 
 
-def compile_finetuned_step(task_dir: str | Path, out: str | Path, weights: str | None = None) -> CompileReport:
+def compile_finetuned_step(task_dir: str | Path, out: str | Path, weights: str | None = None,
+                           signing_key: SigningKey | None = None) -> CompileReport:
     """Compile a fine-tuned task into OUT.onnx + OUT.json (the runtime's sidecar), through the same
     `export_module` as `h2t-edge compile`; the report's summary is a FineTunedSummary."""
     from exporters.finetune_graph import compile_finetuned_graph
@@ -149,13 +154,13 @@ def compile_finetuned_step(task_dir: str | Path, out: str | Path, weights: str |
         blob, task=task.task, method=task.method, classes=task.classes, preprocess=task.preprocess,
         backbone={"name": task.backbone["name"], "weights": task.backbone["weights"]}, outputs=_outputs(),
         tuned_layer=task.layer, task_bytes=summary.task_bytes, tuned_parameters=summary.tuned_parameters)
-    path = write_task_graph(out, blob, sidecar)
+    path = write_task_graph(out, blob, sidecar, signing_key)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar, [task.task],
                          finetuned=True)
 
 
-def compile_any(task_dirs: str | Path | Sequence[str | Path], out: str | Path, weights: str | None = None
-                ) -> CompileReport:
+def compile_any(task_dirs: str | Path | Sequence[str | Path], out: str | Path, weights: str | None = None,
+                signing_key: SigningKey | None = None) -> CompileReport:
     """`h2t-edge compile`: one task directory gives a single-task graph (fine-tuned or not), several
     give one multi-task graph. A fine-tuned task cannot join others: its backbone is its own."""
     dirs = [task_dirs] if isinstance(task_dirs, (str, Path)) else list(task_dirs)
@@ -164,7 +169,7 @@ def compile_any(task_dirs: str | Path | Sequence[str | Path], out: str | Path, w
         raise DeployError(f"{tuned[0]} is a fine-tuned task: its backbone differs from the shared one, so it "
                           "cannot join a multi-task graph; compile it on its own")
     if tuned:
-        return compile_finetuned_step(dirs[0], out, weights)
+        return compile_finetuned_step(dirs[0], out, weights, signing_key)
     if len(dirs) == 1:
-        return compile_step(dirs[0], out, weights)
-    return compile_tasks_step(dirs, out, weights)
+        return compile_step(dirs[0], out, weights, signing_key)
+    return compile_tasks_step(dirs, out, weights, signing_key)

@@ -24,8 +24,10 @@ import numpy as np
 
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.steps.compile import DeployError, load_backbone_of, load_tasks
-from runtime.heads import BACKBONE_FORMAT, HEAD_FORMAT, layout_sha256
+from runtime.errors import ArtifactError
+from runtime.heads import BACKBONE_FORMAT, HEAD_FORMAT, SHARED_VERSION, layout_sha256
 from runtime.io import atomic_write_files, json_bytes, read_json
+from runtime.trust import SigningKey, seal, verify_seal
 
 
 @dataclass
@@ -39,10 +41,11 @@ class SharedDeployReport:
 
 def package_shared_step(
     task_dirs: Sequence[str | Path], out_dir: str | Path, backbone_onnx: str | Path | None = None,
-    weights: str | None = None,
+    weights: str | None = None, signing_key: SigningKey | None = None,
 ) -> SharedDeployReport:
     """Write (or extend) a shared-backbone deployment: OUT/backbone.onnx + backbone.json once, and
-    OUT/heads/TASK.safetensors + TASK.json per task.
+    OUT/heads/TASK.safetensors + TASK.json per task. Every JSON is sealed (runtime.trust) and, with
+    `signing_key`, signed on its own, so a device can take heads one at a time and check each.
 
     backbone_onnx: the exported backbone the tasks' features came from (checked by sha256). Without
     it the backbone is exported again with the tasks' layout (same taps, target size and weights).
@@ -57,6 +60,10 @@ def package_shared_step(
     written = False
     if backbone_json.is_file():
         existing = read_json(backbone_json, "shared backbone sidecar")
+        try:
+            verify_seal(existing, f"shared backbone sidecar {backbone_json}", fix="deploy to a new folder")
+        except ArtifactError as exc:
+            raise DeployError(str(exc)) from exc
         if existing.get("layout_sha256") != layout_hash:
             raise DeployError(
                 f"{backbone_json} holds backbone {existing.get('backbone', {}).get('name')} with another feature "
@@ -66,7 +73,7 @@ def package_shared_step(
         blob = _backbone_blob(first, backbone_onnx, weights)
         meta = {
             "format": BACKBONE_FORMAT,
-            "version": 1,
+            "version": SHARED_VERSION,
             "preprocess": first.layout.preprocess,
             "input": first.layout.input,
             "backbone": first.backbone,
@@ -74,11 +81,11 @@ def package_shared_step(
             "layout_sha256": layout_hash,
             "graph_sha256": _sha256(blob),
         }
-        atomic_write_files({root / "backbone.onnx": blob, backbone_json: json_bytes(meta)})
+        atomic_write_files({root / "backbone.onnx": blob, backbone_json: json_bytes(seal(meta, signing_key))})
         written = True
     sizes = {}
     for head in heads:
-        sizes[head.task] = _write_head(root / "heads", head, layout_hash)
+        sizes[head.task] = _write_head(root / "heads", head, layout_hash, signing_key)
     return SharedDeployReport(root, written, (root / "backbone.onnx").stat().st_size, sizes,
                               time.perf_counter() - start)
 
@@ -108,7 +115,7 @@ def _backbone_blob(head: TaskHead, backbone_onnx: str | Path | None, weights: st
     return model.SerializeToString()
 
 
-def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str) -> int:
+def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str, signing_key: SigningKey | None = None) -> int:
     """heads/TASK.safetensors (features int64[k], weight float32[k, C], bias float32[C]) + heads/TASK.json."""
     from safetensors.numpy import save
 
@@ -119,7 +126,7 @@ def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str) -> int:
     })
     meta = {
         "format": HEAD_FORMAT,
-        "version": 1,
+        "version": SHARED_VERSION,
         "task": head.task,
         "method": head.method,
         "classes": head.classes,
@@ -130,5 +137,5 @@ def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str) -> int:
     }
     weights_path, meta_path = heads_dir / f"{head.task}.safetensors", heads_dir / f"{head.task}.json"
     # The JSON vouches for the tensors (their sha256): it replaces its old version last.
-    atomic_write_files({weights_path: blob, meta_path: json_bytes(meta)})
+    atomic_write_files({weights_path: blob, meta_path: json_bytes(seal(meta, signing_key))})
     return weights_path.stat().st_size + meta_path.stat().st_size

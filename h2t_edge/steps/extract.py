@@ -2,18 +2,27 @@
 
 A `FeatureCache` is a directory:
 - `manifest.json`: backbone identity (sha256 of the ONNX), the feature layout, the image list,
-  labels, classes, dtype, skipped images and whether the run completed;
+  labels, classes, dtype, skipped images and whether the run completed; sealed
+  (`runtime.trust.seal`: its `content_sha256` is mandatory) and, once complete, holding the sha256
+  of every batch of rows (`batch_sha256`) and of labels.npy (`labels_sha256`);
 - `features.npy`: float16/float32[n, D], memory-mappable (`np.load(mmap_mode='r')`);
 - `labels.npy`: int64[n]; `valid.npy`: bool[n] (False for images skipped as unreadable);
+- `digests.npy`: uint8[batches, 32], the sha256 of each finished batch's rows of features.npy (in
+  their dtype, C order) followed by their valid flags, saved before the batch is marked done;
 - `progress.npy`: bool[batches], rewritten atomically after each finished batch.
 
-An interrupted run resumes at the first unfinished batch. A cache built from another backbone,
-dataset, dtype or batch size is never reused silently: it is an error that names the fix.
+An interrupted run resumes at the first unfinished batch, after checking the batches already done
+against their digests. `FeatureCache.open` recomputes every batch digest: a row edited in place, a
+manifest edited or stripped of its digest, or labels swapped in from elsewhere are refused, naming
+the file. A cache built from another backbone, dataset, dtype, batch size or cache format version
+is never reused silently: it is an error that names the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +36,17 @@ from h2t_edge.core.datasets import ImageDataset
 from h2t_edge.core.errors import CacheError
 from h2t_edge.core.layout import Layout
 from h2t_edge.core.progress import StageProgress
-from h2t_edge.core.schemas import CACHE_MANIFEST, LAYOUT, MULTI_LAYOUT
+from h2t_edge.core.schemas import CACHE_MANIFEST, CACHE_MANIFEST_V1, LAYOUT, MULTI_LAYOUT
 from runtime.errors import ImageError
 from runtime.io import FileLock, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
-from runtime.schema import content_sha256, validate
+from runtime.schema import validate
+from runtime.trust import DIGEST_FIELD, IntegrityError, seal, verify_file, verify_seal, warn_unverified
 
 CACHE_FORMAT = "h2t-edge/feature-cache"
+CACHE_VERSION = 2  # 2: sealed manifest and digests of the arrays; 1 is read only with allow_unverified
+DIGESTS_NAME = "digests.npy"
+FIX = "delete the cache and extract again (or pass --overwrite)"
 LAYOUT_KEY = "h2t_edge.layout"
 MULTI_LAYOUT_KEY = "h2t_edge.multi_layout"  # exporters.multi_export (no torch import here)
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -106,9 +119,14 @@ class FeatureCache:
         return np.asarray(x[self.valid], dtype=np.float32), self.labels[self.valid]
 
     @classmethod
-    def open(cls, root: str | Path) -> "FeatureCache":
+    def open(cls, root: str | Path, *, allow_unverified: bool = False) -> "FeatureCache":
+        """Open a complete cache, checking its sealed manifest and every array against their digests
+        (CacheError naming the file and the fix otherwise).
+
+        allow_unverified: also open a version-1 cache (written before caches carried digests), with
+        a loud RuntimeWarning; nothing vouches for its arrays."""
         root = Path(root)
-        manifest = read_manifest(root)
+        manifest = read_manifest(root, allow_unverified=allow_unverified)
         if not manifest["complete"]:
             raise CacheError(
                 f"feature cache {root} is incomplete (an interrupted run): "
@@ -123,10 +141,31 @@ class FeatureCache:
         n, d = len(manifest["images"]), manifest["layout"]["total_features"]
         if features.shape != (n, d) or labels.shape != (n,) or valid.shape != (n,):
             raise CacheError(f"feature cache {root}: array shapes do not match its manifest; extract again")
-        if (features.dtype != DTYPES[manifest["dtype"]] or labels.dtype != np.int64 or valid.dtype != bool
-                or not np.array_equal(labels, manifest["labels"])):
-            raise CacheError(f"feature cache {root}: array dtypes or labels do not match its manifest; extract again")
+        if features.dtype != DTYPES[manifest["dtype"]] or labels.dtype != np.int64 or valid.dtype != bool:
+            raise CacheError(f"feature cache {root}: array dtypes do not match its manifest; extract again")
+        if manifest["version"] >= 2:
+            _verify_arrays(root, manifest, features, valid)
+        if not np.array_equal(labels, manifest["labels"]):
+            raise CacheError(f"feature cache labels {root / 'labels.npy'} do not match the labels in its manifest; "
+                             f"{FIX}")
         return cls(root, manifest, features, labels, valid)
+
+
+def write_cache(root: str | Path, header: dict, features: np.ndarray) -> FeatureCache:
+    """Write a complete cache at `root` from features in memory (synthetic caches, tests): the files
+    and digests extraction writes. header: the manifest's fields but `format`, `version`, `skipped`
+    and `complete` (backbone, layout, dataset, images, labels, classes, dtype, batch_size, provider);
+    features: [n, total_features], every row valid. Replaces a cache already there."""
+    root = Path(root)
+    header = {**header, "format": CACHE_FORMAT, "version": CACHE_VERSION}
+    batches = _batch_rows(len(header["images"]), header["batch_size"])
+    with cache_lock(root):
+        writer = _CacheWriter(root, header["layout"], [], _open_or_start(root, header, len(batches), True), batches)
+        writer.open()
+        for b, rows in enumerate(batches):
+            writer.write(b, rows, np.array(features[rows.start:rows.stop], dtype=np.float32), [], header["images"])
+        writer.finish()
+    return FeatureCache.open(root)
 
 
 def is_feature_cache(path: str | Path) -> bool:
@@ -134,23 +173,97 @@ def is_feature_cache(path: str | Path) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def read_manifest(root: str | Path) -> dict:
-    """The validated `manifest.json` of the cache at `root` (CacheError naming the file and field otherwise)."""
+def _old_version(data) -> int | None:
+    """The format version of a manifest of another cache format version than this one writes."""
+    if isinstance(data, dict) and data.get("format") == CACHE_FORMAT:
+        version = data.get("version")
+        if isinstance(version, int) and not isinstance(version, bool) and version != CACHE_VERSION:
+            return version
+    return None
+
+
+def read_manifest(root: str | Path, *, allow_unverified: bool = False) -> dict:
+    """The sealed, validated `manifest.json` of the cache at `root` (CacheError naming the file, the
+    field and the fix otherwise). Its `content_sha256` is mandatory. A version-1 manifest (no
+    digests of the arrays) is refused unless `allow_unverified`, which reads it with a loud warning."""
     path = Path(root) / "manifest.json"
-    fix = "delete the cache and extract again (or pass --overwrite)"
-    manifest = validate(read_json(path, "feature cache manifest"), CACHE_MANIFEST, what="feature cache manifest",
-                        source=path, error=CacheError, fix=fix)
-    # Caches written before manifests were signed have no content_sha256; they are read as they are.
-    if "content_sha256" in manifest and content_sha256(manifest, "content_sha256") != manifest["content_sha256"]:
-        raise CacheError(f"feature cache manifest {path} was changed after it was written (its content does not "
-                         f"match its content_sha256); {fix}")
-    return manifest
+    data = read_json(path, "feature cache manifest")
+    if _old_version(data) == 1:
+        if not allow_unverified:
+            raise CacheError(f"feature cache manifest {path} is of cache format version 1, written before caches "
+                             "carried digests of their features, labels and valid flags, so nothing vouches for "
+                             f"them; {FIX} (or open it with allow_unverified=True)")
+        try:
+            verify_seal(data, path, fix=FIX, allow_unverified=True)  # the old, optional digest when present
+        except IntegrityError as exc:
+            raise CacheError(f"feature cache manifest {exc}") from None
+        manifest = validate(data, CACHE_MANIFEST_V1, what="feature cache manifest", source=path, error=CacheError,
+                            fix=FIX)
+        warn_unverified(str(path), "is a version-1 feature cache: its features, labels and valid flags carry "
+                                   "no digests")
+        return manifest
+    if isinstance(data, dict) and _old_version(data) is None:  # another version: the schema names it
+        if DIGEST_FIELD not in data:
+            raise CacheError(f"feature cache manifest {path} has no {DIGEST_FIELD} (every manifest this h2t-edge "
+                             f"writes has one: it was removed); {FIX}")
+        try:
+            verify_seal(data, path, fix=FIX)
+        except IntegrityError as exc:
+            raise CacheError(f"feature cache manifest {exc}") from None
+    return validate(data, CACHE_MANIFEST, what="feature cache manifest", source=path, error=CacheError, fix=FIX)
 
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
-    """Write `root/manifest.json` atomically, signed with `content_sha256` (set in `manifest` too)."""
-    manifest["content_sha256"] = content_sha256(manifest, "content_sha256")
+    """Write `root/manifest.json` atomically, sealed (`runtime.trust.seal`: `issued` and
+    `content_sha256`, set in `manifest` too). `issued` is 0: a cache is local (no rollback to guard
+    against), and a resumed or distributed extraction writes the same bytes as an uninterrupted one."""
+    for key in ("issued", DIGEST_FIELD):  # written last, after the fields they vouch for
+        manifest.pop(key, None)
+    seal(manifest, issued=0)
     atomic_write_json(Path(root) / "manifest.json", manifest)
+
+
+def _batch_rows(n: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+
+
+def _batch_digest(features: np.ndarray, valid: np.ndarray, rows: range) -> bytes:
+    """sha256 of rows `rows` of features (their bytes in the stored dtype, C order), then of their
+    valid flags: one contiguous block each, no copy of a memory map."""
+    digest = hashlib.sha256(np.ascontiguousarray(features[rows.start:rows.stop]))
+    digest.update(np.ascontiguousarray(valid[rows.start:rows.stop]))
+    return digest.digest()
+
+
+def _batch_digests(features: np.ndarray, valid: np.ndarray, batches: list[range]) -> list[bytes]:
+    """Every batch's digest; large caches on several threads (hashlib releases the GIL)."""
+    if features.nbytes < 1 << 24 or len(batches) < 2:
+        return [_batch_digest(features, valid, rows) for rows in batches]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda rows: _batch_digest(features, valid, rows), batches))
+
+
+def _digest_mismatch(root: Path, rows: range, b: int, where: str) -> CacheError:
+    return CacheError(f"feature cache {root / 'features.npy'}: rows {rows.start}..{rows.stop - 1} (batch {b}) or "
+                      f"their valid flags in valid.npy do not match their digest in {where} (they changed after "
+                      f"they were written); {FIX}")
+
+
+def _verify_arrays(root: Path, manifest: dict, features: np.ndarray, valid: np.ndarray) -> None:
+    """Check labels.npy, and every batch of features.npy and valid.npy, against the manifest's digests."""
+    try:
+        verify_file(root / "labels.npy", manifest["labels_sha256"], field="labels_sha256",
+                    descriptor=root / "manifest.json", fix=FIX, what="feature cache labels")
+    except IntegrityError as exc:
+        raise CacheError(str(exc)) from None
+    batches = _batch_rows(len(manifest["images"]), manifest["batch_size"])
+    for b, (rows, actual) in enumerate(zip(batches, _batch_digests(features, valid, batches))):
+        if actual.hex() != manifest["batch_sha256"][b]:
+            raise _digest_mismatch(root, rows, b, str(root / "manifest.json"))
+    skipped = sorted(s["index"] for s in manifest["skipped"])
+    if np.flatnonzero(~valid).tolist() != skipped:
+        raise CacheError(f"feature cache {root / 'valid.npy'} does not mark exactly the images its manifest lists "
+                         f"as skipped; {FIX}")
 
 
 def cache_lock(root: str | Path) -> FileLock:
@@ -213,7 +326,16 @@ def read_multi_layout(onnx_path: str | Path, session=None) -> dict:
     if MULTI_LAYOUT_KEY not in meta:
         raise CacheError(f"{onnx_path} is not a multi-target-size export (no {MULTI_LAYOUT_KEY} metadata); "
                          "export it with `exporters.multi_export.export_backbone_multi` or `h2t-edge train`")
-    return _metadata_json(onnx_path, meta, MULTI_LAYOUT_KEY, MULTI_LAYOUT, "export it again")
+    multi = _metadata_json(onnx_path, meta, MULTI_LAYOUT_KEY, MULTI_LAYOUT, "export it again")
+    # One pass feeds every target size the same images: a layout that says otherwise would give a
+    # cache computed with another preprocessing than the one it records.
+    first = next(iter(multi["layouts"].values()))
+    for t, layout in multi["layouts"].items():
+        if layout["input"] != first["input"] or layout["preprocess"] != first["preprocess"]:
+            raise CacheError(f"feature layout (metadata {MULTI_LAYOUT_KEY!r}) of {onnx_path}: target size {t} has "
+                             "another input or preprocessing than the others, but one pass feeds them all the same "
+                             "images; export it again")
+    return multi
 
 
 @dataclass
@@ -224,16 +346,33 @@ class _CacheWriter:
     layout: dict
     outputs: list[str]  # ONNX output per tap, in layout order
     done: np.ndarray  # bool[batches]
+    batches: list[range]  # rows of each batch
     features: np.ndarray | None = None
     valid: np.ndarray | None = None
+    digests: np.ndarray | None = None  # uint8[batches, 32], as in digests.npy
     manifest: dict | None = None
     skipped: dict | None = None
 
     def open(self) -> None:
-        self.features = np.load(self.root / "features.npy", mmap_mode="r+")
-        self.valid = np.load(self.root / "valid.npy")
+        """Open the cache's files for writing; the batches already done must match their digests."""
+        try:
+            self.features = np.load(self.root / "features.npy", mmap_mode="r+")
+            self.valid = np.load(self.root / "valid.npy")
+            self.digests = np.load(self.root / DIGESTS_NAME)
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"feature cache {self.root} is damaged ({exc}); pass --overwrite to rebuild it") from exc
+        n = self.batches[-1].stop if self.batches else 0
+        if (self.features.shape != (n, self.layout["total_features"]) or self.valid.shape != (n,)
+                or self.valid.dtype != bool or self.digests.shape != (len(self.batches), 32)
+                or self.digests.dtype != np.uint8):
+            raise CacheError(f"feature cache {self.root}: array shapes do not match its manifest; pass --overwrite "
+                             "to rebuild it")
         self.manifest = read_manifest(self.root)
         self.skipped = {s["index"]: s for s in self.manifest["skipped"]}
+        done = np.flatnonzero(self.done)
+        for b, actual in zip(done, _batch_digests(self.features, self.valid, [self.batches[b] for b in done])):
+            if actual != self.digests[b].tobytes():
+                raise _digest_mismatch(self.root, self.batches[b], int(b), str(self.root / DIGESTS_NAME))
 
     def write(self, b: int, rows: range, block: np.ndarray, errors, paths) -> None:
         for row, message in errors:
@@ -248,9 +387,11 @@ class _CacheWriter:
         self.valid[rows.start:rows.stop] = True
         for row, _ in errors:
             self.valid[row] = False
-        # Order matters for resuming: data first, then the record that it is there.
+        # Order matters for resuming: data first, then its digest, then the record that it is there.
         self.features.flush()
         _save_npy(self.root / "valid.npy", self.valid)
+        self.digests[b] = np.frombuffer(_batch_digest(self.features, self.valid, rows), dtype=np.uint8)
+        _save_npy(self.root / DIGESTS_NAME, self.digests)
         if errors:
             self.manifest["skipped"] = sorted(self.skipped.values(), key=lambda s: s["index"])
             write_manifest(self.root, self.manifest)
@@ -258,7 +399,10 @@ class _CacheWriter:
         _save_npy(self.root / "progress.npy", self.done)
 
     def finish(self) -> None:
+        """Record the batch digests and the labels' sha256 in the manifest and mark it complete."""
         self.features = None
+        self.manifest["batch_sha256"] = [bytes(d).hex() for d in self.digests]
+        self.manifest["labels_sha256"] = file_sha256(self.root / "labels.npy")
         self.manifest["complete"] = True
         write_manifest(self.root, self.manifest)
 
@@ -339,12 +483,12 @@ def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: 
                                  f"{missing}; export it again with every target size you need")
             targets = {t: (Layout(multi["layouts"][str(t)]), multi["outputs"][str(t)]) for t in cache_dirs}
         onnx_sha256 = file_sha256(onnx_path)
-        batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
+        batches = _batch_rows(len(dataset), batch_size)
         writers = {}
         for key, (layout, outputs) in targets.items():
             header = {
                 "format": CACHE_FORMAT,
-                "version": 1,
+                "version": CACHE_VERSION,
                 "backbone": {"name": layout.backbone, "weights": layout.weights,
                              "onnx_sha256": onnx_sha256, "onnx": str(onnx_path.resolve())},
                 "layout": layout,
@@ -363,11 +507,12 @@ def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: 
                 raise CacheError(f"{onnx_path} has no tensor(s) {missing[:5]} that its layout names; "
                                  "export the backbone again")
             locks.enter_context(cache_lock(root))
-            writers[key] = _CacheWriter(root, layout, outputs, _open_or_start(root, header, len(batches), overwrite))
+            writers[key] = _CacheWriter(root, layout, outputs, _open_or_start(root, header, len(batches), overwrite),
+                                        batches)
         if all(w.done.all() for w in writers.values()):
             for w in writers.values():  # a run killed after its last batch, before marking its cache complete
-                w.open()
-                if not w.manifest["complete"]:
+                if not read_manifest(w.root)["complete"]:
+                    w.open()
                     w.finish()
             return {key: FeatureCache.open(w.root) for key, w in writers.items()}
         for w in writers.values():
@@ -420,6 +565,11 @@ def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) ->
     for stale in root.glob(".*.tmp"):  # temporary files of writes that a killed run left half done
         stale.unlink()
     if manifest_path.exists() and not overwrite:
+        version = _old_version(read_json(manifest_path, "feature cache manifest"))
+        if version is not None:  # like other settings: the cache is rebuilt only when asked to
+            raise CacheError(f"{root} holds a feature cache with a different version ({version}; this h2t-edge "
+                             f"writes version {CACHE_VERSION}, whose arrays carry digests); choose another --cache "
+                             "directory or pass --overwrite to rebuild it")
         old = read_manifest(root)
         mismatch = [k for k in ("format", "backbone", "layout", "dataset", "images", "labels", "dtype", "batch_size")
                     if _identity(old.get(k), k) != _identity(header[k], k)]
@@ -447,6 +597,7 @@ def _open_or_start(root: Path, header: dict, n_batches: int, overwrite: bool) ->
     del features
     np.save(root / "labels.npy", np.asarray(header["labels"], dtype=np.int64))
     _save_npy(root / "valid.npy", np.zeros(n, dtype=bool))
+    _save_npy(root / DIGESTS_NAME, np.zeros((n_batches, 32), dtype=np.uint8))
     done = np.zeros(n_batches, dtype=bool)
     _save_npy(root / "progress.npy", done)
     write_manifest(root, {**header, "skipped": [], "complete": False})

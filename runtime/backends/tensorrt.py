@@ -27,11 +27,13 @@ import numpy as np
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
 from ..io import file_sha256
 from ..io import atomic_write_bytes, atomic_write_json, read_json
+from ..trust import seal, verify_seal
 from .base import BatchProfile, Dim, InputSpec, Loader, Runner
 
 INSTALL_HINT = "pip install 'h2t-edge[tensorrt]' (and cuda-python) on a machine with an NVIDIA GPU"
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_FORMAT = "h2t-edge/tensorrt-engine"
+ENGINE_RECORD_VERSION = 2  # sealed (runtime.trust); version 1 records were not
 
 
 def _import_tensorrt():
@@ -123,9 +125,10 @@ class EngineCache:
             return None
         try:
             stored = read_json(record, "engine record")
+            verify_seal(stored, record, fix="rebuild the engine")
             if stored.get("format") != ENGINE_FORMAT or EngineKey.from_dict(stored["key"]) != key:
                 return None
-        except (H2TRuntimeError, KeyError, TypeError, ValueError):
+        except (H2TRuntimeError, KeyError, TypeError, ValueError, AttributeError):
             return None
         data = path.read_bytes()
         return data if hashlib.sha256(data).hexdigest() == stored.get("engine_sha256") else None
@@ -139,12 +142,13 @@ class EngineCache:
 
 
 def write_engine_record(engine_path: Union[str, os.PathLike], key: EngineKey, **extra: Any) -> Path:
-    """Write `ENGINE.json` next to an engine: its key and checksum (plus `extra`, e.g. how it was built)."""
+    """Write `ENGINE.json` next to an engine: its key and checksum (plus `extra`, e.g. how it was
+    built), sealed (runtime.trust), so an edited record (precision, onnx_sha256...) is refused."""
     engine_path = Path(engine_path)
-    return atomic_write_json(engine_path.with_suffix(".json"), {
-        "format": ENGINE_FORMAT, "version": 1, "key": key.to_dict(),
+    return atomic_write_json(engine_path.with_suffix(".json"), seal({
+        "format": ENGINE_FORMAT, "version": ENGINE_RECORD_VERSION, "key": key.to_dict(),
         "engine_sha256": file_sha256(engine_path), **extra,
-    })
+    }))
 
 
 def check_engine_record(engine_path: Union[str, os.PathLike], current_version: str, current_gpu: str) -> EngineKey:
@@ -154,6 +158,9 @@ def check_engine_record(engine_path: Union[str, os.PathLike], current_version: s
     if not record.is_file():
         raise ArtifactError(f"engine {engine_path} has no record {record.name}; rebuild it with `h2t-edge build-engine`")
     stored = read_json(record, "engine record")
+    if not isinstance(stored, dict):
+        raise ArtifactError(f"engine record {record} must hold a JSON object; rebuild the engine")
+    verify_seal(stored, f"engine record {record}", fix="rebuild the engine with `h2t-edge build-engine`")
     try:
         key = EngineKey.from_dict(stored["key"])
     except (KeyError, TypeError, ValueError) as exc:

@@ -18,7 +18,8 @@ from h2t_edge.steps.deploy import package_shared_step
 from runtime.errors import ArtifactError
 from runtime.heads import SharedBackbonePredictor
 from runtime.io import file_sha256
-from runtime.predictor import Predictor
+from runtime.predictor import MULTITASK_SIDECAR_VERSION, Predictor
+from runtime.trust import seal
 
 TAPS = ({"stem", "blocks.1.0.bn2"}, {"blocks.1.0.bn2", "blocks.2.0"}, {"blocks.0.0.bn1", "blocks.2.1.bn1"})
 
@@ -81,7 +82,7 @@ def test_multitask_graph_predicts_every_task_like_the_pipeline(multitask_graph, 
     x, expected = reference
     assert multitask_graph.tasks == ["t0", "t1", "t2"]
     sidecar = json.loads(multitask_graph.path.with_suffix(".json").read_text())
-    assert sidecar["version"] == 2
+    assert sidecar["version"] == MULTITASK_SIDECAR_VERSION
     assert [t["classes"] for t in sidecar["tasks"]] == [[f"t{i}-{c}" for c in range(2 + i)] for i in range(3)]
     with Predictor.load(multitask_graph.path, providers=["CPUExecutionProvider"]) as predictor:
         assert [t.task for t in predictor.tasks] == ["t0", "t1", "t2"]
@@ -131,7 +132,7 @@ def test_shared_folder_refuses_a_head_of_another_export(lite0_onnx, tasks, tmp_p
     meta = tmp_path / "deploy" / "heads" / "t0.json"
     data = json.loads(meta.read_text())
     data["layout_sha256"] = "0" * 64
-    meta.write_text(json.dumps(data))
+    meta.write_text(json.dumps(seal(data)))  # sealed again: the layout check itself must refuse it
     with pytest.raises(ArtifactError, match="layout_sha256"):
         SharedBackbonePredictor.load(tmp_path / "deploy")
     with pytest.raises(DeployError, match="not the backbone export"):
@@ -207,3 +208,73 @@ def test_cli_deploy_then_add_a_task_and_predict(lite0_onnx, tasks, photos, tmp_p
     assert result.exit_code == 0, result.output
     (row,) = json.loads(result.output)
     assert row["t0"].startswith("t0-") and row["t1"].startswith("t1-") and 0 < row["t1.probability"] <= 1
+
+
+def test_shared_folder_attacks(lite0_onnx, tasks, tmp_path):
+    """Issue 23 on the shared-backbone form: heads arrive one at a time, each signed on its own; the
+    device refuses each downgrade path of a head with a typed error naming the file."""
+    pytest.importorskip("cryptography", reason="signing needs cryptography: pip install 'h2t-edge[sign]'")
+    from runtime.trust import IntegrityError, RollbackError, SignatureError, SigningKey, content_digest
+
+    path, _ = lite0_onnx
+    key, other = SigningKey.generate(), SigningKey.generate()
+    pub = key.save(tmp_path / "keys")[1]
+    device, record = tmp_path / "device", tmp_path / "versions.json"
+    package_shared_step(tasks[:2], device, backbone_onnx=path, signing_key=key)
+    trusted = {"trusted_keys": [pub], "version_record": record}
+    SharedBackbonePredictor.load(device, **trusted).close()
+    heads = device / "heads"
+    kept = {p.name: p.read_bytes() for p in heads.iterdir()}
+
+    def restore():
+        for name, data in kept.items():
+            (heads / name).write_bytes(data)
+
+    def load():
+        SharedBackbonePredictor.load(device, **trusted).close()
+
+    meta = json.loads((heads / "t0.json").read_text())
+    for edit, error, match in [
+        (lambda d: d.pop("content_sha256"), IntegrityError, "has no content_sha256"),
+        (lambda d: (d.update(classes=d["classes"][::-1]), d.update(content_sha256=content_digest(d))),
+         SignatureError, "the signature does not verify"),
+        (lambda d: (d.pop("signature"), d.update(content_sha256=content_digest(d))), SignatureError, "is not signed"),
+    ]:
+        data = json.loads(json.dumps(meta))
+        edit(data)
+        (heads / "t0.json").write_text(json.dumps(data))
+        with pytest.raises(error, match=match) as info:
+            load()
+        assert str(heads / "t0.json") in str(info.value)
+        restore()
+    # signed by a key the device does not trust
+    package_shared_step(tasks[:1], tmp_path / "rogue", backbone_onnx=path, signing_key=other)
+    shutil.copy(tmp_path / "rogue" / "heads" / "t0.json", heads / "t0.json")
+    shutil.copy(tmp_path / "rogue" / "heads" / "t0.safetensors", heads / "t0.safetensors")
+    with pytest.raises(SignatureError, match="which this device does not trust"):
+        load()
+    restore()
+    # another head's files swapped in under this head's name (both validly signed)
+    shutil.copy(heads / "t1.json", heads / "t0.json")
+    shutil.copy(heads / "t1.safetensors", heads / "t0.safetensors")
+    with pytest.raises(IntegrityError, match=f"{heads / 't0.json'} holds task 't1', not 't0'"):
+        load()
+    restore()
+    shutil.copy(heads / "t1.safetensors", heads / "t0.safetensors")  # the tensors only
+    with pytest.raises(IntegrityError, match=f"{heads / 't0.safetensors'} does not match 'head_sha256'"):
+        load()
+    restore()
+    blob = bytearray((heads / "t0.safetensors").read_bytes())  # one bit of one weight, in place
+    blob[-3] ^= 0x01
+    (heads / "t0.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(IntegrityError, match="does not match 'head_sha256'"):
+        load()
+    restore()
+    # rollback: a newer t0 was installed and loaded; the old one copied back is refused
+    package_shared_step(tasks[:1], device, signing_key=key)
+    load()
+    for name, data in kept.items():
+        if name.startswith("t0."):
+            (heads / name).write_bytes(data)
+    with pytest.raises(RollbackError, match=f"{heads / 't0.json'} holds task 't0' issued at .* older"):
+        load()

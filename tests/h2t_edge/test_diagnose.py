@@ -12,8 +12,7 @@ from click.testing import CliRunner
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.research.diagnose import Diagnosis, diagnose, nc1, nc1_per_tap, prelogits_nc1, spearman, tap_nc1, write_diagnosis
 from h2t_edge.core.errors import FitError
-from h2t_edge.steps.extract import CACHE_FORMAT, FeatureCache
-from runtime.io import atomic_write_json
+from h2t_edge.steps.extract import FeatureCache, write_cache
 from runtime.preprocess import PreprocessConfig
 
 
@@ -87,18 +86,12 @@ def _synthetic_cache(root, noise=(0.05, 0.5, 2.0), d=6, k=4, n=80, seed=0, names
     layout = {"format": "h2t-edge/backbone-layout", "version": 1, "backbone": "synthetic", "weights": "random",
               "target_size": d, "input": "images", "preprocess": preprocess, "pre_logits": "pre_logits",
               "total_features": offset, "taps": taps}
-    root.mkdir(parents=True)
-    np.save(root / "features.npy", np.concatenate(blocks, axis=1).astype(np.float32))
-    np.save(root / "labels.npy", y.astype(np.int64))
-    np.save(root / "valid.npy", np.ones(n, dtype=bool))
-    atomic_write_json(root / "manifest.json", {
-        "format": CACHE_FORMAT, "version": 1, "complete": True, "layout": layout,
-        "images": [f"{i}.png" for i in range(n)], "labels": y.tolist(), "classes": [f"c{i}" for i in range(k)],
+    return write_cache(root, {
         "backbone": {"name": "synthetic", "weights": "random", "onnx_sha256": "0" * 64, "onnx": "synthetic.onnx"},
-        "dataset": {"source": "synthetic", "fingerprint": "0" * 64}, "dtype": "float32", "batch_size": n,
-        "provider": "numpy", "skipped": [],
-    })
-    return FeatureCache.open(root)
+        "layout": layout, "dataset": {"source": "synthetic", "fingerprint": "0" * 64},
+        "images": [f"{i}.png" for i in range(n)], "labels": y.tolist(), "classes": [f"c{i}" for i in range(k)],
+        "dtype": "float32", "batch_size": n, "provider": "numpy",
+    }, np.concatenate(blocks, axis=1))
 
 
 def test_diagnose_per_tap_with_selection(tmp_path):

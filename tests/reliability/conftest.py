@@ -12,9 +12,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "runtime"))  # tiny_task
 
 from tiny_backbone import TINY_GRID, write_backbone, write_image_folder  # noqa: E402
-from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, task_sidecar_dict  # noqa: E402
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, write_sidecar  # noqa: E402
 
-from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
+from runtime.io import atomic_write_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,5 +46,5 @@ def tiny_graph(tmp_path) -> TinyTaskGraph:
     path = tmp_path / "tiny.onnx"
     atomic_write_bytes(path, build_task_graph(weights, bias, TASK_PREPROCESS.height,
                                               TASK_PREPROCESS.width).SerializeToString())
-    atomic_write_json(path.with_suffix(".json"), {**task_sidecar_dict(), "graph_sha256": file_sha256(path)})
+    write_sidecar(path)
     return TinyTaskGraph(path=path, weights=weights, bias=bias)

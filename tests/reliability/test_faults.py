@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import runtime.io
 from h2t_edge.core.artifacts import TaskHead
@@ -28,7 +27,7 @@ from runtime.io import atomic_write_files
 from runtime.predictor import Predictor
 
 WORKER = Path(__file__).resolve().parent / "kill_worker.py"
-CACHE_FILES = ("manifest.json", "features.npy", "labels.npy", "valid.npy", "progress.npy")
+CACHE_FILES = ("manifest.json", "features.npy", "labels.npy", "valid.npy", "digests.npy", "progress.npy")
 
 
 def run_worker(step: str, args: dict, kill: str | None = None) -> subprocess.CompletedProcess:
@@ -65,14 +64,16 @@ def reference_cache(tiny_root, kill_images, tmp_path_factory):
     return cache
 
 
-# Calls inside one extraction of 19 images in 5 batches: _save_npy #1 valid.npy and #2 progress.npy
-# at the start, then per batch valid.npy and progress.npy; atomic_write_json #1 the first manifest,
-# #2 the manifest listing the truncated image (batch 4), #3 the final one marking it complete.
+# Calls inside one extraction of 19 images in 5 batches: _save_npy #1 valid.npy, #2 digests.npy and
+# #3 progress.npy at the start, then per batch valid.npy, digests.npy (the batch's sha256) and
+# progress.npy (batch 2: #7, #8, #9); atomic_write_json #1 the first manifest, #2 the manifest listing
+# the truncated image (batch 4), #3 the final one marking it complete (with the batch digests).
 EXTRACT_KILLS = [
     "h2t_edge.steps.extract._save_npy:1:after",  # arrays created, no manifest yet
     "h2t_edge.steps.extract.atomic_write_json:1:during",  # first manifest half written
-    "h2t_edge.steps.extract._save_npy:5:after",  # batch 2's features and valid flags in, progress not
-    "h2t_edge.steps.extract._save_npy:6:during",  # batch 2's progress record half written
+    "h2t_edge.steps.extract._save_npy:7:after",  # batch 2's features and valid flags in, digest not
+    "h2t_edge.steps.extract._save_npy:8:after",  # batch 2's digest in, progress not
+    "h2t_edge.steps.extract._save_npy:9:during",  # batch 2's progress record half written
     "h2t_edge.steps.extract.atomic_write_json:2:before",  # batch 4 (a skipped image) written, manifest not
     "h2t_edge.steps.extract.atomic_write_json:3:before",  # every batch done, not yet marked complete
 ]
@@ -209,7 +210,7 @@ def test_full_disk_keeps_the_previous_task_graph(tiny_graph, full_disk):
 
 def test_full_disk_during_extraction_leaves_a_resumable_cache(tiny_root, tmp_path, full_disk, monkeypatch):
     ds = from_folder(tiny_root["images"])
-    full_disk(5)  # batch 2's valid.npy
+    full_disk(8)  # batch 2's valid.npy (valid, digests, progress and the manifest at the start, 3 per batch)
     with pytest.raises(ArtifactWriteError):
         extract_features(tiny_root["backbone"], ds, tmp_path / "cache", batch_size=4, dtype="float32")
     monkeypatch.undo()

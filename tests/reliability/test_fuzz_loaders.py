@@ -72,6 +72,10 @@ def refused_or_sound(load, names: str, check, seconds: float = HANG_SECONDS):
     return result
 
 
+def _assert_equal(got, expected) -> None:
+    assert got == expected, f"a damaged record loaded as {got}, not the {expected} it was written with"
+
+
 def test_a_hanging_loader_fails_instead_of_stalling():
     start = time.monotonic()
     with pytest.raises(LoaderHang, match="over 0.2 s"):
@@ -192,7 +196,10 @@ def test_tensorrt_engine_record(tmp_path, data):
     key = EngineKey("0" * 64, "10.0", "GPU", "fp16", BatchProfile.up_to(8))
     original = json.loads(write_engine_record(engine, key).read_text())
     engine.with_suffix(".json").write_text(data.draw(damaged_text(original)))
-    refused_or_sound(lambda: check_engine_record(engine, "10.0", "GPU"), str(engine.with_suffix("")), lambda k: None)
+    # a record that loads must be the one written: the engine's exact key (the record is sealed, so an
+    # edited precision, profile or onnx_sha256 is refused, never read as another engine's key)
+    refused_or_sound(lambda: check_engine_record(engine, "10.0", "GPU"), str(engine.with_suffix("")),
+                     lambda got: _assert_equal(got, key))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
@@ -213,27 +220,111 @@ def test_layout_in_onnx_metadata(tiny_root, data):
         refused_or_sound(extract, str(onnx_path), _sound_cache)
 
 
-@FUZZ
-@given(data=st.data())
-def test_multi_target_layout_in_onnx_metadata(data):
-    """The multi-target-size export's metadata (exporters.multi_export): refused naming the file, or
-    one valid single-T layout and one output per tap for every target size."""
-    from h2t_edge.steps.extract import MULTI_LAYOUT_KEY, read_multi_layout
-    from tiny_backbone import tiny_backbone
+def _multi_backbone():
+    """The tiny backbone exported as `exporters.multi_export` would: its "pool" tap pooled at both
+    target sizes (outputs pool12, pool48), pre_logits shared; only the multi layout in its metadata.
+    Returns (model, its true multi layout)."""
+    from onnx import TensorProto, helper
+    from tiny_backbone import PRE_LOGITS, tiny_backbone
 
+    model = tiny_backbone(48)
+    graph = model.graph
+    graph.node.extend([
+        helper.make_node("Identity", ["pool"], ["pool48"]),
+        helper.make_node("AveragePool", ["scaled"], ["pooled12"], kernel_shape=[8, 8], strides=[8, 8]),
+        helper.make_node("Flatten", ["pooled12"], ["pool12"], axis=1),
+    ])
+    del graph.output[:]
+    graph.output.extend([helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", d])
+                         for name, d in (("pool12", 12), ("pool48", 48), ("pre_logits", PRE_LOGITS))])
+    del model.metadata_props[:]
     multi = {"format": "h2t-edge/multi-target-layout", "version": 1, "backbone": "tiny", "target_sizes": [12, 48],
              "layouts": {str(t): tiny_layout(t) for t in (12, 48)},
              "outputs": {str(t): [f"pool{t}", "pre_logits"] for t in (12, 48)}}
-    model = tiny_backbone(48)
+    return model, multi
+
+
+@st.composite
+def _misdescribed(draw, multi):
+    """Edits that keep a multi layout valid for its schema: lies only the graph can refute (an output
+    renamed or moved to another target size, taps reordered, a tap's width changed with offsets and
+    total kept consistent, another input or preprocessing for one target size), and true ones that
+    must still load (a tap renamed, a target size left out, the sizes listed in another order)."""
+    import copy
+
+    m = copy.deepcopy(multi)
+    t = draw(st.sampled_from(["12", "48"]))
+    layout, outputs = m["layouts"][t], m["outputs"][t]
+    kind = draw(st.sampled_from(["rename", "swap_sizes", "reorder", "width", "input", "preprocess",
+                                 "keep", "rename_tap", "drop_size", "reorder_sizes"]))
+    if kind == "rename":
+        i = draw(st.integers(0, len(outputs) - 1))
+        outputs[i] = draw(st.sampled_from([outputs[i] + "x", outputs[i].upper(), "pool", "images", "scaled",
+                                           "pool12" if t == "48" else "pool48"]))
+    elif kind == "swap_sizes":
+        m["outputs"]["12"], m["outputs"]["48"] = m["outputs"]["48"], m["outputs"]["12"]
+    elif kind == "reorder":
+        outputs.reverse()
+    elif kind == "width":
+        delta = draw(st.sampled_from([-4, -1, 1, 36]))
+        layout["taps"][0]["features"] += delta
+        layout["taps"][1]["offset"] += delta
+        layout["total_features"] += delta
+    elif kind == "input":
+        layout["input"] = "pixels"
+    elif kind == "preprocess":
+        layout["preprocess"]["mean"] = [0.25, 0.5, 0.5]
+    elif kind == "rename_tap":
+        layout["taps"][0]["name"] = "renamed"
+    elif kind == "drop_size":
+        m["target_sizes"].remove(int(t))
+        del m["layouts"][t], m["outputs"][t]
+    elif kind == "reorder_sizes":
+        m["target_sizes"].reverse()
+    return json.dumps(m)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture],
+          derandomize=True)
+@given(data=st.data())
+def test_multi_target_layout_in_onnx_metadata(tiny_root, data):
+    """The multi-target-size export's metadata (exporters.multi_export), damaged or lying: reading it
+    and extracting with it is refused naming the file, or gives caches that describe the real graph:
+    each target size's outputs are graph outputs of the widths its taps claim, and each cache's
+    columns are exactly those outputs of the graph run on the images (checked with ONNX Runtime
+    directly, not against the JSON itself)."""
+    import onnxruntime as ort
+
+    from h2t_edge.steps.extract import MULTI_LAYOUT_KEY, extract_features_multi, read_multi_layout
+    from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
+
+    model, multi = _multi_backbone()
     entry = model.metadata_props.add()
-    entry.key, entry.value = MULTI_LAYOUT_KEY, data.draw(damaged_text(multi))
+    entry.key, entry.value = MULTI_LAYOUT_KEY, data.draw(st.one_of(damaged_text(multi), _misdescribed(multi)))
+    graph_widths = {o.name: o.type.tensor_type.shape.dim[-1].dim_value for o in model.graph.output}
+    small = from_folder(tiny_root["images"]).subset(range(0, 18, 6))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "multi.onnx"
         path.write_bytes(model.SerializeToString())
 
-        def sound(m):
-            for t in m["target_sizes"]:
-                assert m["layouts"][str(t)]["target_size"] == t
-                assert len(m["outputs"][str(t)]) == len(m["layouts"][str(t)]["taps"])
+        def extract():
+            m = read_multi_layout(path)
+            dirs = {t: Path(tmp) / f"T{t}" for t in m["target_sizes"]}
+            return m, extract_features_multi(path, small, dirs, batch_size=4, dtype="float32")
 
-        refused_or_sound(lambda: read_multi_layout(path), str(path), sound)
+        def sound(result):
+            m, caches = result
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            for t, cache in caches.items():
+                layout, outputs = m["layouts"][str(t)], m["outputs"][str(t)]
+                _sound_cache(cache)
+                assert [graph_widths.get(name) for name in outputs] == [tap["features"] for tap in layout["taps"]], \
+                    f"T={t}: outputs {outputs} are not graph outputs of the widths the layout gives its taps"
+                assert cache.features.shape[1] == layout["total_features"] == sum(graph_widths[o] for o in outputs)
+                pre = PreprocessConfig.from_dict(layout["preprocess"], source="layout")
+                images = np.stack([preprocess_image(load_image(p), pre) for p in small.paths])
+                real = np.concatenate(session.run(outputs, {layout["input"]: images}), axis=1)
+                np.testing.assert_allclose(cache.features, real, rtol=0, atol=1e-6,
+                                           err_msg=f"T={t}: the cache's columns are not the graph's outputs")
+
+        refused_or_sound(extract, str(path), sound)

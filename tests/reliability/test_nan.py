@@ -10,14 +10,13 @@ import shutil
 import numpy as np
 import pytest
 from tiny_backbone import write_backbone
-from tiny_task import TASK_PREPROCESS, build_task_graph, task_sidecar_dict
+from tiny_task import TASK_PREPROCESS, build_task_graph, write_sidecar
 
 from h2t_edge.core.artifacts import TaskHead
-from h2t_edge.core.errors import CacheError, FitError, TaskArtifactError
+from h2t_edge.core.errors import CacheError, TaskArtifactError
 from h2t_edge.steps.extract import extract_features
 from h2t_edge.pipeline import fit_step
 from runtime.errors import ArtifactError, ImageError
-from runtime.io import atomic_write_json, file_sha256
 from runtime.predictor import Predictor
 from runtime.preprocess import PreprocessConfig
 
@@ -52,13 +51,15 @@ def test_float16_overflow_is_refused_with_the_fix(tiny_root, tmp_path):
 
 
 def test_nan_features_in_a_cache_stop_the_fit_and_write_nothing(tiny_root, tmp_path):
+    """NaN written into a cache after extraction (the writer refuses NaN) is caught as a change to
+    its rows before any fit; `select` refuses NaN features on its own too (test_select)."""
     cache = tmp_path / "cache"
     shutil.copytree(tiny_root["cache"], cache)
     features = np.load(cache / "features.npy", mmap_mode="r+")
     features[5, 7] = np.nan
     features.flush()
     del features
-    with pytest.raises(FitError, match="NaN or inf"):
+    with pytest.raises(CacheError, match=f"{cache / 'features.npy'}: rows 4..7"):
         fit_step(cache, tmp_path / "task")
     assert not (tmp_path / "task").exists() or not list((tmp_path / "task").rglob("*.safetensors"))
 
@@ -104,6 +105,6 @@ def test_graph_with_nan_weights_never_loads(tmp_path):
     weights[1, 2] = np.nan
     path = tmp_path / "nan.onnx"
     path.write_bytes(build_task_graph(weights, np.zeros(4, np.float32), 32, 32).SerializeToString())
-    atomic_write_json(path.with_suffix(".json"), {**task_sidecar_dict(), "graph_sha256": file_sha256(path)})
+    write_sidecar(path)
     with pytest.raises(ArtifactError, match=f"task graph {path} produced NaN/inf scores"):
         Predictor.load(path)

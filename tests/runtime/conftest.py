@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
-from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, task_sidecar_dict
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, TinyTaskGraph, build_task_graph, write_sidecar
 
-from runtime.io import atomic_write_bytes, atomic_write_json
+from runtime.io import atomic_write_bytes
 
 
 @pytest.fixture(scope="session")
@@ -44,5 +44,5 @@ def tiny_task(tmp_path) -> TinyTaskGraph:
     path = tmp_path / "tiny.onnx"
     model = build_task_graph(weights, bias, TASK_PREPROCESS.height, TASK_PREPROCESS.width)
     atomic_write_bytes(path, model.SerializeToString())
-    atomic_write_json(path.with_suffix(".json"), task_sidecar_dict())
+    write_sidecar(path)
     return TinyTaskGraph(path=path, weights=weights, bias=bias)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny_task import TASK_CLASSES, TASK_PREPROCESS, build_task_graph, task_sidecar_dict
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, build_task_graph, sealed_sidecar, task_sidecar_dict
 
 from runtime.errors import ArtifactError, BackendUnavailable, ImageError
 from runtime.predictor import Predictor, TaskSidecar, sidecar_path
@@ -63,8 +63,9 @@ def test_explicit_unavailable_provider(tiny_task):
 
 
 def _rewrite_sidecar(tiny_task, **changes):
+    """A sidecar with `changes`, sealed as h2t-edge writes it: the check under test is the schema's."""
     path = sidecar_path(tiny_task.path)
-    path.write_text(json.dumps({**task_sidecar_dict(), **changes}))
+    path.write_text(json.dumps(sealed_sidecar(tiny_task.path, **changes)))
     return path
 
 
@@ -72,7 +73,7 @@ def _rewrite_sidecar(tiny_task, **changes):
     "changes, match",
     [
         ({"format": "something-else"}, "'format'"),
-        ({"version": 3}, "'version' is 3"),
+        ({"version": 99}, "'version' is 99"),
         ({"classes": []}, "'classes'"),
         ({"classes": ["a", "b"]}, "2 in 'classes'"),
         ({"input": "pixels"}, "'input' is 'pixels'"),
@@ -109,6 +110,6 @@ def test_graph_built_for_another_size_is_rejected(tmp_path):
     model = build_task_graph(np.zeros((3, 4), np.float32), np.zeros(4, np.float32), 48, 48)
     path = tmp_path / "task.onnx"
     path.write_bytes(model.SerializeToString())
-    sidecar_path(path).write_text(json.dumps(task_sidecar_dict()))
+    sidecar_path(path).write_text(json.dumps(sealed_sidecar(path)))
     with pytest.raises(ArtifactError, match=r"input_size"):
         Predictor.load(path)

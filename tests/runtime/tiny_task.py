@@ -9,7 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from runtime.io import atomic_write_json, file_sha256
+from runtime.predictor import SIDECAR_VERSION
 from runtime.preprocess import PreprocessConfig
+from runtime.trust import seal
 
 TASK_CLASSES = ["cat", "coffee", "astronaut", "other"]
 # Small input so the tiny graph runs in milliseconds; bilinear exercises a second filter.
@@ -38,11 +41,11 @@ class TinyTaskGraph:
 def build_task_graph(weights: np.ndarray, bias: np.ndarray, height: int, width: int) -> onnx.ModelProto:
     """images -> GlobalAveragePool -> Flatten -> MatMul W -> Add b -> logits -> Softmax."""
     nodes = [
-        helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
-        helper.make_node("Flatten", ["pooled"], ["features"], axis=1),
-        helper.make_node("MatMul", ["features", "W"], ["scores"]),
-        helper.make_node("Add", ["scores", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+        helper.make_node("GlobalAveragePool", ["images"], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["features"], axis=1, name="flatten"),
+        helper.make_node("MatMul", ["features", "W"], ["scores"], name="head"),
+        helper.make_node("Add", ["scores", "b"], ["logits"], name="bias"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1, name="softmax"),
     ]
     num_classes = weights.shape[1]
     graph = helper.make_graph(
@@ -61,9 +64,10 @@ def build_task_graph(weights: np.ndarray, bias: np.ndarray, height: int, width: 
 
 
 def task_sidecar_dict(task: str = "tiny") -> dict:
+    """The sidecar's content, not yet sealed (see `write_sidecar`)."""
     return {
         "format": "h2t-edge/task-graph",
-        "version": 1,
+        "version": SIDECAR_VERSION,
         "task": task,
         "classes": TASK_CLASSES,
         "preprocess": TASK_PREPROCESS.to_dict(),
@@ -71,3 +75,14 @@ def task_sidecar_dict(task: str = "tiny") -> dict:
         "outputs": {"probabilities": "probabilities", "logits": "logits"},
         "backbone": {"name": "tiny-average", "onnx_sha256": "0" * 64},
     }
+
+
+def sealed_sidecar(graph: Path, task: str = "tiny", signing_key=None, **changes) -> dict:
+    """The sidecar of the tiny graph at `graph` as h2t-edge writes it: its graph_sha256, sealed
+    (signed with `signing_key` when given). `changes` replace fields before sealing."""
+    return seal({**task_sidecar_dict(task), "graph_sha256": file_sha256(graph), **changes}, signing_key)
+
+
+def write_sidecar(graph: Path, task: str = "tiny", signing_key=None, **changes) -> Path:
+    """Write GRAPH.json: `sealed_sidecar(graph, ...)`."""
+    return atomic_write_json(Path(graph).with_suffix(".json"), sealed_sidecar(Path(graph), task, signing_key, **changes))

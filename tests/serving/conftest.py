@@ -12,9 +12,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 # The tiny task graph is shared with the runtime tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from tiny_task import TASK_CLASSES, TASK_PREPROCESS, build_task_graph, task_sidecar_dict  # noqa: E402
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, build_task_graph, task_sidecar_dict, write_sidecar  # noqa: E402
 
-from runtime.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
+from runtime.predictor import MULTITASK_SIDECAR_VERSION  # noqa: E402
+from runtime.trust import seal  # noqa: E402
 
 
 def write_task(folder: Path, name: str, seed: int) -> Path:
@@ -24,7 +26,7 @@ def write_task(folder: Path, name: str, seed: int) -> Path:
     path = folder / f"{name}.onnx"
     atomic_write_bytes(path, build_task_graph(weights, bias, TASK_PREPROCESS.height, TASK_PREPROCESS.width)
                        .SerializeToString())
-    atomic_write_json(path.with_suffix(".json"), task_sidecar_dict(name))
+    write_sidecar(path, name)
     return path
 
 
@@ -58,10 +60,11 @@ def multi_task_graph(tmp_path) -> Path:
     onnx.checker.check_model(model)
     path = tmp_path / "two_heads.onnx"
     atomic_write_bytes(path, model.SerializeToString())
-    # The multi-task sidecar (version 2) that `h2t-edge compile A B ...` writes.
+    # The multi-task sidecar (version 4, sealed) that `h2t-edge compile A B ...` writes.
     single = task_sidecar_dict("two_heads")
-    sidecar = {"format": single["format"], "version": 2, "tasks": tasks, "preprocess": single["preprocess"],
-               "input": "images", "backbone": single["backbone"]}
+    sidecar = seal({"format": single["format"], "version": MULTITASK_SIDECAR_VERSION, "tasks": tasks,
+                    "preprocess": single["preprocess"], "input": "images", "backbone": single["backbone"],
+                    "graph_sha256": file_sha256(path)})
     atomic_write_json(path.with_suffix(".json"), sidecar)
     return path
 

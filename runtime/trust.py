@@ -1,0 +1,324 @@
+"""Integrity and authenticity of the artifacts a device loads (after TUF: two separate guarantees).
+
+**Integrity, always.** Every JSON descriptor h2t-edge writes (task-graph sidecar, engine record,
+shared-backbone and head descriptors, cache manifest) is *sealed*: `content_sha256` is the sha256 of
+its canonical JSON without `content_sha256` and `signature`, and the descriptor records the sha256
+of every other file of the artifact (the graph, the engine, the head tensors, the cache's arrays).
+A loader recomputes both and refuses a mismatch, a missing digest or a malformed one; nothing is
+checked "when present". Artifacts of the format before sealing became mandatory are refused with
+the fix, or load under an explicit, loud `allow_unverified=True`.
+
+**Authenticity, once keys are configured.** `seal(data, signing_key)` also signs the descriptor
+with ed25519: the signature covers its canonical JSON without `signature`, that is the digests of
+every file, the format and version, the task names and `issued` (when it was sealed). With trusted
+keys configured (`trusted_keys=` / $H2T_EDGE_TRUSTED_KEYS / `predict --trusted-key`), a loader
+refuses an unsigned descriptor, one signed by another key, and a bad signature.
+
+**Rollback.** A device may keep a version record (`version_record=` / $H2T_EDGE_VERSION_RECORD): the
+newest `issued` it has loaded per task. An artifact older than that for one of its tasks is refused.
+
+`cryptography` is imported only when a key is used: integrity needs hashlib alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ArtifactError
+from .io import atomic_write_bytes, atomic_write_json, read_json
+
+DIGEST_FIELD = "content_sha256"
+SIGNATURE_FIELD = "signature"
+ISSUED_FIELD = "issued"
+ALGORITHM = "ed25519"
+TRUSTED_KEYS_ENV = "H2T_EDGE_TRUSTED_KEYS"  # os.pathsep-separated .pub files
+VERSION_RECORD_ENV = "H2T_EDGE_VERSION_RECORD"  # a JSON file the device keeps
+VERSION_RECORD_FORMAT = "h2t-edge/version-record"
+SIGN_EXTRA = "pip install 'h2t-edge[sign]' (it adds the `cryptography` package)"
+
+
+class IntegrityError(ArtifactError):
+    """A descriptor or file that does not match its digest, or has none."""
+
+
+class SignatureError(ArtifactError):
+    """A descriptor that is unsigned, signed by an untrusted key, or whose signature does not verify."""
+
+
+class RollbackError(ArtifactError):
+    """An artifact older than the one this device has already loaded for the same task."""
+
+
+def canonical_bytes(data: Mapping[str, Any], exclude: Iterable[str] = ()) -> bytes:
+    """The canonical JSON of `data` without the keys in `exclude` (sorted keys, no spaces, UTF-8)."""
+    skip = set(exclude)
+    rest = {k: v for k, v in data.items() if k not in skip}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
+def content_digest(data: Mapping[str, Any]) -> str:
+    """sha256 of the descriptor without its digest and signature."""
+    return hashlib.sha256(canonical_bytes(data, (DIGEST_FIELD, SIGNATURE_FIELD))).hexdigest()
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def _crypto():
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise SignatureError(f"signing keys need the `cryptography` package: {SIGN_EXTRA}") from None
+    return serialization, ed25519
+
+
+def _key_id(public_raw: bytes) -> str:
+    return hashlib.sha256(public_raw).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """An ed25519 private key (`KEYDIR/signing.key`, PEM, PKCS#8, unencrypted, mode 0600)."""
+
+    key: Any  # cryptography Ed25519PrivateKey
+    path: str = "<memory>"
+
+    @classmethod
+    def generate(cls) -> "SigningKey":
+        _, ed25519 = _crypto()
+        return cls(ed25519.Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SigningKey":
+        serialization, ed25519 = _crypto()
+        path = Path(path)
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except OSError as exc:
+            raise SignatureError(f"cannot read signing key {path}: {exc}; make one with `h2t-edge keys generate`") \
+                from None
+        except (ValueError, TypeError) as exc:
+            raise SignatureError(f"{path} is not an unencrypted PEM private key ({exc}); make one with "
+                                 "`h2t-edge keys generate`") from None
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise SignatureError(f"{path} holds a {type(key).__name__}, not an ed25519 key; make one with "
+                                 "`h2t-edge keys generate`")
+        return cls(key, str(path))
+
+    @property
+    def public_raw(self) -> bytes:
+        serialization, _ = _crypto()
+        return self.key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    @property
+    def key_id(self) -> str:
+        return _key_id(self.public_raw)
+
+    def public_pem(self) -> bytes:
+        serialization, _ = _crypto()
+        return self.key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+
+    def sign(self, payload: bytes) -> dict:
+        return {"algorithm": ALGORITHM, "key_id": self.key_id,
+                "value": base64.b64encode(self.key.sign(payload)).decode("ascii")}
+
+    def save(self, key_dir: str | os.PathLike) -> tuple[Path, Path]:
+        """Write KEYDIR/signing.key (private, mode 0600) and KEYDIR/signing.pub; refuses to overwrite."""
+        serialization, _ = _crypto()
+        key_dir = Path(key_dir)
+        private, public = key_dir / "signing.key", key_dir / "signing.pub"
+        if private.exists() or public.exists():
+            raise SignatureError(f"{key_dir} already holds a key pair; choose another folder (a device that trusts "
+                                 "the old public key would refuse everything signed with a new one)")
+        key_dir.mkdir(parents=True, exist_ok=True)
+        pem = self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption())
+        # created 0600 from the start: the private key is never readable by others, not even briefly
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        atomic_write_bytes(public, self.public_pem())
+        return private, public
+
+
+@dataclass(frozen=True)
+class TrustedKeys:
+    """The public keys a device trusts, by key id. Empty: no authenticity check (integrity only)."""
+
+    keys: Mapping[str, Any]  # key id -> cryptography Ed25519PublicKey
+    sources: Mapping[str, str]  # key id -> where it was read
+
+    @classmethod
+    def load(cls, paths: Sequence[str | os.PathLike]) -> "TrustedKeys":
+        keys, sources = {}, {}
+        for p in paths:
+            serialization, ed25519 = _crypto()
+            path = Path(p)
+            try:
+                key = serialization.load_pem_public_key(path.read_bytes())
+            except OSError as exc:
+                raise SignatureError(f"cannot read trusted key {path}: {exc}; pass the signing.pub that "
+                                     "`h2t-edge keys generate` wrote") from None
+            except (ValueError, TypeError) as exc:
+                raise SignatureError(f"trusted key {path} is not a PEM public key ({exc}); pass a signing.pub "
+                                     "from `h2t-edge keys generate`") from None
+            if not isinstance(key, ed25519.Ed25519PublicKey):
+                raise SignatureError(f"trusted key {path} is a {type(key).__name__}, not an ed25519 key")
+            raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+            keys[_key_id(raw)], sources[_key_id(raw)] = key, str(path)
+        return cls(keys, sources)
+
+    @classmethod
+    def resolve(cls, trusted_keys: "TrustedKeys | Sequence[str | os.PathLike] | None" = None) -> "TrustedKeys":
+        """`trusted_keys` as given (paths or TrustedKeys), plus the files in $H2T_EDGE_TRUSTED_KEYS."""
+        given = trusted_keys if isinstance(trusted_keys, TrustedKeys) else cls.load(list(trusted_keys or ()))
+        env = [p for p in os.environ.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if p.strip()]
+        if not env:
+            return given
+        extra = cls.load(env)
+        return cls({**given.keys, **extra.keys}, {**given.sources, **extra.sources})
+
+    def __bool__(self) -> bool:
+        return bool(self.keys)
+
+    def verify(self, data: Mapping[str, Any], source: str, fix: str) -> None:
+        signature = data.get(SIGNATURE_FIELD)
+        if signature is None:
+            raise SignatureError(f"{source} is not signed, and this device trusts only artifacts signed by "
+                                 f"{', '.join(sorted(self.sources.values()))}; {fix} with --sign-key")
+        if (not isinstance(signature, Mapping) or signature.get("algorithm") != ALGORITHM
+                or not isinstance(signature.get("key_id"), str) or not isinstance(signature.get("value"), str)):
+            raise SignatureError(f"{source}: field '{SIGNATURE_FIELD}' is malformed (expected algorithm "
+                                 f"{ALGORITHM!r}, key_id and value); {fix} with --sign-key")
+        key = self.keys.get(signature["key_id"])
+        if key is None:
+            raise SignatureError(f"{source} is signed by key {signature['key_id']}, which this device does not trust "
+                                 f"(trusted: {', '.join(sorted(self.keys))}); {fix} with a trusted --sign-key")
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            value = base64.b64decode(signature["value"], validate=True)
+            key.verify(value, canonical_bytes(data, (SIGNATURE_FIELD,)))
+        except (InvalidSignature, ValueError):
+            raise SignatureError(f"{source}: the signature does not verify (the descriptor was changed after it "
+                                 f"was signed); {fix}") from None
+
+
+# -- sealing and checking ---------------------------------------------------------------------------
+
+
+def seal(data: dict, signing_key: SigningKey | None = None, *, issued: int | None = None) -> dict:
+    """Seal a descriptor in place (and return it): `issued`, `content_sha256`, and with a key the
+    ed25519 `signature` over everything else. Record every file digest in `data` first."""
+    data.pop(SIGNATURE_FIELD, None)
+    data[ISSUED_FIELD] = int(issued if issued is not None else data.get(ISSUED_FIELD) or time.time_ns())
+    data[DIGEST_FIELD] = content_digest(data)
+    if signing_key is not None:
+        data[SIGNATURE_FIELD] = signing_key.sign(canonical_bytes(data, (SIGNATURE_FIELD,)))
+    return data
+
+
+def warn_unverified(source: str, why: str) -> None:
+    warnings.warn(f"LOADING AN UNVERIFIED ARTIFACT: {source} {why}; it was loaded only because "
+                  "allow_unverified / --allow-unverified was given", RuntimeWarning, stacklevel=3)
+
+
+def verify_seal(data: Mapping[str, Any], source: str | os.PathLike, *, fix: str,
+                trusted: TrustedKeys | None = None, allow_unverified: bool = False) -> bool:
+    """Check a sealed descriptor read from `source`: its digest always, its signature when keys are
+    trusted. Returns True when it is verified, False when it has no digest and `allow_unverified`
+    let it load (with a loud warning). Raises IntegrityError / SignatureError naming the file."""
+    source = str(source)
+    digest = data.get(DIGEST_FIELD)
+    if digest is None:
+        if not allow_unverified or trusted:
+            raise IntegrityError(f"{source} has no {DIGEST_FIELD}: it is from an h2t-edge without mandatory "
+                                 f"integrity checks, or the digest was removed; {fix}"
+                                 + ("" if trusted else " (or load it with --allow-unverified)"))
+        warn_unverified(source, f"has no {DIGEST_FIELD}")
+        return False
+    if not _is_sha256(digest):
+        raise IntegrityError(f"{source}: field '{DIGEST_FIELD}' must be a sha256 (64 lowercase hex digits); {fix}")
+    if content_digest(data) != digest:
+        raise IntegrityError(f"{source} was changed after it was written (its content does not match its "
+                             f"{DIGEST_FIELD}); {fix}")
+    if trusted:
+        trusted.verify(data, source, fix)
+    return True
+
+
+def verify_file(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
+                what: str = "file") -> None:
+    """Refuse `path` unless its sha256 is `expected` (recorded in `descriptor` as `field`)."""
+    from .io import file_sha256
+
+    if not _is_sha256(expected):
+        raise IntegrityError(f"{descriptor}: field '{field}' must be a sha256 (64 lowercase hex digits); {fix}")
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise IntegrityError(f"cannot read {what} {path} ({exc}); {fix}") from None
+    if actual != expected:
+        raise IntegrityError(f"{what} {path} does not match the {field} recorded in {descriptor} (it changed after "
+                             f"it was written, or it was swapped in from another artifact); {fix}")
+
+
+# -- rollback ----------------------------------------------------------------------------------------
+
+
+class VersionRecord:
+    """The newest `issued` a device has loaded per task: a JSON file the device keeps (not shipped
+    with artifacts). `check_and_update` refuses an older artifact and records a newer one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @classmethod
+    def resolve(cls, version_record: "VersionRecord | str | os.PathLike | None") -> "VersionRecord | None":
+        if isinstance(version_record, VersionRecord):
+            return version_record
+        if version_record is None:
+            version_record = os.environ.get(VERSION_RECORD_ENV) or None
+        return None if version_record is None else cls(version_record)
+
+    def read(self) -> dict[str, int]:
+        if not self.path.is_file():
+            return {}
+        data = read_json(self.path, "version record")
+        if not isinstance(data, dict) or data.get("format") != VERSION_RECORD_FORMAT \
+                or not isinstance(data.get("tasks"), dict):
+            raise ArtifactError(f"{self.path} is not an h2t-edge version record; point {VERSION_RECORD_ENV} at "
+                                "the device's own record file")
+        return {str(k): int(v) for k, v in data["tasks"].items()}
+
+    def check_and_update(self, tasks: Sequence[str], issued: Any, source: str | os.PathLike) -> None:
+        if not isinstance(issued, int) or isinstance(issued, bool):
+            raise IntegrityError(f"{source}: field '{ISSUED_FIELD}' is missing or not an integer, so this device's "
+                                 f"version record ({self.path}) cannot rule out a rollback; re-compile the task")
+        known = self.read()
+        for task in tasks:
+            if known.get(task, -1) > issued:
+                raise RollbackError(f"{source} holds task {task!r} issued at {issued}, older than the version this "
+                                    f"device already loaded ({known[task]}, recorded in {self.path}): a rollback; "
+                                    "install the newer artifact")
+        newer = {t: issued for t in tasks if known.get(t, -1) < issued}
+        if newer:
+            atomic_write_json(self.path, {"format": VERSION_RECORD_FORMAT, "version": 1,
+                                          "tasks": {**known, **newer}})
