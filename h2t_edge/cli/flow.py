@@ -20,6 +20,7 @@ from h2t_edge.cli.options import (
     quiet_option,
 )
 from h2t_edge.core.progress import StageBars
+from h2t_edge.selection.names import HEAD2TOE, LINEAR
 
 
 @cli.command()
@@ -121,8 +122,8 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @click.argument("caches", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @output_option("out", file_okay=False, required=True, help="Task output directory.")
 @click.option("--task", default=None, help="Task name (default: the output folder's name).")
-@click.option("--method", "methods", multiple=True, type=click.Choice(["HEAD2TOE", "LINEAR"]),
-              default=("HEAD2TOE", "LINEAR"), show_default=True, help="With one cache: the methods to fit.")
+@click.option("--method", "methods", multiple=True, type=click.Choice([HEAD2TOE, LINEAR]),
+              default=(HEAD2TOE, LINEAR), show_default=True, help="With one cache: the methods to fit.")
 @click.option("--target-size", "-T", "target_sizes", multiple=True, type=int,
               help="With folders of T<size>/ caches (as `h2t-edge train` writes them): only these target sizes.")
 @GRID_OPTION

@@ -13,6 +13,7 @@ from h2t_edge.cli.options import (
     MAX_CANDIDATES_OPTION,
     output_option,
 )
+from h2t_edge.selection.names import TABLE1_METHODS
 
 
 @cli.command(name="tasks")
@@ -27,7 +28,7 @@ def tasks_(data_dir) -> None:
 @cli.command(name="eval")
 @click.option("--task", "task_names", multiple=True, help="Task (repeatable). Default: every default task.")
 @click.option("--method", "methods", multiple=True,
-              type=click.Choice(["LINEAR", "ALL-L2", "ALL-L1", "ALL-L21", "HEAD2TOE"]),
+              type=click.Choice(list(TABLE1_METHODS)),
               help="Method (repeatable). Default: all five.")
 @click.option("--backbone", "-b", "backbones", multiple=True, default=(DEFAULT_BACKBONE,), show_default=True)
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated run seeds.")

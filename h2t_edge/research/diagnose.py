@@ -34,6 +34,7 @@ import numpy as np
 from h2t_edge.core.errors import FitError, H2TEdgeError
 from h2t_edge.core.layout import Layout
 from h2t_edge.core.plots import MATPLOTLIB_MISSING, have_matplotlib, save_figure
+from h2t_edge.selection.names import HEAD2TOE
 from h2t_edge.steps.extract import FeatureCache
 from runtime.io import atomic_write_json
 
@@ -189,12 +190,12 @@ def diagnose(cache: FeatureCache | str | os.PathLike, task_dir: str | os.PathLik
     return build_diagnosis(cache.layout, values, examples=int(cache.valid.sum()), classes=len(cache.classes),
                            source=str(cache.root), selected=None if head is None else head.features,
                            task=None if head is None else head.task,
-                           method="HEAD2TOE" if head is None else head.method)
+                           method=HEAD2TOE if head is None else head.method)
 
 
 def build_diagnosis(layout: Mapping, values: dict[str, float], *, examples: int, classes: int, source: str = "",
                     selected: np.ndarray | None = None, task: str | None = None,
-                    method: str = "HEAD2TOE") -> Diagnosis:
+                    method: str = HEAD2TOE) -> Diagnosis:
     """Put NC1 per tap (`tap_nc1` / `nc1_per_tap`) beside a selection: int[k] indices into the
     layout's concatenated features (a fitted head's `features`), or None for NC1 alone."""
     layout = Layout.of(layout)

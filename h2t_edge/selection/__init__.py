@@ -6,6 +6,7 @@ Split by role, as skglm splits penalties, solvers and estimators:
 - `kernels`: batched trainers (many heads per GEMM);
 - `screening`: strong-rule screening of large pools and the select-then-retrain run;
 - `estimators`: the methods (`fit_linear`, `fit_regularized`, `fit_head2toe[_variants]`);
+- `names`: the method names (LINEAR, HEAD2TOE, ...), defined once;
 - `methods`: the method registry (`METHODS`) that fit, train and eval share.
 """
 

@@ -66,6 +66,7 @@ from h2t_edge.selection.grid import (
     summarize_cv,
 )
 from h2t_edge.selection.kernels import masked_mean, run_wide, wide_logits
+from h2t_edge.selection.names import HEAD2TOE, HEAD2TOE_LINEAR, LINEAR
 from h2t_edge.selection.screening import screen_candidates, select_and_retrain
 
 
@@ -104,10 +105,10 @@ def fit_linear(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.p
     """LINEAR baseline: unregularized head on all given features (grid lrs x steps by CV)."""
     start = time.perf_counter()
     data = prepare_cv(features, labels, n_classes, grid)
-    table = _cv_wide_table(data, grid, None, [None], "LINEAR", "penalty", progress)
+    table = _cv_wide_table(data, grid, None, [None], LINEAR, "penalty", progress)
     best = best_row(table)
     head = _refit_wide(data, grid, None, None, best["lr"], best["steps"], progress)
-    return FitResult("LINEAR", head, chosen_config(best, grid, "lr", "steps"), table, None,
+    return FitResult(LINEAR, head, chosen_config(best, grid, "lr", "steps"), table, None,
                      time.perf_counter() - start)
 
 
@@ -130,7 +131,7 @@ def fit_regularized(features, labels, n_classes: int, penalty: str,
 
 
 
-HEAD2TOE_KEEP = "HEAD2TOE+LINEAR"  # HEAD2TOE whose selection always keeps given columns
+HEAD2TOE_KEEP = HEAD2TOE_LINEAR  # HEAD2TOE whose selection always keeps given columns
 
 
 @cpu_training_mode()
@@ -141,7 +142,7 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
     features: float[n, D] (per-tap pooled, L2-normalized), labels: int[n] in [0, n_classes).
     CV over grid.l21s x lrs x steps x fractions; the best config is refitted on all rows.
     """
-    return fit_head2toe_variants(features, labels, n_classes, grid, progress)["HEAD2TOE"]
+    return fit_head2toe_variants(features, labels, n_classes, grid, progress)[HEAD2TOE]
 
 
 @cpu_training_mode()
@@ -169,7 +170,7 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
         raise FitError(f"every fraction in SearchGrid.fractions keeps more than max_candidates="
                        f"{grid.max_candidates} of {dim} features; raise max_candidates or add "
                        f"smaller fractions")
-    plan = {"HEAD2TOE": (fractions, None)}
+    plan = {HEAD2TOE: (fractions, None)}
     if keep is not None:
         keep_t = torch.from_numpy(np.unique(np.asarray(keep, dtype=np.int64)))
         if keep_t.numel() == 0 or keep_t[0] < 0 or keep_t[-1] >= dim:

@@ -23,18 +23,13 @@ import numpy as np
 from h2t_edge.core.errors import FitError
 from h2t_edge.core.layout import Layout
 from h2t_edge.selection.estimators import (
-    HEAD2TOE_KEEP,
     fit_head2toe,
     fit_head2toe_variants,
     fit_linear,
     fit_regularized,
 )
 from h2t_edge.selection.grid import FitResult
-
-LINEAR = "LINEAR"
-HEAD2TOE = "HEAD2TOE"
-HEAD2TOE_LINEAR = HEAD2TOE_KEEP  # "HEAD2TOE+LINEAR"
-ALL_L1, ALL_L2, ALL_L21 = "ALL-L1", "ALL-L2", "ALL-L21"
+from h2t_edge.selection.names import ALL_L1, ALL_L2, ALL_L21, HEAD2TOE, HEAD2TOE_LINEAR, LINEAR, TABLE1_METHODS  # noqa: F401
 
 # fit(features float32[n, d], labels int64[n], n_classes, grid, progress, layout) -> FitResult
 FitFunction = Callable[..., FitResult]

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from h2t_edge.core.errors import H2TEdgeError
+from h2t_edge.selection import names
 from runtime.io import atomic_write_json, atomic_write_text
 
 BACKBONE, TAPS, LINEAR, HEAD2TOE = "backbone (logits)", "backbone + all taps", "LINEAR task graph", "HEAD2TOE task graph"
@@ -68,11 +69,11 @@ def prepare_graphs(task_root: Path, work: Path) -> dict[str, Path]:
     from h2t_edge.core.artifacts import TaskHead
     from h2t_edge.steps.compile import compile_step, weights_source
 
-    heads = {name: task_root / name.lower() for name in ("HEAD2TOE", "LINEAR")}
+    heads = {name: task_root / name.lower() for name in (names.HEAD2TOE, names.LINEAR)}
     missing = [str(p) for p in heads.values() if not (p / "task.json").is_file()]
     if missing:
         raise H2TEdgeError(f"bench needs a fitted task with both methods; missing {missing}: run `h2t-edge fit` first")
-    head = TaskHead.load(heads["HEAD2TOE"])
+    head = TaskHead.load(heads[names.HEAD2TOE])
     bb = load_backbone(head.backbone["name"], weights=weights_source(head.backbone["weights"]))
     work.mkdir(parents=True, exist_ok=True)
     graphs = {BACKBONE: work / "backbone.onnx", TAPS: work / "backbone_taps.onnx"}
@@ -81,8 +82,8 @@ def prepare_graphs(task_root: Path, work: Path) -> dict[str, Path]:
     atomic_write_json(graphs[BACKBONE].with_suffix(".json"), {"preprocess": head.layout.preprocess})
     taps, _ = export_backbone(bb, head.layout.target_size, head.layout.tap_names)
     graphs[TAPS].write_bytes(taps.SerializeToString())
-    graphs[LINEAR] = compile_step(heads["LINEAR"], work / "linear.onnx").path
-    graphs[HEAD2TOE] = compile_step(heads["HEAD2TOE"], work / "head2toe.onnx").path
+    graphs[LINEAR] = compile_step(heads[names.LINEAR], work / "linear.onnx").path
+    graphs[HEAD2TOE] = compile_step(heads[names.HEAD2TOE], work / "head2toe.onnx").path
     return graphs
 
 

@@ -23,6 +23,7 @@ from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.core.errors import H2TEdgeError, TaskArtifactError
 from h2t_edge.core.progress import Progress
 from h2t_edge.selection.methods import get_method
+from h2t_edge.selection.names import HEAD2TOE, LINEAR
 from h2t_edge.steps.extract import FeatureCache
 from runtime.errors import H2TRuntimeError
 from runtime.io import atomic_write_json, file_sha256, read_json
@@ -118,7 +119,7 @@ class FitReport:
 
 def fit_step(
     cache_dir: str | Path, out: str | Path, *, task: str | None = None,
-    methods: Sequence[str] = ("HEAD2TOE", "LINEAR"), grid=None, progress: Progress | None = None,
+    methods: Sequence[str] = (HEAD2TOE, LINEAR), grid=None, progress: Progress | None = None,
 ) -> FitReport:
     """Fit the requested methods on a feature cache; writes OUT/<method>/ task artifacts and
     OUT/report.json with the CV tables. A method whose artifact OUT/<method>/ is already there, from

@@ -35,14 +35,14 @@ from exporters import DEFAULT_BACKBONE
 from h2t_edge.core.errors import H2TEdgeError
 from h2t_edge.core.plots import save_figure
 from h2t_edge.selection import FitResult, SearchGrid, choose_best, fit_head2toe, predict_logits
-from h2t_edge.selection.methods import ALL_L1, ALL_L2, ALL_L21, HEAD2TOE, LINEAR, get_method
+from h2t_edge.selection.methods import HEAD2TOE, LINEAR, TABLE1_METHODS, get_method
 from h2t_edge.steps.export import cached_export
 from h2t_edge.steps.extract import FeatureCache, extract_features
 from h2t_edge.steps.fit import FitKey, load_fit_record, save_fit_record
 from h2t_edge.suite.tasks.registry import GROUPS, N_TEST, N_TRAIN, N_VAL, TaskData, build_task, get_task
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
-METHODS = (LINEAR, ALL_L2, ALL_L1, ALL_L21, HEAD2TOE)  # the paper's Table 1 columns, in its order
+METHODS = TABLE1_METHODS  # the paper's Table 1 columns, in its order
 PROTOCOLS = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}
 RESULTS_FORMAT = "h2t-edge/suite-eval"
 DEFAULT_TITLE = "Offline task suite (VTAB-1k protocol): HEAD2TOE and its baselines"
@@ -133,7 +133,7 @@ def run_eval(
                 if not todo:
                     continue
                 data = build_task(name, data_dir, seed, n_train=n_train, n_val=n_val, n_test=n_test)
-                sizes = target_sizes if "HEAD2TOE" in todo else target_sizes[:1]
+                sizes = target_sizes if HEAD2TOE in todo else target_sizes[:1]
                 feats = {}
                 for t in sizes:
                     if t not in onnx:
@@ -358,7 +358,7 @@ def _target_size_table(records, backbone, tasks) -> list[str]:
     rows = []
     for t in tasks:
         for r in sorted((r for r in records if r["backbone"] == backbone and r["task"] == t
-                         and r["method"] == "HEAD2TOE" and len(r.get("per_target_size", [])) > 1),
+                         and r["method"] == HEAD2TOE and len(r.get("per_target_size", [])) > 1),
                         key=lambda r: (r["protocol"], r["seed"])):
             for run in r["per_target_size"]:
                 c = run["config"]
@@ -395,7 +395,7 @@ def _choices_table(records, backbone, tasks) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for t in tasks:
         rs = sorted((r for r in records if r["backbone"] == backbone and r["task"] == t
-                     and r["method"] == "HEAD2TOE"), key=lambda r: (r["protocol"] != "paper", r["seed"]))
+                     and r["method"] == HEAD2TOE), key=lambda r: (r["protocol"] != "paper", r["seed"]))
         if rs:
             r, c = rs[0], rs[0]["config"]
             lines.append(f"| {t} | {r['target_size']} | {c['fraction']} | {r['n_features']:,} / {r['candidates']:,} "
@@ -420,7 +420,7 @@ def plot_gains(records: list[dict], path: str | os.PathLike) -> Path | None:
     for ax, backbone in zip(axes[0], backbones):
         xs, gains, errs, cols = [], [], [], []
         for i, t in enumerate(tasks):
-            h, lin = cells.get((backbone, t, "HEAD2TOE")), cells.get((backbone, t, "LINEAR"))
+            h, lin = cells.get((backbone, t, HEAD2TOE)), cells.get((backbone, t, LINEAR))
             if h is None or lin is None:
                 continue
             paired = _paired_gains(records, backbone, t)
@@ -446,8 +446,8 @@ def _paired_gains(records, backbone, task) -> np.ndarray:
     """HEAD2TOE - LINEAR per seed (same protocol), for the error bars."""
     acc = {(r["method"], r["seed"], r["protocol"]): r["test_accuracy"] for r in records
            if r["backbone"] == backbone and r["task"] == task}
-    return np.asarray([v - acc[("LINEAR", s, p)] for (m, s, p), v in acc.items()
-                       if m == "HEAD2TOE" and ("LINEAR", s, p) in acc])
+    return np.asarray([v - acc[(LINEAR, s, p)] for (m, s, p), v in acc.items()
+                       if m == HEAD2TOE and (LINEAR, s, p) in acc])
 
 
 def write_report(out: str | os.PathLike, title: str = DEFAULT_TITLE) -> dict[str, Path]:

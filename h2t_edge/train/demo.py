@@ -15,6 +15,7 @@ import numpy as np
 
 from exporters import DEFAULT_BACKBONE
 from h2t_edge.core.progress import StageBars
+from h2t_edge.selection.names import HEAD2TOE, LINEAR
 from h2t_edge.steps.compile import compile_step
 from h2t_edge.steps.export import export_step
 from h2t_edge.steps.extract import extract_features
@@ -94,7 +95,7 @@ def run_demo(
                         batch_size=batch_size)
     bars.close()
     graph_acc = float(np.mean([p.index == y for p, y in zip(predictions, test.labels)]))
-    h2t, lin = fit.heads["HEAD2TOE"], fit.heads["LINEAR"]
+    h2t, lin = fit.heads[HEAD2TOE], fit.heads[LINEAR]
     k, c = h2t.weight.shape
     report = DemoReport(
         linear_accuracy=accuracy(lin, caches["test"]),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from h2t_edge.selection.names import HEAD2TOE, LINEAR
 from runtime.io import atomic_write_json, atomic_write_text
 
 REPORT_FORMAT = "h2t-edge/train-report"
@@ -44,7 +45,7 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
     curves = []
     for key, rows in selection.cv_rows.items():
         c = selection.by_key()[key]
-        if c.method == "LINEAR":
+        if c.method == LINEAR:
             continue
         best: dict = {}
         for r in rows:  # best over lr and steps for each (lambda, F)
@@ -55,8 +56,8 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
                     "fraction": f, "n_features": r["n_features"], "cv_accuracy": r["val_acc_mean"]}
                    for (l21, f), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
     shown = [selection.chosen]
-    h2t = [c for c in selection.candidates if c.method == "HEAD2TOE"]
-    if selection.chosen.method != "HEAD2TOE" and h2t:
+    h2t = [c for c in selection.candidates if c.method == HEAD2TOE]
+    if selection.chosen.method != HEAD2TOE and h2t:
         shown.append(min(h2t, key=lambda c: (-round(c.cv_accuracy, 9), c.target_size)))
     layers = {}
     for c in shown:
@@ -79,7 +80,7 @@ def _nc1_section(shown, train_caches: dict) -> dict | None:
     (the chosen one, or the best HEAD2TOE when LINEAR was chosen); None when there is none."""
     from h2t_edge.research.diagnose import diagnose
 
-    c = next((c for c in shown if c.method != "LINEAR"), None)
+    c = next((c for c in shown if c.method != LINEAR), None)
     if c is None or c.target_size not in train_caches:
         return None
     d = diagnose(train_caches[c.target_size], c.path)
@@ -164,7 +165,7 @@ def figure_cv_curves(report: dict) -> str:
     """CV accuracy against F: one panel per T, one line per (method, lambda)."""
     plt = _pyplot()
     sizes = sorted({c["target_size"] for c in report["cv_curves"]})
-    linear = [c for c in report["candidates"].values() if c["method"] == "LINEAR"]
+    linear = [c for c in report["candidates"].values() if c["method"] == LINEAR]
     fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(4.2 * max(1, len(sizes)), 3.4), squeeze=False,
                              sharey=True)
     for ax, t in zip(axes[0], sizes):
@@ -174,10 +175,10 @@ def figure_cv_curves(report: dict) -> str:
                 lines.setdefault((c["method"], c["l21"]), []).append(c)
         for (method, l21), pts in sorted(lines.items(), key=lambda kv: (kv[0][0], kv[0][1])):
             ax.plot([p["fraction"] for p in pts], [100 * p["cv_accuracy"] for p in pts],
-                    marker="o", markersize=3, linestyle="-" if method == "HEAD2TOE" else "--",
+                    marker="o", markersize=3, linestyle="-" if method == HEAD2TOE else "--",
                     label=f"{method}, λ={l21:g}")
         for lin in linear:
-            ax.axhline(100 * lin["cv_accuracy"], color="black", linewidth=0.8, linestyle=":", label="LINEAR")
+            ax.axhline(100 * lin["cv_accuracy"], color="black", linewidth=0.8, linestyle=":", label=LINEAR)
         ax.set_xscale("log")
         ax.set_xlabel("fraction F of features kept")
         ax.set_title(f"T = {t}", fontsize=10)
@@ -190,8 +191,8 @@ def figure_cv_curves(report: dict) -> str:
 def figure_methods(report: dict) -> str:
     """CV (and test) accuracy of every candidate."""
     plt = _pyplot()
-    cands = sorted(report["candidates"].values(), key=lambda c: (c["method"] != "LINEAR", c["target_size"], c["method"]))
-    keys = [c["method"] if c["method"] == "LINEAR" else f"{c['method']}\nT={c['target_size']}" for c in cands]
+    cands = sorted(report["candidates"].values(), key=lambda c: (c["method"] != LINEAR, c["target_size"], c["method"]))
+    keys = [c["method"] if c["method"] == LINEAR else f"{c['method']}\nT={c['target_size']}" for c in cands]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(cands) + 1), 3.6))
     x = np.arange(len(cands))
     has_test = any(c["test_accuracy"] is not None for c in cands)
@@ -204,7 +205,7 @@ def figure_methods(report: dict) -> str:
                       color="#dd8452")
         ax.bar_label(test, fmt="%.1f", fontsize=7, padding=2)
     chosen = report["chosen"]["key"]
-    ax.set_xticks(x, [k + (" *" if c["method"] == "LINEAR" and chosen == "LINEAR" or
+    ax.set_xticks(x, [k + (" *" if c["method"] == LINEAR and chosen == LINEAR or
                           f"{c['method']}@T{c['target_size']}" == chosen else "") for k, c in zip(keys, cands)],
                   fontsize=7)
     ax.set_ylabel("accuracy (%)")
@@ -251,7 +252,7 @@ def render_html(report: dict) -> str:
     chosen = report["chosen"]
     rows = []
     for key, c in sorted(report["candidates"].items(),
-                         key=lambda kv: (kv[1]["method"] != "LINEAR", kv[1]["target_size"], kv[1]["method"])):
+                         key=lambda kv: (kv[1]["method"] != LINEAR, kv[1]["target_size"], kv[1]["method"])):
         base = f"candidates.{key}"
         rows.append("<tr" + (' class="chosen"' if key == chosen["key"] else "") + f"><td>{html.escape(key)}</td>"
                     + _cell(f"{base}.cv_accuracy", _pct(c["cv_accuracy"])) + _cell(f"{base}.cv_se", _pct(c["cv_se"]))
