@@ -10,11 +10,13 @@ from h2t_edge.cli import cli, options, render
 from h2t_edge.cli.options import (
     BACKEND_OPTION,
     DEFAULT_BACKBONE,
+    DEVICE_OPTION,
     FIT_PRECISION_OPTION,
     GRID_OPTION,
     MAX_CANDIDATES_OPTION,
     PRECISION_OPTION,
     SIGN_KEY_OPTION,
+    SOLVER_OPTION,
     TRUSTED_KEY_OPTION,
     output_option,
     quiet_option,
@@ -129,8 +131,11 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @GRID_OPTION
 @MAX_CANDIDATES_OPTION
 @FIT_PRECISION_OPTION
+@SOLVER_OPTION
+@DEVICE_OPTION
 @quiet_option()
-def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_precision, quiet) -> None:
+def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_precision, solver, device,
+        quiet) -> None:
     """Select features (group lasso) and fit the task head, choosing F, lambda, lr and steps by CV.
 
     With one CACHE: writes OUTPUT/head2toe/ and OUTPUT/linear/ (task.json + head.safetensors) and
@@ -143,7 +148,7 @@ def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_prec
 
     bars = StageBars(not quiet)
     result = fit_task(caches, out, task=task, methods=methods, target_sizes=target_sizes,
-                      grid=options.make_grid(grid, max_candidates, fit_precision), progress=bars)
+                      grid=options.make_grid(grid, max_candidates, fit_precision, solver, device), progress=bars)
     bars.close()
     if isinstance(result, Selection):
         click.echo(render.selection_summary(result, out))

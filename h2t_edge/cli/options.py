@@ -17,8 +17,10 @@ __all__ = [
 ]
 
 
-def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp32"):
-    """The named grid; max_candidates (0 = exact) replaces its screening budget when given."""
+def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp32", solver: str = "paper",
+              device: str = "cpu"):
+    """The named grid; max_candidates (0 = exact) replaces its screening budget when given; solver and
+    device pick HEAD2TOE's engine and where it runs."""
     import dataclasses
 
     from h2t_edge.selection import SearchGrid
@@ -26,7 +28,7 @@ def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp
     grid = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}[name]()
     if max_candidates is not None:
         grid = dataclasses.replace(grid, max_candidates=max_candidates or None)
-    return dataclasses.replace(grid, precision=precision)
+    return dataclasses.replace(grid, precision=precision, solver=solver, device=device)
 
 
 def backend_options(backend: str, precision: str) -> dict:
@@ -102,6 +104,15 @@ FIT_PRECISION_OPTION = click.option(
          "matrix products only (weights, optimiser and loss stay fp32): about 2x faster fitting on "
          "CPUs with AVX512-BF16 or AMX, slower elsewhere. Recorded in the task's config.",
 )
+
+SOLVER_OPTION = click.option(
+    "--solver", type=click.Choice(["paper", "path"]), default="paper", show_default=True,
+    help="HEAD2TOE's selection engine. 'paper': the paper's recipe (minibatch Adam heads per fold, lr, "
+         "lambda and steps). 'path': a group-lasso path per fold with warm starts, full-batch FISTA and "
+         "full-batch retraining (opt-in; benchmarks/results/path_speed.md). Recorded in the task's config.")
+DEVICE_OPTION = click.option(
+    "--device", default="cpu", show_default=True,
+    help="Where the 'path' solver runs: 'cpu', or 'cuda' where torch sees a GPU.")
 
 # --- inference backends ------------------------------------------------------------------------
 

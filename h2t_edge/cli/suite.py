@@ -8,9 +8,11 @@ from h2t_edge.cli import cli, options, render
 from h2t_edge.cli.options import (
     DATA_DIR_OPTION,
     DEFAULT_BACKBONE,
+    DEVICE_OPTION,
     FIT_PRECISION_OPTION,
     GRID_OPTION,
     MAX_CANDIDATES_OPTION,
+    SOLVER_OPTION,
     output_option,
 )
 from h2t_edge.selection.names import TABLE1_METHODS
@@ -37,6 +39,8 @@ def tasks_(data_dir) -> None:
 @GRID_OPTION
 @MAX_CANDIDATES_OPTION
 @FIT_PRECISION_OPTION
+@SOLVER_OPTION
+@DEVICE_OPTION
 @output_option("out", default="h2t-eval/results", show_default=True,
                help="Results prefix, relative to the current folder: writes OUTPUT.json (resumable), OUTPUT.md "
                     "and OUTPUT.png.")
@@ -45,8 +49,8 @@ def tasks_(data_dir) -> None:
 @DATA_DIR_OPTION
 @click.option("--n-test", default=1000, show_default=True, help="Test examples per task (fewer where the source has fewer).")
 @click.option("--report-only", is_flag=True, help="Only rewrite OUTPUT.md and OUTPUT.png from OUTPUT.json.")
-def eval_(task_names, methods, backbones, seeds, target_sizes, grid, max_candidates, fit_precision, out, work_dir,
-          data_dir, n_test, report_only) -> None:
+def eval_(task_names, methods, backbones, seeds, target_sizes, grid, max_candidates, fit_precision, solver, device,
+          out, work_dir, data_dir, n_test, report_only) -> None:
     """Evaluate methods x tasks x backbones x seeds (paper Table 1 protocol); skips finished cells."""
     from h2t_edge.suite.evaluate import METHODS, run_eval, write_report
     from h2t_edge.suite.tasks.registry import list_tasks
@@ -56,8 +60,8 @@ def eval_(task_names, methods, backbones, seeds, target_sizes, grid, max_candida
                  methods=methods or METHODS, backbones=backbones,
                  seeds=[int(s) for s in seeds.split(",") if s.strip()], protocol=grid,
                  target_sizes=target_sizes, work_dir=work_dir, data_dir=data_dir, n_test=n_test,
-                 grid=(None if max_candidates is None and fit_precision == "fp32"
-                       else options.make_grid(grid, max_candidates, fit_precision)),
+                 grid=(None if (max_candidates, fit_precision, solver, device) == (None, "fp32", "paper", "cpu")
+                       else options.make_grid(grid, max_candidates, fit_precision, solver, device)),
                  log=lambda message: click.echo(message, err=True))
     for kind, path in write_report(out).items():
         click.echo(f"wrote {kind}: {path}")

@@ -6,6 +6,7 @@ Split by role, as skglm splits penalties, solvers and estimators:
 - `kernels`: batched trainers (many heads per GEMM);
 - `screening`: strong-rule screening of large pools and the select-then-retrain run;
 - `estimators`: the methods (`fit_linear`, `fit_regularized`, `fit_head2toe[_variants]`);
+- `path`: an opt-in, faster HEAD2TOE engine on group-lasso paths (`fit_head2toe_path`);
 - `names`: the method names (LINEAR, HEAD2TOE, ...), defined once;
 - `methods`: the method registry (`METHODS`) that fit, train and eval share.
 """
@@ -29,9 +30,10 @@ from h2t_edge.selection.grid import (
     predict_logits,
     stratified_folds,
 )
+from h2t_edge.selection.path import PathSettings, fit_head2toe_path
 
 __all__ = [
-    "HEAD2TOE_KEEP", "PENALTIES", "PRECISIONS", "FitResult", "LinearHead", "SearchGrid", "choose_best", "cpu_training_mode",
-    "fit_head2toe", "fit_head2toe_variants", "fit_linear", "fit_regularized", "native_bf16", "predict_logits",
-    "stratified_folds",
+    "HEAD2TOE_KEEP", "PENALTIES", "PRECISIONS", "FitResult", "LinearHead", "PathSettings", "SearchGrid", "choose_best",
+    "cpu_training_mode", "fit_head2toe", "fit_head2toe_path", "fit_head2toe_variants", "fit_linear", "fit_regularized",
+    "native_bf16", "predict_logits", "stratified_folds",
 ]

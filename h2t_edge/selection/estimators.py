@@ -158,6 +158,10 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
     Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; their fit_seconds are the
     shared total.
     """
+    if grid.solver == "path":  # the group-lasso path engine, same contract
+        from h2t_edge.selection.path import fit_head2toe_path
+
+        return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device)
     start = time.perf_counter()
     data = prepare_cv(features, labels, n_classes, grid)
     dim = data.x.shape[1]

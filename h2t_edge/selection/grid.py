@@ -21,6 +21,8 @@ from h2t_edge.core.errors import FitError
 
 T = TypeVar("T")
 
+SOLVERS = ("paper", "path")  # SearchGrid.solver
+
 PENALTIES = ("l21", "l2", "l1")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # SearchGrid.precision -> GEMM dtype
 
@@ -61,6 +63,10 @@ class SearchGrid:
     seed: int = 0
     max_candidates: int | None = 32768  # HEAD2TOE: screen larger pools per fold (None: exact)
     precision: str = "fp32"  # GEMM inputs: "fp32" or "bf16" (see the module docstring)
+    # HEAD2TOE's engine: "paper" (minibatch Adam per (fold, lr, lambda, steps), the paper's recipe)
+    # or "path" (group-lasso paths with warm starts, h2t_edge.selection.path; opt-in for now)
+    solver: str = "paper"
+    device: str = "cpu"  # where the "path" engine runs ("cuda" on a GPU); the paper engine runs on the CPU
 
     def __post_init__(self) -> None:
         for name in ("lrs", "steps", "l21s", "penalties", "fractions"):
@@ -74,6 +80,11 @@ class SearchGrid:
             raise FitError("SearchGrid.batch_size and SearchGrid.steps must be positive")
         if any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise FitError(f"SearchGrid.fractions={self.fractions}; each must lie in (0, 1]")
+        if self.solver not in SOLVERS:
+            raise FitError(f"SearchGrid.solver={self.solver!r}; use one of {list(SOLVERS)}")
+        if self.device != "cpu" and self.solver != "path":
+            raise FitError(f"SearchGrid.device={self.device!r}: only the 'path' solver runs off the CPU; "
+                           "use --solver path with --device")
         if self.precision not in PRECISIONS:
             raise FitError(f"SearchGrid.precision={self.precision!r}; use one of {sorted(PRECISIONS)}")
         if self.max_candidates is not None and self.max_candidates < 1:

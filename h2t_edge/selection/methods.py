@@ -29,7 +29,15 @@ from h2t_edge.selection.estimators import (
     fit_regularized,
 )
 from h2t_edge.selection.grid import FitResult
-from h2t_edge.selection.names import ALL_L1, ALL_L2, ALL_L21, HEAD2TOE, HEAD2TOE_LINEAR, LINEAR, TABLE1_METHODS  # noqa: F401
+from h2t_edge.selection.names import (  # noqa: F401  (re-exported: the registry's names)
+    ALL_L1,
+    ALL_L2,
+    ALL_L21,
+    HEAD2TOE,
+    HEAD2TOE_LINEAR,
+    LINEAR,
+    TABLE1_METHODS,
+)
 
 # fit(features float32[n, d], labels int64[n], n_classes, grid, progress, layout) -> FitResult
 FitFunction = Callable[..., FitResult]
