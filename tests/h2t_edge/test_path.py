@@ -28,24 +28,8 @@ from h2t_edge.selection.path import (
     retrain_heads,
 )
 
-INFORMATIVE = np.array([3, 97, 180, 251, 330, 399])  # spread over the index range (as test_select)
-
-
-def synthetic(n: int, dim: int = 400, n_classes: int = 3, seed: int = 0, signal: float = 1.5):
-    """Only INFORMATIVE columns depend on the label (column j shifts class j % C); rest is noise."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % n_classes
-    rng.shuffle(y)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    for j, col in enumerate(INFORMATIVE[INFORMATIVE < dim]):
-        x[:, col] += signal * (y == j % n_classes)
-    return (x / np.sqrt(dim)).astype(np.float32), y.astype(np.int64)
-
-
-def small_grid(**kw) -> SearchGrid:
-    base = {"lrs": (0.1,), "steps": (200,), "l21s": (1e-3,), "penalties": (1e-4,),
-            "fractions": (0.005, 0.015, 0.05, 0.25), "folds": 3, "batch_size": 32, "seed": 0}
-    return SearchGrid(**{**base, **kw})
+# the synthetic task and small grid of the Adam engine's tests: one definition for both engines
+from test_select import INFORMATIVE, small_grid, synthetic  # noqa: E402  (same folder, on sys.path)
 
 
 def tensors(x, y, n_classes=3):
