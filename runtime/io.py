@@ -84,7 +84,7 @@ def json_bytes(obj: Any) -> bytes:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Write `obj` as indented JSON (keys in insertion order, trailing newline) atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+    return atomic_write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str | os.PathLike, what: str) -> Any:

@@ -21,10 +21,17 @@ from .backends import create_runner
 from .backends.base import Runner
 from .errors import ArtifactError, ImageError
 from .io import read_json
-from .trust import (
-    ISSUED_FIELD, IntegrityError, TrustedKeys, VersionRecord, verify_file, verify_seal, warn_unverified,
-)
 from .preprocess import PreprocessConfig, load_image, preprocess_image
+from .trust import (
+    DIGEST_FIELD,
+    ISSUED_FIELD,
+    IntegrityError,
+    TrustedKeys,
+    VersionRecord,
+    verify_file,
+    verify_seal,
+    warn_unverified,
+)
 
 SIDECAR_FORMAT = "h2t-edge/task-graph"
 # Versions 3 and 4 are sealed (runtime.trust): content_sha256, graph/engine sha256 and `issued` are
@@ -224,7 +231,12 @@ def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike |
                 f"(this runtime reads {LEGACY_VERSIONS[version]}); {fix}"
                 + ("" if trusted else " (or load it with --allow-unverified)"))
         warn_unverified(str(sidecar_file), f"is format version {version} (unsealed)")
+        # what that format checked, when present, is still checked: its digest and the graph's hash
+        if DIGEST_FIELD in raw:
+            verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix)
         sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
+        if "graph_sha256" in raw or isinstance(raw.get("build"), Mapping):
+            verify_artifact_hash(path, sidecar.extra, sidecar_file)
         return sidecar
     if isinstance(raw, dict):
         verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix, trusted=trusted)

@@ -19,7 +19,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 Check = Callable[[Any, str], Any]
@@ -121,7 +121,7 @@ def one_of(*choices: str) -> Check:
 
 def sha256() -> Check:
     def check(value, where):
-        if not isinstance(value, str) or not _HEX64.match(value):
+        if not is_sha256(value):
             raise SchemaMismatch(where, "must be a sha256 (64 lowercase hex digits)")
         return value
     return check
@@ -178,9 +178,20 @@ def obj(fields: Mapping[str, Check], optional_fields: Mapping[str, Check] | None
     return check
 
 
+def is_sha256(value: Any) -> bool:
+    """Whether `value` is a sha256 as h2t-edge writes it: 64 lowercase hex digits."""
+    return isinstance(value, str) and bool(_HEX64.match(value))
+
+
+def canonical_bytes(data: Mapping[str, Any], exclude: Iterable[str] = ()) -> bytes:
+    """The canonical JSON of `data` without the keys in `exclude` (sorted keys, no spaces, UTF-8):
+    what every content digest and signature of an h2t-edge artifact is computed over."""
+    skip = set(exclude)
+    rest = {k: v for k, v in data.items() if k not in skip}
+    return json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")
+
+
 def content_sha256(data: Mapping[str, Any], field: str) -> str:
     """sha256 of a JSON object's canonical form without `field` (the field that stores it), so a
     file can carry the checksum of its own content."""
-    rest = {k: v for k, v in data.items() if k != field}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8",
-                          "surrogatepass")).hexdigest()
+    return hashlib.sha256(canonical_bytes(data, (field,))).hexdigest()

@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
 from .io import atomic_write_bytes, atomic_write_json, read_json
+from .schema import canonical_bytes, is_sha256
 
 DIGEST_FIELD = "content_sha256"
 SIGNATURE_FIELD = "signature"
@@ -58,20 +58,9 @@ class RollbackError(ArtifactError):
     """An artifact older than the one this device has already loaded for the same task."""
 
 
-def canonical_bytes(data: Mapping[str, Any], exclude: Iterable[str] = ()) -> bytes:
-    """The canonical JSON of `data` without the keys in `exclude` (sorted keys, no spaces, UTF-8)."""
-    skip = set(exclude)
-    rest = {k: v for k, v in data.items() if k not in skip}
-    return json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass")
-
-
 def content_digest(data: Mapping[str, Any]) -> str:
     """sha256 of the descriptor without its digest and signature."""
     return hashlib.sha256(canonical_bytes(data, (DIGEST_FIELD, SIGNATURE_FIELD))).hexdigest()
-
-
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 # -- keys ------------------------------------------------------------------------------------------
@@ -254,7 +243,7 @@ def verify_seal(data: Mapping[str, Any], source: str | os.PathLike, *, fix: str,
                                  + ("" if trusted else " (or load it with --allow-unverified)"))
         warn_unverified(source, f"has no {DIGEST_FIELD}")
         return False
-    if not _is_sha256(digest):
+    if not is_sha256(digest):
         raise IntegrityError(f"{source}: field '{DIGEST_FIELD}' must be a sha256 (64 lowercase hex digits); {fix}")
     if content_digest(data) != digest:
         raise IntegrityError(f"{source} was changed after it was written (its content does not match its "
@@ -269,7 +258,7 @@ def verify_file(path: str | os.PathLike, expected: Any, *, field: str, descripto
     """Refuse `path` unless its sha256 is `expected` (recorded in `descriptor` as `field`)."""
     from .io import file_sha256
 
-    if not _is_sha256(expected):
+    if not is_sha256(expected):
         raise IntegrityError(f"{descriptor}: field '{field}' must be a sha256 (64 lowercase hex digits); {fix}")
     try:
         actual = file_sha256(path)

@@ -21,7 +21,6 @@ A fine-tuned task (`FineTunedTask`, from `h2t-edge finetune`) is the other kind 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from h2t_edge.core.errors import TaskArtifactError
 from h2t_edge.core.layout import Layout
 from h2t_edge.core.schemas import TASK
 from runtime.errors import ArtifactError
-from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, read_json
+from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, json_bytes, read_json
 from runtime.schema import content_sha256, validate
 from runtime.trust import seal, verify_seal
 
@@ -104,13 +103,11 @@ class TaskHead:
         for name in ("head.safetensors", "task.json"):  # temporary files a killed earlier save left behind
             for stale in root.glob(f".{name}.*.tmp"):
                 stale.unlink()
-        atomic_write_files({root / "head.safetensors": blob,
-                            root / "task.json": (json.dumps(meta, indent=2) + "\n").encode("utf-8")})
+        atomic_write_files({root / "head.safetensors": blob, root / "task.json": json_bytes(meta)})
         return root
 
     @classmethod
     def load(cls, root: str | Path) -> "TaskHead":
-
         root = Path(root)
         meta_path, head_path = root / "task.json", root / "head.safetensors"
         fix = "fit the task again"

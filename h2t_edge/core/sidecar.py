@@ -19,10 +19,9 @@ from typing import Any
 
 from runtime.io import atomic_write_files, json_bytes
 from runtime.predictor import MULTITASK_SIDECAR_VERSION, SIDECAR_FORMAT, SIDECAR_VERSION, read_task_sidecar
-from runtime.trust import DIGEST_FIELD, SigningKey
+from runtime.trust import SigningKey
 from runtime.trust import seal as seal_descriptor
 
-SIGNATURE_FIELD = DIGEST_FIELD  # the field whose presence says "sealed"
 INPUT_NAME = "images"
 
 __all__ = ["graph_path", "multitask_sidecar", "read_task_sidecar", "sign", "task_sidecar", "write_task_graph"]

@@ -11,29 +11,27 @@ Split by role, as skglm splits penalties, solvers and estimators:
 - `methods`: the method registry (`METHODS`) that fit, train and eval share.
 """
 
-from h2t_edge.selection.estimators import (
-    HEAD2TOE_KEEP,
-    fit_head2toe,
-    fit_head2toe_variants,
-    fit_linear,
-    fit_regularized,
-)
-from h2t_edge.selection.grid import (
-    PENALTIES,
-    PRECISIONS,
-    FitResult,
-    LinearHead,
-    SearchGrid,
-    choose_best,
-    cpu_training_mode,
-    native_bf16,
-    predict_logits,
-    stratified_folds,
-)
-from h2t_edge.selection.path import PathSettings, fit_head2toe_path
+import importlib
 
-__all__ = [
-    "HEAD2TOE_KEEP", "PENALTIES", "PRECISIONS", "FitResult", "LinearHead", "PathSettings", "SearchGrid", "choose_best",
-    "cpu_training_mode", "fit_head2toe", "fit_head2toe_path", "fit_head2toe_variants", "fit_linear", "fit_regularized",
-    "native_bf16", "predict_logits", "stratified_folds",
-]
+# The public names, by the module that defines them. They are imported on first use (PEP 562), so
+# `h2t_edge.selection.names` and the CLI's --help do not pay for importing torch.
+_EXPORTS = {
+    "estimators": ("HEAD2TOE_KEEP", "fit_head2toe", "fit_head2toe_variants", "fit_linear", "fit_regularized"),
+    "grid": ("PENALTIES", "PRECISIONS", "FitResult", "LinearHead", "SearchGrid", "choose_best", "cpu_training_mode",
+             "native_bf16", "predict_logits", "stratified_folds"),
+    "path": ("PathSettings", "fit_head2toe_path"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

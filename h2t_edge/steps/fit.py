@@ -22,7 +22,6 @@ import numpy as np
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.core.errors import H2TEdgeError, TaskArtifactError
 from h2t_edge.core.progress import Progress
-from h2t_edge.selection.methods import get_method
 from h2t_edge.selection.names import HEAD2TOE, LINEAR
 from h2t_edge.steps.extract import FeatureCache
 from runtime.errors import H2TRuntimeError
@@ -124,7 +123,8 @@ def fit_step(
     """Fit the requested methods on a feature cache; writes OUT/<method>/ task artifacts and
     OUT/report.json with the CV tables. A method whose artifact OUT/<method>/ is already there, from
     the same cache, task and grid, is kept, not refitted: rerunning an interrupted fit resumes it."""
-    from h2t_edge.selection import SearchGrid
+    from h2t_edge.selection import SearchGrid  # torch: imported when a fit runs, not with the pipeline
+    from h2t_edge.selection.methods import get_method
 
     grid = grid or SearchGrid.paper()
     cache = FeatureCache.open(cache_dir)

@@ -25,8 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from ..io import file_sha256
-from ..io import atomic_write_bytes, atomic_write_json, read_json
+from ..io import atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from ..trust import seal, verify_seal
 from .base import BatchProfile, Dim, InputSpec, Loader, Runner
 

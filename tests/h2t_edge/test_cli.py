@@ -179,3 +179,17 @@ def test_diagnose_without_matplotlib_writes_the_tables_and_names_the_extra(tmp_p
     assert (tmp_path / "d.json").exists() and not (tmp_path / "d.png").exists()
     assert f"wrote {tmp_path / 'd.json'}\n" in result.output
     assert "figures skipped: matplotlib is not installed (pip install 'h2t-edge[train]')" in result.output
+
+
+def test_help_and_the_pipeline_facade_do_not_import_torch():
+    """torch is imported when something is exported or fitted, not to print --help or to import the
+    API (`h2t_edge.selection` resolves its names on first use)."""
+    code = ("import sys, contextlib, io, h2t_edge.pipeline\n"
+            "from h2t_edge.cli import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    cli.main(['fit', '--help'], standalone_mode=False)\n"
+            "import h2t_edge.selection.names\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -177,6 +177,21 @@ def test_old_format_is_refused_or_loads_only_when_allowed_loudly(tmp_path, keys)
              lambda: Predictor.load(graph, allow_unverified=True, trusted_keys=[keys["trusted_pub"]]))
 
 
+def test_old_format_keeps_the_checks_it_had(tmp_path):
+    """--allow-unverified lifts only what the old format lacked: a digest or graph hash it does
+    carry is still checked, as that format's loader checked it."""
+    graph = _write_graph(tmp_path, "cats", 0)
+    side = _edit_sidecar(graph, lambda d: (d.update(version=1), d.pop("issued")), reseal=True)
+    _edit_sidecar(graph, lambda d: d.update(classes=d["classes"][::-1]))  # its digest no longer matches
+    with pytest.warns(RuntimeWarning, match="UNVERIFIED"):
+        _refused(IntegrityError, f"{side} was changed", lambda: Predictor.load(graph, allow_unverified=True))
+    _edit_sidecar(graph, lambda d: d.pop("content_sha256"))
+    shutil.copy(_write_graph(tmp_path / "other", "cats", 1), graph)  # and another graph in its place
+    with pytest.warns(RuntimeWarning, match="UNVERIFIED"):
+        _refused(IntegrityError, f"task graph {graph} does not match the graph_sha256",
+                 lambda: Predictor.load(graph, allow_unverified=True))
+
+
 # -- multi-task graph and engine --------------------------------------------------------------------
 
 
