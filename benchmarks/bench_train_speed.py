@@ -30,7 +30,7 @@ from runtime.io import atomic_write_json, atomic_write_text, read_json  # noqa: 
 OUT = ROOT / "benchmarks" / "results" / "train_speed"
 
 
-def run(task: str, grid_name: str, budget: int, precision: str, guard: bool, work: Path) -> dict:
+def run(task: str, grid_name: str, budget: int, precision: str, guard: bool, work: Path, solver: str = "paper") -> dict:
     import dataclasses
 
     from h2t_edge.selection import SearchGrid
@@ -38,9 +38,9 @@ def run(task: str, grid_name: str, budget: int, precision: str, guard: bool, wor
     from h2t_edge.train.protocol import train
 
     grid = SearchGrid.paper() if grid_name == "paper" else SearchGrid.quick()
-    grid = dataclasses.replace(grid, max_candidates=budget or None, precision=precision)
+    grid = dataclasses.replace(grid, max_candidates=budget or None, precision=precision, solver=solver)
     data = build_task(task, None, 0)
-    folder = work / f"{task}-{grid_name}-{budget}-{precision}{'' if guard else '-noguard'}"
+    folder = work / f"{task}-{grid_name}-{solver}-{budget}-{precision}{'' if guard else '-noguard'}"
     folder.mkdir(parents=True, exist_ok=True)
     train_manifest = data.train.to_manifest(folder / "train.jsonl")
     test_manifest = data.test.to_manifest(folder / "test.jsonl")
@@ -50,7 +50,7 @@ def run(task: str, grid_name: str, budget: int, precision: str, guard: bool, wor
     wall = time.perf_counter() - start
     sel = report.selection
     return {
-        "task": task, "grid": grid_name, "max_candidates": budget, "precision": precision, "guard": guard, "train_images": len(data.train),
+        "task": task, "grid": grid_name, "solver": solver, "max_candidates": budget, "precision": precision, "guard": guard, "train_images": len(data.train),
         "test_images": len(data.test), "target_sizes": sorted({c.target_size for c in sel.candidates
                                                                  if c.method != "LINEAR"}),
         "timings": report.timings, "wall_seconds": wall, "skipped": report.skipped,

@@ -133,9 +133,12 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @FIT_PRECISION_OPTION
 @SOLVER_OPTION
 @DEVICE_OPTION
+@options.MAX_ACCURACY_OPTION
+@options.LATENCY_BUDGET_OPTION
+@options.TAPS_FROM_OPTION
 @quiet_option()
 def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_precision, solver, device,
-        quiet) -> None:
+        max_accuracy, latency_budget, taps_from, quiet) -> None:
     """Select features (group lasso) and fit the task head, choosing F, lambda, lr and steps by CV.
 
     With one CACHE: writes OUTPUT/head2toe/ and OUTPUT/linear/ (task.json + head.safetensors) and
@@ -148,7 +151,9 @@ def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_prec
 
     bars = StageBars(not quiet)
     result = fit_task(caches, out, task=task, methods=methods, target_sizes=target_sizes,
-                      grid=options.make_grid(grid, max_candidates, fit_precision, solver, device), progress=bars)
+                      grid=options.make_grid(grid, max_candidates, fit_precision, solver, device, max_accuracy,
+                                             latency_budget),
+                      progress=bars, taps_from=taps_from)
     bars.close()
     if isinstance(result, Selection):
         click.echo(render.selection_summary(result, out))
@@ -230,12 +235,14 @@ def predict(task_graph, images, fmt, output, batch_size, on_error, backend, prec
 @click.option("--weights", default=None, help="Override the backbone weights source recorded in the task.")
 @SIGN_KEY_OPTION
 def deploy(task_dirs, output, backbone_onnx, weights, sign_key) -> None:
-    """Ship the backbone with taps once and a tiny head per task; run it with `predict DIR IMAGES`.
-    Into a folder that has the backbone already, only the new tasks' heads are written."""
+    """Ship the backbone once, pruned to the taps the tasks read, and a tiny head per task; run it with
+    `predict DIR IMAGES`. Into a folder that has the backbone already, only the new tasks' heads are
+    written; a task that reads a tap the device graph lacks is refused (train it with --taps-from DIR)."""
     from h2t_edge.steps.deploy import package_shared_step
 
     report = package_shared_step(task_dirs, output, backbone_onnx, weights, options.signing_key(sign_key))
     if report.backbone_written:
-        click.echo(f"wrote {report.root / 'backbone.onnx'} ({report.backbone_bytes / 1e6:.2f} MB)")
+        click.echo(f"wrote {report.root / 'backbone.onnx'} ({report.backbone_bytes / 1e6:.2f} MB, pruned to the "
+                   f"{len(report.taps)} taps its heads read)")
     for task, size in report.heads.items():
         click.echo(f"wrote head {task}: {size:,} bytes ({100 * size / report.backbone_bytes:.3f}% of the backbone)")

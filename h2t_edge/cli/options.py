@@ -17,18 +17,30 @@ __all__ = [
 ]
 
 
-def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp32", solver: str = "paper",
-              device: str = "cpu"):
+def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp32", solver: str = "path",
+              device: str = "auto", max_accuracy: bool = False, latency_budget: float | None = None):
     """The named grid; max_candidates (0 = exact) replaces its screening budget when given; solver and
-    device pick HEAD2TOE's engine and where it runs."""
+    device pick HEAD2TOE's engine and where it runs ("auto": the GPU where torch sees one, for the
+    path solver; the paper solver runs on the CPU); max_accuracy and latency_budget set the choice
+    (`SearchGrid.choice`, `SearchGrid.latency_budget`)."""
     import dataclasses
 
+    from h2t_edge.core.errors import FitError
     from h2t_edge.selection import SearchGrid
+    from h2t_edge.selection.grid import resolve_device
 
     grid = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}[name]()
     if max_candidates is not None:
         grid = dataclasses.replace(grid, max_candidates=max_candidates or None)
-    return dataclasses.replace(grid, precision=precision, solver=solver, device=device)
+    if precision != "fp32" and solver != "paper":
+        raise click.UsageError(f"--fit-precision {precision} applies to --solver paper (its Adam GEMMs); the "
+                               f"{solver} solver computes in fp32")
+    try:
+        device = "cpu" if solver == "paper" and device == "auto" else resolve_device(device)
+        return dataclasses.replace(grid, precision=precision, solver=solver, device=device,
+                                   choice="accuracy" if max_accuracy else "cheapest", latency_budget=latency_budget)
+    except FitError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def backend_options(backend: str, precision: str) -> dict:
@@ -100,19 +112,35 @@ MAX_CANDIDATES_OPTION = click.option(
 
 FIT_PRECISION_OPTION = click.option(
     "--fit-precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-    help="Precision of the training GEMMs. bf16 casts features and weights to bfloat16 for the "
+    help="Precision of the paper solver's training GEMMs (--solver paper; the path solver is fp32). bf16 casts features and weights to bfloat16 for the "
          "matrix products only (weights, optimiser and loss stay fp32): about 2x faster fitting on "
          "CPUs with AVX512-BF16 or AMX, slower elsewhere. Recorded in the task's config.",
 )
 
 SOLVER_OPTION = click.option(
-    "--solver", type=click.Choice(["paper", "path"]), default="paper", show_default=True,
-    help="HEAD2TOE's selection engine. 'paper': the paper's recipe (minibatch Adam heads per fold, lr, "
-         "lambda and steps). 'path': a group-lasso path per fold with warm starts, full-batch FISTA and "
-         "full-batch retraining (opt-in; benchmarks/results/path_speed.md). Recorded in the task's config.")
+    "--solver", type=click.Choice(["path", "paper"]), default="path", show_default=True,
+    help="HEAD2TOE's selection engine. 'path': a group-lasso regularization path per fold with warm "
+         "starts (full-batch FISTA), every F ranked from one path, full-batch retraining; a fraction of "
+         "'paper''s fitting time (benchmarks/results/fit_speed.md). 'paper': "
+         "the paper's recipe, to reproduce it (minibatch Adam heads per fold, lr, lambda and steps). "
+         "Recorded in the task's config.")
 DEVICE_OPTION = click.option(
-    "--device", default="cpu", show_default=True,
-    help="Where the 'path' solver runs: 'cpu', or 'cuda' where torch sees a GPU.")
+    "--device", default="auto", show_default=True,
+    help="Where the path solver fits: 'auto' (the GPU where torch sees one, else the CPU), 'cpu', 'cuda' "
+         "or 'cuda:N' (refused where torch sees no GPU). The paper solver runs on the CPU.")
+
+MAX_ACCURACY_OPTION = click.option(
+    "--max-accuracy", is_flag=True,
+    help="Keep the candidate with the best CV accuracy. By default the cheapest deployed graph (estimated "
+         "latency, `h2t-edge taps`) among those within one standard error of the best CV accuracy wins.")
+LATENCY_BUDGET_OPTION = click.option(
+    "--latency-budget", type=click.FloatRange(min=1.0), default=None, metavar="R",
+    help="Only candidates whose deployed graph is estimated at most R x the plain backbone's batch-1 latency "
+         "(e.g. 1.02); an error names the cheapest when none fits.")
+TAPS_FROM_OPTION = click.option(
+    "--taps-from", type=click.Path(exists=True), default=None, metavar="DEPLOYED",
+    help="Select only among the taps a device already computes: a `deploy` folder (backbone.json) or a "
+         "compiled graph (.onnx with its .json sidecar). The task then ships as a head only.")
 
 # --- inference backends ------------------------------------------------------------------------
 

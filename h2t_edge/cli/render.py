@@ -32,11 +32,14 @@ def backbone_lines(specs) -> str:
 
 
 def taps_table(rows, target_size: int) -> str:
-    """`h2t-edge taps`: rows with name, kind, shape, window and features (`steps.export.tap_table`)."""
+    """`h2t-edge taps`: rows with name, kind, shape, window, features and cost (`steps.export.tap_table`)."""
     width = max([22, *(len(t.name) + 1 for t in rows)])
-    lines = [f"{'tap':<{width}} {'kind':<7} {'shape':<16} {'window':<9} features"]
-    lines += [f"{t.name:<{width}} {t.kind:<7} {str(t.shape):<16} {t.window:<9} {t.features}" for t in rows]
-    lines.append(f"{len(rows)} taps, {sum(t.features for t in rows)} candidate features at T={target_size}")
+    lines = [f"{'tap':<{width}} {'kind':<7} {'shape':<16} {'window':<9} {'features':>8}  cost"]
+    lines += [f"{t.name:<{width}} {t.kind:<7} {str(t.shape):<16} {t.window:<9} {t.features:>8}  {100 * t.cost:.2f}%"
+              for t in rows]
+    lines.append(f"{len(rows)} taps, {sum(t.features for t in rows)} candidate features at T={target_size}; cost: "
+                 f"estimated added batch-1 latency of reading the tap, in % of the plain backbone's (from bytes "
+                 f"read; the pre-logits is free). Reading these taps: {100 * sum(t.cost for t in rows):.1f}%.")
     return "\n".join(lines)
 
 
@@ -89,11 +92,17 @@ def compile_summary(report, multi_task: bool) -> str:
     if report.finetuned:
         return (f"wrote {path} ({mb(report.bytes)}) and {path.with_suffix('.json').name}: "
                 f"block {r.layer} tuned, {r.task_bytes / 1e6:.2f} MB per task")
-    return (f"wrote {path} ({mb(report.bytes)}) and {path.with_suffix('.json').name} in {report.seconds:.1f} s"
+    text = (f"wrote {path} ({mb(report.bytes)}) and {path.with_suffix('.json').name} in {report.seconds:.1f} s"
             + (f" for tasks {', '.join(report.tasks)}" if multi_task else "") + "\n"
             f"uses {len(r.taps_used)} taps; keeps {r.segments_kept}/{r.segments_total} backbone segments "
             f"({r.backbone_parameters_kept:,} of {r.backbone_parameters_total:,} parameters, "
             f"{100 * r.backbone_fraction_dropped:.1f}% dropped); head {r.head_parameters:,} parameters")
+    if report.latency_estimate is not None:
+        text += f"\nestimated batch-1 latency: {report.latency_estimate:.3f}x the plain backbone (tap costs, `h2t-edge taps`)"
+        if multi_task:
+            text += "".join(f"\n  {task}: +{100 * added:.2f}% (its taps no earlier task reads)"
+                            for task, added in report.added_latency.items())
+    return text
 
 
 # --- predict -----------------------------------------------------------------------------------

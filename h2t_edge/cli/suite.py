@@ -60,8 +60,7 @@ def eval_(task_names, methods, backbones, seeds, target_sizes, grid, max_candida
                  methods=methods or METHODS, backbones=backbones,
                  seeds=[int(s) for s in seeds.split(",") if s.strip()], protocol=grid,
                  target_sizes=target_sizes, work_dir=work_dir, data_dir=data_dir, n_test=n_test,
-                 grid=(None if (max_candidates, fit_precision, solver, device) == (None, "fp32", "paper", "cpu")
-                       else options.make_grid(grid, max_candidates, fit_precision, solver, device)),
+                 grid=options.make_grid(grid, max_candidates, fit_precision, solver, device),
                  log=lambda message: click.echo(message, err=True))
     for kind, path in write_report(out).items():
         click.echo(f"wrote {kind}: {path}")

@@ -12,8 +12,11 @@ from h2t_edge.cli.options import (
     DEVICE_OPTION,
     FIT_PRECISION_OPTION,
     GRID_OPTION,
+    LATENCY_BUDGET_OPTION,
+    MAX_ACCURACY_OPTION,
     MAX_CANDIDATES_OPTION,
     SOLVER_OPTION,
+    TAPS_FROM_OPTION,
     grid_option,
     output_option,
     quiet_option,
@@ -39,6 +42,9 @@ from h2t_edge.core.progress import StageBars
 @FIT_PRECISION_OPTION
 @SOLVER_OPTION
 @DEVICE_OPTION
+@MAX_ACCURACY_OPTION
+@LATENCY_BUDGET_OPTION
+@TAPS_FROM_OPTION
 @click.option("--no-guard", is_flag=True,
               help="Choose among HEAD2TOE fits only (the paper), not the best of HEAD2TOE, LINEAR and HEAD2TOE+LINEAR.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
@@ -47,7 +53,8 @@ from h2t_edge.core.progress import StageBars
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
 @quiet_option()
 def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, max_candidates, fit_precision,
-          solver, device, no_guard, cache_dir, batch_size, on_error, quiet) -> None:
+          solver, device, max_accuracy, latency_budget, taps_from, no_guard, cache_dir, batch_size, on_error,
+          quiet) -> None:
     """Train a task on your images in one command: export, extract (one pass for every T), fit with CV
     over T (HEAD2TOE, LINEAR, HEAD2TOE+LINEAR), compile the best, test, and write report.html.
 
@@ -59,8 +66,9 @@ def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, 
     bars = StageBars(not quiet)
     result = run_train(dataset, task_dir, test=test, backbone=backbone, weights=weights,
                        target_sizes=target_sizes or None,
-                       grid=options.make_grid(grid, max_candidates, fit_precision, solver, device),
-                       taps=taps or None,
+                       grid=options.make_grid(grid, max_candidates, fit_precision, solver, device, max_accuracy,
+                                              latency_budget),
+                       taps=taps or None, taps_from=taps_from,
                        guard=not no_guard, cache_dir=cache_dir, batch_size=batch_size, on_error=on_error,
                        progress=bars, log=lambda message: click.echo(message, err=True))
     bars.close()

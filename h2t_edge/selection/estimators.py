@@ -145,23 +145,47 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
     return fit_head2toe_variants(features, labels, n_classes, grid, progress)[HEAD2TOE]
 
 
+def _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps) -> dict[str, FitResult]:
+    """`fit_head2toe_variants` on the columns of taps.allowed, heads mapped back to all columns."""
+    columns = taps.allowed_columns()
+    if keep is not None:
+        keep = np.asarray(keep, dtype=np.int64)
+        inside = np.searchsorted(columns, keep)
+        if (inside >= len(columns)).any() or not np.array_equal(columns[np.minimum(inside, len(columns) - 1)], keep):
+            raise FitError("the kept columns (pre-logits) lie outside the allowed taps")
+        keep = inside
+    results = fit_head2toe_variants(np.asarray(features)[:, columns], labels, n_classes, grid, progress, keep,
+                                    taps.restrict(columns))
+    for result in results.values():
+        result.head.features = columns[result.head.features]
+        scores = np.zeros(len(taps.column_tap), dtype=np.float32)
+        scores[columns] = result.scores
+        result.scores = scores
+        result.config["allowed_taps"] = [n for n, ok in zip(taps.names, taps.allowed) if ok]
+    return results
+
+
 @cpu_training_mode()
 def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
                           progress: Progress | None = None,
-                          keep: np.ndarray | None = None) -> dict[str, FitResult]:
+                          keep: np.ndarray | None = None, taps=None) -> dict[str, FitResult]:
     """HEAD2TOE and, when `keep` is given, HEAD2TOE+LINEAR from one group-lasso run per CV model.
 
     features: float[n, D]; keep: int[K] columns (e.g. the pre-logits) that HEAD2TOE+LINEAR always
     keeps, adding the best k_F others by the same relevance ranking (its selection can only add
     to a head on `keep`). This variant is not in the paper; both are cross-validated on the same
     folds, and each gets its own best (F, lambda, lr, steps) and final refit.
+    taps: the columns' `selection.taps.TapPlan`, for the path solver's deploy-aware choice (tap
+    budgets, `grid.choice`); the paper solver ranks features alone and picks the best accuracy.
     Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; their fit_seconds are the
     shared total.
     """
+    if taps is not None and not taps.allowed.all():  # --taps-from: fit on the allowed taps' columns only
+        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps)
     if grid.solver == "path":  # the group-lasso path engine, same contract
         from h2t_edge.selection.path import fit_head2toe_path
 
-        return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device)
+        return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device, taps=taps)
     start = time.perf_counter()
     data = prepare_cv(features, labels, n_classes, grid)
     dim = data.x.shape[1]

@@ -22,9 +22,21 @@ from h2t_edge.core.errors import FitError
 T = TypeVar("T")
 
 SOLVERS = ("paper", "path")  # SearchGrid.solver
+CHOICES = ("cheapest", "accuracy")  # SearchGrid.choice: see `choose_cheapest`
 
 PENALTIES = ("l21", "l2", "l1")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # SearchGrid.precision -> GEMM dtype
+
+
+def resolve_device(device: str) -> str:
+    """`--device`: "auto" is "cuda" where torch sees a GPU and "cpu" elsewhere; others pass through,
+    and "cuda..." without a GPU is refused (never a silent move to the CPU)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FitError(f"--device {device}: torch sees no GPU here (torch.cuda.is_available() is False; torch "
+                       f"{torch.__version__}); use --device cpu, or auto to take a GPU only where there is one")
+    return device
 
 
 def training_threads() -> int:
@@ -63,16 +75,22 @@ class SearchGrid:
     seed: int = 0
     max_candidates: int | None = 32768  # HEAD2TOE: screen larger pools per fold (None: exact)
     precision: str = "fp32"  # GEMM inputs: "fp32" or "bf16" (see the module docstring)
-    # HEAD2TOE's engine: "paper" (minibatch Adam per (fold, lr, lambda, steps), the paper's recipe)
-    # or "path" (group-lasso paths with warm starts, h2t_edge.selection.path; opt-in for now)
-    solver: str = "paper"
+    # HEAD2TOE's engine: "path" (group-lasso paths with warm starts, h2t_edge.selection.path; the
+    # default) or "paper" (minibatch Adam per (fold, lr, lambda, steps), the paper's recipe, which
+    # alone uses lrs, steps, l21s, batch_size and precision)
+    solver: str = "path"
     device: str = "cpu"  # where the "path" engine runs ("cuda" on a GPU); the paper engine runs on the CPU
+    # which CV candidate wins: "cheapest" (the least deployed latency within one standard error of
+    # the best CV accuracy, `choose_cheapest`) or "accuracy" (the best CV accuracy, `choose_best`)
+    choice: str = "cheapest"
+    tap_budgets: tuple[int, ...] = (1, 2, 4, 8)  # path solver: also rank within the best B taps (by relevance per cost)
+    latency_budget: float | None = None  # a hard bound on the estimated deployed latency / backbone
 
     def __post_init__(self) -> None:
-        for name in ("lrs", "steps", "l21s", "penalties", "fractions"):
+        for name in ("lrs", "steps", "l21s", "penalties", "fractions", "tap_budgets"):
             values = getattr(self, name)
             object.__setattr__(self, name, tuple(values))
-            if not values:
+            if not values and name != "tap_budgets":
                 raise FitError(f"SearchGrid.{name} is empty; give at least one value")
         if self.folds < 2:
             raise FitError(f"SearchGrid.folds={self.folds}; cross-validation needs folds >= 2")
@@ -80,13 +98,26 @@ class SearchGrid:
             raise FitError("SearchGrid.batch_size and SearchGrid.steps must be positive")
         if any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise FitError(f"SearchGrid.fractions={self.fractions}; each must lie in (0, 1]")
+        if self.choice not in CHOICES:
+            raise FitError(f"SearchGrid.choice={self.choice!r}; use one of {list(CHOICES)}")
+        if self.latency_budget is not None and not self.latency_budget >= 1.0:
+            raise FitError(f"SearchGrid.latency_budget={self.latency_budget}; a deployed graph runs the backbone, "
+                           "so give a bound >= 1.0 (times the backbone's latency)")
+        if any(int(b) < 1 for b in self.tap_budgets):
+            raise FitError(f"SearchGrid.tap_budgets={self.tap_budgets}; each budget must be >= 1 tap")
         if self.solver not in SOLVERS:
             raise FitError(f"SearchGrid.solver={self.solver!r}; use one of {list(SOLVERS)}")
         if self.device != "cpu" and self.solver != "path":
             raise FitError(f"SearchGrid.device={self.device!r}: only the 'path' solver runs off the CPU; "
                            "use --solver path with --device")
+        if self.device not in ("cpu",) and not self.device.startswith("cuda"):
+            raise FitError(f"SearchGrid.device={self.device!r}; use 'cpu', 'cuda' or 'cuda:N' (or --device auto)")
         if self.precision not in PRECISIONS:
             raise FitError(f"SearchGrid.precision={self.precision!r}; use one of {sorted(PRECISIONS)}")
+        if self.precision != "fp32" and self.solver != "paper":
+            raise FitError(f"SearchGrid.precision={self.precision!r} is for the paper solver's Adam GEMMs; the "
+                           f"{self.solver!r} solver computes in fp32: use --solver paper with --fit-precision "
+                           f"{self.precision}")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise FitError(f"SearchGrid.max_candidates={self.max_candidates}; give a positive "
                            f"budget, or None for the exact (unscreened) group lasso")
@@ -97,8 +128,9 @@ class SearchGrid:
 
     @classmethod
     def paper(cls) -> "SearchGrid":
-        """The paper's protocol: 5 folds, lr {0.1, 0.01}, steps {500, 5000}, l21 {1e-3, 1e-5}, and
-        its F grid (0.0005 ... 0.1) plus F = 0.2, which CV picks on some tasks at T = 512."""
+        """The paper's protocol: 5 folds and its F grid (0.0005 ... 0.1) plus F = 0.2, which CV picks on
+        some tasks at T = 512; with solver="paper", also its lr {0.1, 0.01}, steps {500, 5000} and
+        l21 {1e-3, 1e-5} (the path solver draws its lambdas from the data instead)."""
         return cls()
 
     @classmethod
@@ -266,6 +298,25 @@ def choose_best(items: Sequence[T], accuracy: Callable[[T], float], *tie_breaks:
     if not items:
         raise FitError("nothing to choose from: no candidate was fitted")
     return min(items, key=lambda item: (-round(float(accuracy(item)), 9), *(tb(item) for tb in tie_breaks)))
+
+
+def standard_error(row: dict, folds: int) -> float:
+    """The standard error of a CV row's mean accuracy: sample std over folds / sqrt(folds) (rows
+    keep the population std, np.std)."""
+    return float(row["val_acc_std"]) / math.sqrt(max(folds - 1, 1))
+
+
+def choose_cheapest(items: Sequence[T], accuracy: Callable[[T], float], error: Callable[[T], float],
+                    cost: Callable[[T], float], *tie_breaks: Callable[[T], Any]) -> T:
+    """The one-standard-error rule applied to deployment cost: among the items whose accuracy is at
+    least the best item's (`choose_best` with `tie_breaks`) minus its standard error, the cheapest
+    (cost rounded to 6 decimals); ties go to the higher accuracy, then `tie_breaks`, then the
+    earliest. With every cost equal this is `choose_best`."""
+    best = choose_best(items, accuracy, *tie_breaks)
+    floor = round(float(accuracy(best)) - float(error(best)), 9)
+    near = [item for item in items if round(float(accuracy(item)), 9) >= floor]
+    return min(near, key=lambda item: (round(float(cost(item)), 6), -round(float(accuracy(item)), 9),
+                                       *(tb(item) for tb in tie_breaks)))
 
 
 def best_row(table: list[dict]) -> dict:

@@ -23,12 +23,12 @@ import numpy as np
 from h2t_edge.core.errors import FitError
 from h2t_edge.core.layout import Layout
 from h2t_edge.selection.estimators import (
-    fit_head2toe,
     fit_head2toe_variants,
     fit_linear,
     fit_regularized,
 )
 from h2t_edge.selection.grid import FitResult
+from h2t_edge.selection.taps import TapPlan
 from h2t_edge.selection.names import (  # noqa: F401  (re-exported: the registry's names)
     ALL_L1,
     ALL_L2,
@@ -39,7 +39,8 @@ from h2t_edge.selection.names import (  # noqa: F401  (re-exported: the registry
     TABLE1_METHODS,
 )
 
-# fit(features float32[n, d], labels int64[n], n_classes, grid, progress, layout) -> FitResult
+# fit(features float32[n, d], labels int64[n], n_classes, grid, progress, layout, taps) -> FitResult
+# (taps: the columns' TapPlan, or None)
 FitFunction = Callable[..., FitResult]
 
 
@@ -56,29 +57,39 @@ class Method:
         """The cache columns this method reads (None: all of them)."""
         return Layout.of(layout).pre_logits_columns() if self.reads == "pre_logits" else None
 
-    def fit(self, features, labels, n_classes: int, grid, progress=None, layout: Mapping[str, Any] | None = None
-            ) -> FitResult:
+    def fit(self, features, labels, n_classes: int, grid, progress=None, layout: Mapping[str, Any] | None = None,
+            allowed_taps=None) -> FitResult:
         """Fit on `features` (already restricted to `columns(layout)`); `layout` is needed by
-        methods that keep the pre-logits (HEAD2TOE+LINEAR)."""
-        return self.fit_function(features, labels, n_classes, grid, progress, layout)
+        methods that keep the pre-logits (HEAD2TOE+LINEAR) and by the deploy-aware choice (tap
+        costs); allowed_taps: the tap names a head may read (`--taps-from`; None: all)."""
+        taps = None
+        if layout is not None and self.reads == "all" and features.shape[1] == Layout.of(layout).total_features:
+            taps = TapPlan.of(layout, allowed_taps=allowed_taps)
+        elif allowed_taps is not None and self.reads == "all":
+            raise FitError(f"{self.name}: --taps-from needs the features of every tap and their layout")
+        return self.fit_function(features, labels, n_classes, grid, progress, layout, taps)
 
 
-def _keep_pre_logits(features, labels, n_classes, grid, progress, layout):
+def _head2toe(features, labels, n_classes, grid, progress, layout, taps):
+    return fit_head2toe_variants(features, labels, n_classes, grid, progress, taps=taps)[HEAD2TOE]
+
+
+def _keep_pre_logits(features, labels, n_classes, grid, progress, layout, taps):
     if layout is None:
         raise FitError(f"{HEAD2TOE_LINEAR} needs the feature layout to find the pre-logits columns")
     pre = Layout.of(layout).pre_logits_columns()
-    return fit_head2toe_variants(features, labels, n_classes, grid, progress,
-                                 keep=np.arange(pre.start, pre.stop))[HEAD2TOE_LINEAR]
+    return fit_head2toe_variants(features, labels, n_classes, grid, progress, keep=np.arange(pre.start, pre.stop),
+                                 taps=taps)[HEAD2TOE_LINEAR]
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method(LINEAR, lambda x, y, c, g, p, layout: fit_linear(x, y, c, g, p), "pre_logits", None, True,
+    Method(LINEAR, lambda x, y, c, g, p, layout, taps: fit_linear(x, y, c, g, p), "pre_logits", None, True,
            "linear probe on the pre-logits"),
-    Method(HEAD2TOE, lambda x, y, c, g, p, layout: fit_head2toe(x, y, c, g, p), "all", "l21", True,
+    Method(HEAD2TOE, _head2toe, "all", "l21", True,
            "group-lasso ranking of every tap's features, top fraction F, retrained head"),
     Method(HEAD2TOE_LINEAR, _keep_pre_logits, "all", "l21", False,
            "HEAD2TOE whose selection always keeps the pre-logits (the train guard's variant)"),
-    *(Method(f"ALL-{p.upper()}", lambda x, y, c, g, pr, layout, p=p: fit_regularized(x, y, c, p, g, pr), "all", p,
+    *(Method(f"ALL-{p.upper()}", lambda x, y, c, g, pr, layout, taps, p=p: fit_regularized(x, y, c, p, g, pr), "all", p,
              True, f"one {p}-regularized head on every feature") for p in ("l1", "l2", "l21")),
 )}
 

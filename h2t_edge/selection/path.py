@@ -1,4 +1,4 @@
-"""HEAD2TOE on a group-lasso path: an opt-in, faster engine with `fit_head2toe_variants`' contract.
+"""HEAD2TOE on a group-lasso path: the default engine (`--solver path`), with `fit_head2toe_variants`' contract.
 
 `fit_head2toe_variants` follows the paper literally: for every CV fold x lr x lambda x steps a
 minibatch-Adam group-lasso head ranks the D features, and every top-k set is retrained with Adam.
@@ -52,6 +52,14 @@ retrains at every `cv_every`-th path point (always including the last).
 Screening. Pools larger than grid.max_candidates are screened per fold by `screen_candidates` (the
 strong rule at W = 0, as in `estimators`); a model's rows outside its candidates stay 0.
 
+Deployed cost (with a `TapPlan`, as `train` and `fit` pass one). Every CV row also carries the
+estimated deployed latency of its heads (mean over folds; `h2t_edge.core.costs`). At the path point
+of the most accurate unbudgeted row, HEAD2TOE also retrains rankings within grid.tap_budgets taps
+(`TapPlan.within_budget`: the taps of highest relevance per cost first), and each variant keeps
+`choose_cheapest`'s row (grid.choice "cheapest", the default: the least latency within one standard
+error of the best CV accuracy) or `choose_best`'s ("accuracy"); grid.latency_budget drops rows above
+it first (none left: the cheapest row, which the caller may refuse).
+
 Everything runs in torch on one `device` ("cpu" or "cuda"); grid.lrs, grid.steps, grid.l21s and
 grid.batch_size parameterize the Adam engine and are not used here. GEMMs run in float32 only.
 
@@ -59,7 +67,8 @@ Measured (benchmarks/results/path_speed.md, dSprites location, T=512, D=28,296, 
 variants in 38 s, the time of the Adam engine with steps=(500,) only (37 s; the paper grid adds
 5000 steps, about 10x that), with HEAD2TOE CV 78.2 / test 75.6 % against 67.6 / 65.1 %. The path
 takes 9 s (90 to 1000 FISTA iterations per point, working sets of 67 to 1,338 rows), the CV
-retraining 27 s.
+retraining 27 s. The suite over three seeds against the paper solver: benchmarks/results/
+fit_speed.md.
 """
 
 from __future__ import annotations
@@ -80,12 +89,15 @@ from h2t_edge.selection.grid import (
     LinearHead,
     SearchGrid,
     choose_best,
+    choose_cheapest,
     cpu_training_mode,
     n_selected,
     prepare_cv,
+    standard_error,
     summarize_cv,
 )
 from h2t_edge.selection.screening import screen_candidates, strong_rule_scores
+from h2t_edge.selection.taps import TapPlan
 
 _LIP_SAFETY = 1.05  # power iteration approaches the top singular value from below
 _POWER_ITERS = 30  # path solves (working sets are small)
@@ -525,7 +537,7 @@ def _with_keep(ranked: torch.Tensor, keep: torch.Tensor, extra: int) -> torch.Te
 def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPER,
                       progress: Progress | None = None, keep: np.ndarray | None = None, *,
                       device: str | torch.device = "cpu", settings: PathSettings = DEFAULT_SETTINGS,
-                      stats: dict | None = None) -> dict[str, FitResult]:
+                      stats: dict | None = None, taps: TapPlan | None = None) -> dict[str, FitResult]:
     """HEAD2TOE (and HEAD2TOE+LINEAR when `keep` is given) from group-lasso paths, with the contract
     and return shape of `fit_head2toe_variants` (module docstring: the method).
 
@@ -535,6 +547,11 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     max_candidates are used. device: where every tensor lives ("cpu", "cuda", ...).
     stats: a dict to fill with the path's lambdas, iterations, KKT rounds, working-set and active
     sizes per point (CV and refit), and the seconds of each stage.
+    taps: the columns' taps and costs (`TapPlan`). With it, every CV row carries `latency` (the
+    estimated deployed latency / backbone, mean over folds), HEAD2TOE also CVs rankings within
+    grid.tap_budgets taps (rows with `taps` = B; module `h2t_edge.selection.taps`), and with
+    grid.choice "cheapest" each variant keeps its cheapest row within one standard error of its
+    best (`choose_cheapest`).
     Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; fit_seconds is the shared
     total. CV rows and configs carry l21 (the path point's lambda), fraction and n_features, with
     lr and steps None (this engine has neither); configs add engine="path" and its settings.
@@ -580,13 +597,43 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
         seconds[stage] = time.perf_counter() - t0
         return path, allowed, None if scr is None else scr.pool.to(dev)
 
-    def ranked_columns(path, allowed, pool, j, name):
-        """int64[M, k_max (+ K)]: column ids of variant `name`'s widest head at point j (kept first)."""
+    def full_ranking(path, allowed, pool, j, budget=None):
+        """(int64[M, P] column ids by relevance at point j, within `budget` taps first when given;
+        int64[M] columns in those taps, or None)."""
         ranked = path.ranking(j, allowed)
         ranked = ranked if pool is None else pool[ranked]
+        if budget is None:
+            return ranked, None
+        relevance = torch.zeros(ranked.shape[0], dim, device=dev)
+        relevance[:, slice(None) if pool is None else pool] = path.norms[j]
+        return taps.within_budget(ranked, relevance, budget)
+
+    def ranked_columns(path, allowed, pool, j, name, budget=None):
+        """int64[M, k_max (+ K)]: column ids of variant `name`'s widest head at point j (kept first)."""
+        ranked, _ = full_ranking(path, allowed, pool, j, budget)
         fr, kp = plan[name]
         k_max = max(k_of[f] for f in fr)
         return ranked[:, :k_max] if kp is None else _with_keep(ranked, kp, k_max)
+
+    def cv_rows(name, cols, ks, fr, budget, accs, latencies, at=None):
+        """Retrain the CV heads on cols [len(at) * folds, k] (path points `at`, default the CV
+        points) and add their rows to accs / latencies."""
+        at = points if at is None else at
+        _, acc = retrain_heads(x, onehot, train_mask.repeat(len(at), 1), cols, ks, settings,
+                               val_mask.repeat(len(at), 1), y, progress,
+                               f"retrain cv {name}" + ("" if budget is None else f" {budget} taps"))
+        acc = acc.view(len(at), grid.folds, len(ks)).cpu()
+        lat = None if taps is None else taps.latencies(cols, ks).view(len(at), grid.folds, len(ks)).cpu()
+        for i, j in enumerate(at):
+            for f in fr:
+                k = k_of[f] + extra[name]
+                if k not in ks:
+                    continue
+                key = (("l21", lambdas[j]), ("lr", None), ("steps", None), ("fraction", f), ("n_features", k),
+                       ("taps", budget))
+                accs[key] = acc[i, :, ks.index(k)].tolist()
+                if lat is not None:
+                    latencies[key] = float(lat[i, :, ks.index(k)].mean())
 
     # CV: one fold-batched path; the heads of every CV point, fold and F retrained at once
     path, allowed, pool = run_path(train_mask, screen, lambdas, "path cv")
@@ -595,20 +642,35 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     t0 = time.perf_counter()
     for name, (fr, _) in plan.items():
         ks = sorted({k_of[f] + extra[name] for f in fr})
+        accs, latencies = {}, {}
         cols = torch.cat([ranked_columns(path, allowed, pool, j, name) for j in points])  # [points * folds, k]
-        _, acc = retrain_heads(x, onehot, train_mask.repeat(len(points), 1), cols, ks, settings,
-                               val_mask.repeat(len(points), 1), y, progress, f"retrain cv {name}")
-        acc = acc.view(len(points), grid.folds, len(ks)).cpu()
-        accs: dict = {}
-        for i, j in enumerate(points):
-            for f in fr:
-                k = k_of[f] + extra[name]
-                key = (("l21", lambdas[j]), ("lr", None), ("steps", None), ("fraction", f), ("n_features", k))
-                accs[key] = acc[i, :, ks.index(k)].tolist()
+        cv_rows(name, cols, ks, fr, None, accs, latencies)
+        if taps is not None and extra[name] == 0 and grid.tap_budgets:
+            # tap budgets rerank at the most accurate unbudgeted point only (4x less retraining than at every point)
+            top = choose_best(summarize_cv(accs, {}), lambda row: row["val_acc_mean"], lambda row: row["n_features"],
+                              lambda row: -row["l21"])
+            j = lambdas.index(top["l21"])
+            for budget in grid.tap_budgets:
+                ranked, room = full_ranking(path, allowed, pool, j, budget)
+                ks_b = [k for k in ks if k <= int(room.min())]  # columns inside every fold's budget taps
+                if ks_b:
+                    cv_rows(name, ranked[:, :ks_b[-1]], ks_b, fr, budget, accs, latencies, at=[j])
         tables[name] = summarize_cv(accs, {"method": name, "penalty": None})
-        # ties: fewer features, then the larger lambda (the earlier, sparser path point)
-        best[name] = choose_best(tables[name], lambda row: row["val_acc_mean"], lambda row: row["n_features"],
-                                 lambda row: -row["l21"])
+        for row, key in zip(tables[name], accs):
+            if key in latencies:
+                row["latency"] = latencies[key]
+        # ties: fewer features, then the larger lambda (the earlier, sparser path point), then no budget
+        tie_breaks = (lambda row: row["n_features"], lambda row: -row["l21"], lambda row: row["taps"] or 0)
+        rows = tables[name]
+        if taps is not None and grid.latency_budget is not None:  # a hard bound; none within: the cheapest
+            rows = [r for r in rows if r["latency"] <= grid.latency_budget + 1e-9] or [
+                min(rows, key=lambda r: (r["latency"], -r["val_acc_mean"]))]
+        if taps is not None and grid.choice == "cheapest":
+            best[name] = choose_cheapest(rows, lambda row: row["val_acc_mean"],
+                                         lambda row: standard_error(row, grid.folds), lambda row: row["latency"],
+                                         *tie_breaks)
+        else:
+            best[name] = choose_best(rows, lambda row: row["val_acc_mean"], *tie_breaks)
     seconds["retrain cv"] = time.perf_counter() - t0
     cv_path = path
     del path, allowed, pool, screen
@@ -622,7 +684,7 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     parts = {}
     for name in plan:
         j, k = chosen[name], best[name]["n_features"]
-        cols = ranked_columns(path, allowed, pool, j, name)[:, :k]
+        cols = ranked_columns(path, allowed, pool, j, name, best[name]["taps"])[:, :k]
         ((weight, bias),), _ = retrain_heads(x, onehot, all_rows, cols, [k], settings, progress=progress,
                                              stage=f"retrain refit {name}")
         scores = torch.zeros(dim, device=dev)
@@ -641,7 +703,11 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
                   "screened_to": None if screen is None else screen.budget,  # candidates per fold
                   "engine": "path", "path_index": chosen[name], "n_lambdas": settings.n_lambdas,
                   "lambda_ratio": settings.lambda_ratio, "retrain_iters": settings.retrain_iters,
-                  "retrain_l2": settings.retrain_l2}
+                  "retrain_l2": settings.retrain_l2, "tap_budget": row["taps"],
+                  "choice": grid.choice if taps is not None else "accuracy"}
+        if taps is not None:
+            config["taps_read"] = taps.taps_read(head.features)
+            config["latency_estimate"] = taps.latency(head.features)
         if extra[name]:
             config["kept_columns"] = extra[name]
         results[name] = FitResult(name, head, config, tables[name], scores.cpu().numpy().astype(np.float32), total)

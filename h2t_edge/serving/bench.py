@@ -200,6 +200,7 @@ def run_bench(
     reference.write_text(json.dumps(_backbone_identity(task_root)))
     cases.append(BenchCase(BACKBONE, reference, "torch", "fp32"))
     providers = available_providers()
+    taps = {g: _taps_read(g, p) for g, p in graphs.items()}
     rows = []
     for i, case in enumerate(cases):
         if progress:
@@ -207,7 +208,8 @@ def run_bench(
         result = measure_in_subprocess(case, batch, warmup, repeat, providers)
         size = None if case.backend == "torch" else sum(p.stat().st_size for p in artifact_files(case.path))
         backend = f"onnxruntime[{providers[0]}]" if case.backend == "onnxruntime" else case.backend
-        rows.append({"graph": case.graph, "backend": backend, "precision": case.precision, "bytes": size, **result})
+        rows.append({"graph": case.graph, "backend": backend, "precision": case.precision, "bytes": size,
+                     "taps": taps.get(case.graph), **result})
     if progress:
         progress("bench", len(cases), len(cases))
     _add_ratios(rows)
@@ -216,6 +218,18 @@ def run_bench(
     atomic_write_json(out / "bench.json", {"meta": meta, "rows": rows})
     atomic_write_text(out / "bench.md", format_table(rows, meta) + "\n")
     return rows
+
+
+def _taps_read(graph: str, path: Path) -> int:
+    """How many taps a graph reads: its sidecar's `taps_used`, 0 for the plain backbone, else its outputs."""
+    import onnx
+
+    sidecar = path.with_suffix(".json")
+    if sidecar.is_file():
+        used = json.loads(sidecar.read_text()).get("taps_used")
+        if used is not None:
+            return len(used)
+    return 0 if graph == BACKBONE else len(onnx.load(str(path), load_external_data=False).graph.output)
 
 
 def _backbone_identity(task_root: Path) -> dict:
@@ -241,16 +255,18 @@ def _add_ratios(rows: list[dict]) -> None:
 def format_table(rows: list[dict], meta: dict) -> str:
     lines = [f"Batch-1 latency and batch-{meta['batch']} throughput, {meta['cpu_count']} cores, {meta['date']}; "
              "ratios against the plain backbone on the same backend and precision.", "",
-             "| graph | backend | precision | bytes | p50 ms | p90 ms | p99 ms | images/s | peak MB "
+             "| graph | backend | precision | taps read | bytes | p50 ms | p90 ms | p99 ms | images/s | peak MB "
              "| latency vs backbone | throughput vs backbone |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        taps = "-" if r.get("taps") is None else r["taps"]
         if "error" in r:
-            lines.append(f"| {r['graph']} | {r['backend']} | {r['precision']} | | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['graph']} | {r['backend']} | {r['precision']} | {taps} | | failed: {r['error']} | | | | "
+                         "| | |")
             continue
         size = f"{r['bytes']:,}" if r["bytes"] else "-"
         lines.append(
-            f"| {r['graph']} | {r['backend']} | {r['precision']} | {size} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
+            f"| {r['graph']} | {r['backend']} | {r['precision']} | {taps} | {size} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} "
             f"| {r['p99_ms']:.2f} | {r['images_per_s']:.1f} | {r['peak_mb']:.0f} "
             f"| {r.get('latency_vs_backbone', float('nan')):.2f}x | {r.get('throughput_vs_backbone', float('nan')):.2f}x |")
     return "\n".join(lines)

@@ -42,6 +42,24 @@ class CompileReport:
     sidecar: dict = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
     finetuned: bool = False
+    # estimated batch-1 latency / plain backbone (core.costs bytes model), and what each task adds to
+    # it, in the order given (the taps no earlier task reads)
+    latency_estimate: float | None = None
+    added_latency: dict[str, float] = field(default_factory=dict)
+
+
+def _latency(layout, heads: Sequence[TaskHead]) -> tuple[float, dict[str, float]]:
+    """(graph latency estimate, {task: latency its new taps add}) for heads compiled together."""
+    from h2t_edge.core.costs import TapCosts
+
+    cost = TapCosts.bytes_model(layout).by_name()
+    seen: set[str] = set()
+    added = {}
+    for head in heads:
+        new = set(head.per_tap_indices()) - seen
+        added[head.task] = sum(cost[t] for t in new)
+        seen |= new
+    return 1.0 + sum(added.values()), added
 
 
 MultiTaskCompileReport = CompileReport  # the name this report had when multi-task compiles had their own
@@ -81,13 +99,15 @@ def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = No
     model, summary = compile_task_graph(load_backbone_of(head.backbone, weights), head.layout, head.features,
                                         head.weight, head.bias)
     blob = model.SerializeToString()
+    latency, added = _latency(head.layout, [head])
     sidecar = task_sidecar(
         blob, task=head.task, method=head.method, classes=head.classes, preprocess=head.layout.preprocess,
         backbone=head.backbone, outputs=_outputs(), taps_used=summary.taps_used,
         n_features=int(len(head.features)), segments_kept=summary.segments_kept,
-        segments_total=summary.segments_total)
+        segments_total=summary.segments_total, latency_estimate=latency)
     path = write_task_graph(out, blob, sidecar, signing_key)
-    return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar, [head.task])
+    return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar, [head.task],
+                         latency_estimate=latency, added_latency=added)
 
 
 def load_tasks(task_dirs: Sequence[str | Path]) -> list[TaskHead]:
@@ -129,14 +149,15 @@ def compile_tasks_step(task_dirs: Sequence[str | Path], out: str | Path, weights
     specs = [HeadSpec(h.task, h.features, h.weight, h.bias) for h in heads]
     model, summary = compile_multitask_graph(load_backbone_of(first.backbone, weights), first.layout, specs)
     blob = model.SerializeToString()
+    latency, added = _latency(first.layout, heads)
     sidecar = multitask_sidecar(
         blob, tasks=[{"task": h.task, "method": h.method, "classes": h.classes, "outputs": {"logits": h.task},
                       "n_features": int(len(h.features)), "taps_used": list(h.per_tap_indices())} for h in heads],
         preprocess=first.layout.preprocess, backbone=first.backbone, taps_used=summary.taps_used,
-        segments_kept=summary.segments_kept, segments_total=summary.segments_total)
+        segments_kept=summary.segments_kept, segments_total=summary.segments_total, latency_estimate=latency)
     path = write_task_graph(out, blob, sidecar, signing_key)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar,
-                         [h.task for h in heads])
+                         [h.task for h in heads], latency_estimate=latency, added_latency=added)
 
 
 def compile_finetuned_step(task_dir: str | Path, out: str | Path, weights: str | None = None,

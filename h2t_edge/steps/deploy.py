@@ -2,11 +2,13 @@
 
 (The other form, one multi-task graph, is `h2t_edge.steps.compile.compile_tasks_step`.)
 
-- `package_shared_step`: the backbone with all its taps once (`backbone.onnx`, the graph the features
-  were extracted with) and a tiny head per task (`heads/TASK.safetensors` + `heads/TASK.json`);
-  `runtime.heads.SharedBackbonePredictor` composes them with numpy. Adding a task to a device is
-  copying its two head files (`h2t-edge deploy NEW_TASK -o DIR` writes only those when DIR has the
-  backbone already).
+- `package_shared_step`: the backbone once (`backbone.onnx`: the graph the features were extracted
+  with, pruned to the taps its heads read, so the device pools nothing it does not use) and a tiny
+  head per task (`heads/TASK.safetensors` + `heads/TASK.json`); `runtime.heads.
+  SharedBackbonePredictor` composes them with numpy. Adding a task to a device is copying its two
+  head files (`h2t-edge deploy NEW_TASK -o DIR` writes only those when DIR has the backbone
+  already); a head that reads a tap the device graph lacks is refused: train it with
+  `--taps-from DIR` (`device_taps`), or deploy to a new folder.
 
 Tasks can share a graph only when they were fitted on features of the same exported backbone
 (same sha256 and layout); anything else is refused with an error naming both tasks.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,68 @@ class SharedDeployReport:
     backbone_bytes: int
     heads: dict[str, int]  # task -> bytes of its two head files
     seconds: float
+    taps: list[str] = field(default_factory=list)  # the taps the device graph computes
+
+
+@dataclass(frozen=True)
+class DeviceTaps:
+    """The taps a deployed graph computes, and the backbone export they come from."""
+
+    source: Path
+    taps: tuple[str, ...]
+    backbone: dict  # the sidecar's backbone record (name, weights, onnx_sha256, ...)
+
+
+def device_taps(path: str | Path) -> DeviceTaps:
+    """The taps of a deployment: a `deploy` folder (its backbone.json), a compiled graph (.onnx and its
+    sidecar: the taps it reads) or a `train` task folder (its model.onnx). Everything is checked as a
+    device loads it (seals, graph hashes) first."""
+    from runtime.predictor import read_task_sidecar
+
+    path = Path(path)
+    if path.is_dir() and (path / "backbone.json").is_file():
+        meta_file = path / "backbone.json"
+        meta = read_json(meta_file, "shared backbone sidecar")
+        try:
+            verify_seal(meta, f"shared backbone sidecar {meta_file}", fix="write the folder again with `h2t-edge deploy`")
+        except ArtifactError as exc:
+            raise DeployError(str(exc)) from exc
+        taps = meta.get("taps") or [t["name"] for t in meta["layout"]["taps"]]  # unpruned folders: every tap
+        return DeviceTaps(path, tuple(taps), dict(meta["backbone"]))
+    graph = path / "model.onnx" if path.is_dir() else path
+    if graph.suffix != ".onnx" or not graph.is_file():
+        raise DeployError(f"{path} is neither a `deploy` folder (backbone.json), a compiled graph (.onnx + .json) "
+                          "nor a `train` task folder (model.onnx); pass one of those to --taps-from")
+    try:
+        sidecar = read_task_sidecar(graph)
+    except ArtifactError as exc:
+        raise DeployError(str(exc)) from exc
+    taps = sidecar.extra.get("taps_used")
+    if not taps:
+        raise DeployError(f"the sidecar of {graph} does not record the taps the graph reads ('taps_used'); "
+                          "re-compile it with this version of h2t-edge")
+    return DeviceTaps(graph, tuple(taps), dict(sidecar.backbone))
+
+
+def prune_to_taps(blob: bytes, taps: Sequence[str]) -> bytes:
+    """The extraction graph `blob` with only the tap outputs `taps` (and the nodes they need): onnx's
+    own subgraph extraction, which also drops the backbone past the deepest tap."""
+    import onnx
+    from onnx.utils import Extractor
+
+    model = onnx.load_from_string(blob)
+    names = [o.name for o in model.graph.output]
+    missing = sorted(set(taps) - set(names))
+    if missing:
+        raise DeployError(f"the backbone graph has no output for taps {missing[:5]}; it is another export")
+    wanted = [n for n in names if n in set(taps)]
+    pruned = Extractor(model).extract_model([i.name for i in model.graph.input], wanted)
+    for prop in model.metadata_props:  # the layout travels in the metadata
+        pruned.metadata_props.add(key=prop.key, value=prop.value)
+    pruned.ir_version, pruned.producer_name = model.ir_version, model.producer_name
+    del pruned.opset_import[:]
+    pruned.opset_import.extend(model.opset_import)
+    return pruned.SerializeToString()
 
 
 def package_shared_step(
@@ -69,8 +133,20 @@ def package_shared_step(
                 f"{backbone_json} holds backbone {existing.get('backbone', {}).get('name')} with another feature "
                 f"layout than task {first.task!r} was fitted on; deploy it to a new folder"
             )
+        computed = existing.get("taps") or [t["name"] for t in existing["layout"]["taps"]]
+        for head in heads:
+            extra = sorted(set(head.per_tap_indices()) - set(computed))
+            if extra:
+                raise DeployError(
+                    f"task {head.task!r} reads taps {extra[:4]}{' ...' if len(extra) > 4 else ''} that the device graph "
+                    f"{root / 'backbone.onnx'} does not compute ({len(computed)} taps); train it with "
+                    f"`--taps-from {root}` to use only those, or deploy it to a new folder"
+                )
     else:
-        blob = _backbone_blob(first, backbone_onnx, weights)
+        computed = sorted({tap for head in heads for tap in head.per_tap_indices()},
+                          key=[t.name for t in first.layout.taps].index)
+        outputs = [t.output for t in first.layout.taps if t.name in set(computed)]
+        blob = prune_to_taps(_backbone_blob(first, backbone_onnx, weights), outputs)
         meta = {
             "format": BACKBONE_FORMAT,
             "version": SHARED_VERSION,
@@ -80,6 +156,7 @@ def package_shared_step(
             "layout": first.layout,
             "layout_sha256": layout_hash,
             "graph_sha256": _sha256(blob),
+            "taps": computed,  # the graph's outputs: the taps its heads read
         }
         atomic_write_files({root / "backbone.onnx": blob, backbone_json: json_bytes(seal(meta, signing_key))})
         written = True
@@ -87,7 +164,7 @@ def package_shared_step(
     for head in heads:
         sizes[head.task] = _write_head(root / "heads", head, layout_hash, signing_key)
     return SharedDeployReport(root, written, (root / "backbone.onnx").stat().st_size, sizes,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, list(computed))
 
 
 def _sha256(blob: bytes) -> str:

@@ -123,20 +123,25 @@ class TapRow:
     shape: tuple
     window: str  # 'global', 'HxW' or '-'
     features: int
+    cost: float = 0.0  # estimated added latency of reading it, / the backbone's (core.costs bytes model)
 
 
 def tap_table(backbone: str = DEFAULT_BACKBONE, target_size: int = 512, *, weights: str = "random",
               patterns: Sequence[str] | None = None, cls_token: str = "pool") -> list[TapRow]:
     """The taps an export of `backbone` at target size T would have (those matching `patterns`),
-    with their pooling window and candidate features. Shapes do not depend on the weights."""
+    with their pooling window, candidate features and deployed cost (the bytes model of
+    `h2t_edge.core.costs`, over every tap of the backbone). Shapes do not depend on the weights."""
     from exporters.backbones import load_backbone
     from exporters.export import select_taps
     from exporters.pooling import plan_tap_pool
+    from h2t_edge.core.costs import TapCosts
 
     bb = load_backbone(backbone, weights=weights)
+    costs = TapCosts.bytes_model({"taps": [{"name": t.name, "shape": list(t.shape)} for t in bb.taps],
+                                  "pre_logits": bb.spec.pre_logits}).by_name()
     rows = []
     for tap in select_taps(bb, patterns or None):
         plan = plan_tap_pool(tap.kind, tap.shape, target_size, cls_token if bb.has_cls_token else "pool")
         window = "global" if plan.global_pool else "x".join(map(str, plan.window)) or "-"
-        rows.append(TapRow(tap.name, tap.kind, tuple(tap.shape), window, int(plan.features)))
+        rows.append(TapRow(tap.name, tap.kind, tuple(tap.shape), window, int(plan.features), costs[tap.name]))
     return rows

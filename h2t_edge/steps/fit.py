@@ -119,10 +119,12 @@ class FitReport:
 def fit_step(
     cache_dir: str | Path, out: str | Path, *, task: str | None = None,
     methods: Sequence[str] = (HEAD2TOE, LINEAR), grid=None, progress: Progress | None = None,
+    allowed_taps: Sequence[str] | None = None,
 ) -> FitReport:
     """Fit the requested methods on a feature cache; writes OUT/<method>/ task artifacts and
     OUT/report.json with the CV tables. A method whose artifact OUT/<method>/ is already there, from
-    the same cache, task and grid, is kept, not refitted: rerunning an interrupted fit resumes it."""
+    the same cache, task and grid, is kept, not refitted: rerunning an interrupted fit resumes it.
+    allowed_taps: HEAD2TOE reads only these taps (and the pre-logits); see `device_taps`."""
     from h2t_edge.selection import SearchGrid  # torch: imported when a fit runs, not with the pipeline
     from h2t_edge.selection.methods import get_method
 
@@ -133,7 +135,8 @@ def fit_step(
     heads, cv, seconds = {}, {}, {}
     for name in methods:
         method = get_method(name, error=TaskArtifactError)
-        key = FitKey.of(cache, method.name, grid, task=task)
+        key = FitKey.of(cache, method.name, grid, task=task,
+                        **({} if allowed_taps is None else {"allowed_taps": sorted(allowed_taps)}))
         done = kept_head(out / method.name.lower(), key)
         if done is not None:
             heads[method.name], cv[method.name], seconds[method.name] = (
@@ -141,7 +144,8 @@ def fit_step(
             continue
         columns = method.columns(cache.layout)
         x, y = cache.arrays(columns)
-        result = method.fit(x, y, len(cache.classes), grid, progress)
+        result = method.fit(x, y, len(cache.classes), grid, progress, layout=cache.layout,
+                            allowed_taps=allowed_taps if method.reads == "all" else None)
         head = head_from_fit(result, cache, task, columns.start if columns is not None else 0, grid, key)
         head.save(out / method.name.lower())
         heads[method.name], cv[method.name], seconds[method.name] = head, result.cv_table, result.fit_seconds

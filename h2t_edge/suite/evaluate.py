@@ -43,6 +43,7 @@ from h2t_edge.suite.tasks.registry import GROUPS, N_TEST, N_TRAIN, N_VAL, TaskDa
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 METHODS = TABLE1_METHODS  # the paper's Table 1 columns, in its order
+PAPER_SOLVER_ROW = f"{HEAD2TOE} (paper solver)"  # HEAD2TOE fitted with --solver paper, its own row
 PROTOCOLS = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}
 RESULTS_FORMAT = "h2t-edge/suite-eval"
 DEFAULT_TITLE = "Offline task suite (VTAB-1k protocol): HEAD2TOE and its baselines"
@@ -124,12 +125,13 @@ def run_eval(
     json_path = results_path(out)
     records = load_results(json_path)
     done = {record_key(r) for r in records}
+    solver = grid_for(protocol, 0, grid).solver
     work = Path(work_dir)
     for backbone in backbones:
         onnx = {}
         for name in tasks:
             for seed in seeds:
-                todo = [m for m in methods if (name, m, backbone, seed, protocol) not in done]
+                todo = [m for m in methods if _key(name, m, backbone, seed, protocol, solver) not in done]
                 if not todo:
                     continue
                 data = build_task(name, data_dir, seed, n_train=n_train, n_val=n_val, n_test=n_test)
@@ -141,9 +143,11 @@ def run_eval(
                     feats[t] = feature_caches(work, backbone, t, onnx[t], data, batch_size, log)
                 for method in todo:
                     start = time.perf_counter()
-                    record = _evaluate(method, data, feats, grid_for(protocol, seed, grid), log)
+                    run_grid = grid_for(protocol, seed, grid)
+                    record = _evaluate(method, data, feats, run_grid, log)
                     record.update(task=name, group=data.spec.group, method=method, backbone=backbone,
-                                  seed=seed, protocol=protocol, n_train=len(data.train), n_test=len(data.test))
+                                  seed=seed, protocol=protocol, solver=run_grid.solver, n_train=len(data.train),
+                                  n_test=len(data.test))
                     records.append(record)
                     done.add(record_key(record))
                     _save(json_path, records)
@@ -153,8 +157,27 @@ def run_eval(
     return records
 
 
+def _key(task: str, method: str, backbone: str, seed: int, protocol: str, solver: str) -> tuple:
+    # the solver is HEAD2TOE's alone: other methods' records serve either solver
+    return task, method, backbone, seed, protocol, solver if method == HEAD2TOE else None
+
+
 def record_key(record: dict) -> tuple:
-    return (record["task"], record["method"], record["backbone"], record["seed"], record["protocol"])
+    """What a finished cell is: task, method, backbone, seed, protocol and (HEAD2TOE) solver."""
+    return _key(record["task"], record["method"], record["backbone"], record["seed"], record["protocol"],
+                solver_of(record))
+
+
+def solver_of(record: dict) -> str:
+    """A record's HEAD2TOE solver; records from before the path solver ran the paper's."""
+    return record.get("solver", "paper")
+
+
+def row_of(record: dict) -> str:
+    """A record's row in the tables: its method, with HEAD2TOE split by solver."""
+    if record["method"] == HEAD2TOE and solver_of(record) == "paper":
+        return PAPER_SOLVER_ROW
+    return record["method"]
 
 
 def results_path(out: str | os.PathLike) -> Path:
@@ -279,7 +302,7 @@ def summarize(records: list[dict], field: str = "test_accuracy") -> dict[tuple, 
     """{(backbone, task, method): Cell} over seeds; the paper protocol wins where both exist."""
     by: dict[tuple, dict[str, list[float]]] = {}
     for r in records:
-        by.setdefault((r["backbone"], r["task"], r["method"]), {}).setdefault(r["protocol"], []).append(r[field])
+        by.setdefault((r["backbone"], r["task"], row_of(r)), {}).setdefault(r["protocol"], []).append(r[field])
     cells = {}
     for key, protocols in by.items():
         protocol = "paper" if "paper" in protocols else sorted(protocols)[0]
@@ -311,7 +334,8 @@ def report_markdown(records: list[dict], title: str = DEFAULT_TITLE) -> str:
     secs = summarize(records, "fit_seconds")
     groups = _ordered_tasks(records)
     all_tasks = [t for g in GROUPS for t in groups[g]]
-    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    order = [PAPER_SOLVER_ROW if m == HEAD2TOE else m for m in METHODS] + [HEAD2TOE]
+    methods = [m for m in order if any(row_of(r) == m for r in records)]
     lines = [f"# {title}", ""]
     for backbone in dict.fromkeys(r["backbone"] for r in records):
         most_seeds = max(c.seeds for k, c in cells.items() if k[0] == backbone)
@@ -359,18 +383,18 @@ def _target_size_table(records, backbone, tasks) -> list[str]:
     for t in tasks:
         for r in sorted((r for r in records if r["backbone"] == backbone and r["task"] == t
                          and r["method"] == HEAD2TOE and len(r.get("per_target_size", [])) > 1),
-                        key=lambda r: (r["protocol"], r["seed"])):
+                        key=lambda r: (r["protocol"], solver_of(r), r["seed"])):
             for run in r["per_target_size"]:
                 c = run["config"]
                 mark = "*" if run["target_size"] == r["target_size"] else ""
-                rows.append(f"| {t} | {r['protocol']} | {r['seed']} | {run['target_size']}{mark} | {run['candidates']:,} "
+                rows.append(f"| {t} | {r['protocol']} | {solver_of(r)} | {r['seed']} | {run['target_size']}{mark} | {run['candidates']:,} "
                             f"| {c.get('screened_to') or '–'} | {100 * run['cv_accuracy']:.1f} | "
                             f"{100 * run['test_accuracy']:.1f} | {run['n_features']:,} | {run['fit_seconds']:.0f} |")
     if not rows:
         return []
     return ["HEAD2TOE at each target size (* = chosen by CV; screened: candidates per fold when the pool "
-            "was screened).", "", "| task | protocol | seed | T | candidates | screened | CV acc | test acc | kept "
-            "| fit + CV s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+            "was screened).", "", "| task | protocol | solver | seed | T | candidates | screened | CV acc | test acc | "
+            "kept | fit + CV s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
 
 def _caption(records, cells, backbone, tasks) -> str:
@@ -390,16 +414,18 @@ def _caption(records, cells, backbone, tasks) -> str:
 
 
 def _choices_table(records, backbone, tasks) -> str:
-    lines = ["HEAD2TOE choices by CV (seed 0 where present): target size T, fraction F, features kept / "
-             "candidates, lambda, lr, steps.", "", "| task | T | F | kept / candidates | lambda | lr | steps |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["HEAD2TOE choices by CV (seed 0 and the path solver where present): solver, target size T, "
+             "fraction F, features kept / candidates, lambda, lr, steps (the path solver has no lr or steps).", "",
+             "| task | solver | T | F | kept / candidates | lambda | lr | steps |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for t in tasks:
         rs = sorted((r for r in records if r["backbone"] == backbone and r["task"] == t
-                     and r["method"] == HEAD2TOE), key=lambda r: (r["protocol"] != "paper", r["seed"]))
+                     and r["method"] == HEAD2TOE),
+                    key=lambda r: (r["protocol"] != "paper", solver_of(r) != "path", r["seed"]))
         if rs:
             r, c = rs[0], rs[0]["config"]
-            lines.append(f"| {t} | {r['target_size']} | {c['fraction']} | {r['n_features']:,} / {r['candidates']:,} "
-                         f"| {c['l21']} | {c['lr']} | {c['steps']} |")
+            lines.append(f"| {t} | {solver_of(r)} | {r['target_size']} | {c['fraction']} | {r['n_features']:,} / "
+                         f"{r['candidates']:,} | {c['l21']:.3g} | {c['lr'] or '–'} | {c['steps'] or '–'} |")
     return "\n".join(lines)
 
 
@@ -420,10 +446,11 @@ def plot_gains(records: list[dict], path: str | os.PathLike) -> Path | None:
     for ax, backbone in zip(axes[0], backbones):
         xs, gains, errs, cols = [], [], [], []
         for i, t in enumerate(tasks):
-            h, lin = cells.get((backbone, t, HEAD2TOE)), cells.get((backbone, t, LINEAR))
+            row = HEAD2TOE if (backbone, t, HEAD2TOE) in cells else PAPER_SOLVER_ROW
+            h, lin = cells.get((backbone, t, row)), cells.get((backbone, t, LINEAR))
             if h is None or lin is None:
                 continue
-            paired = _paired_gains(records, backbone, t)
+            paired = _paired_gains(records, backbone, t, row)
             xs.append(i)
             gains.append(100 * (h.median - lin.median))
             errs.append([[100 * (h.median - lin.median - paired.min())], [100 * (paired.max() - h.median + lin.median)]]
@@ -442,12 +469,12 @@ def plot_gains(records: list[dict], path: str | os.PathLike) -> Path | None:
     return save_figure(fig, path)
 
 
-def _paired_gains(records, backbone, task) -> np.ndarray:
-    """HEAD2TOE - LINEAR per seed (same protocol), for the error bars."""
-    acc = {(r["method"], r["seed"], r["protocol"]): r["test_accuracy"] for r in records
+def _paired_gains(records, backbone, task, row: str = HEAD2TOE) -> np.ndarray:
+    """HEAD2TOE (the table row `row`) - LINEAR per seed (same protocol), for the error bars."""
+    acc = {(row_of(r), r["seed"], r["protocol"]): r["test_accuracy"] for r in records
            if r["backbone"] == backbone and r["task"] == task}
     return np.asarray([v - acc[(LINEAR, s, p)] for (m, s, p), v in acc.items()
-                       if m == HEAD2TOE and (LINEAR, s, p) in acc])
+                       if m == row and (LINEAR, s, p) in acc])
 
 
 def write_report(out: str | os.PathLike, title: str = DEFAULT_TITLE) -> dict[str, Path]:

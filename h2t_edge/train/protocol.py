@@ -23,7 +23,6 @@ larger grid (HEAD2TOE's) is the more optimistic CV estimate.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +35,8 @@ from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.core.errors import CacheError, H2TEdgeError
 from h2t_edge.core.progress import Progress
 from h2t_edge.selection import SearchGrid, choose_best, fit_head2toe_variants
+from h2t_edge.selection.grid import choose_cheapest, standard_error
+from h2t_edge.selection.taps import TapPlan
 from h2t_edge.selection.methods import HEAD2TOE, HEAD2TOE_LINEAR, LINEAR, get_method
 from h2t_edge.steps.compile import compile_step
 from h2t_edge.steps.export import cached_export, cached_export_path
@@ -74,6 +75,8 @@ class Candidate:
     fit_seconds: float
     path: str  # task artifact directory
     test_accuracy: float | None = None
+    latency: float | None = None  # estimated deployed batch-1 latency / the backbone's (h2t_edge.core.costs)
+    taps: list[str] | None = None  # the taps its head reads
 
     @property
     def key(self) -> str:
@@ -94,34 +97,52 @@ class Selection:
         return {c.key: c for c in self.candidates}
 
 
-def choose(candidates: Sequence[Candidate]) -> Candidate:
-    """Best mean CV accuracy; ties go to fewer features, then the smaller T (`choose_best`)."""
-    return choose_best(candidates, lambda c: c.cv_accuracy, lambda c: c.n_features, lambda c: c.target_size)
+def choose(candidates: Sequence[Candidate], rule: str = "accuracy", latency_budget: float | None = None) -> Candidate:
+    """rule "accuracy": the best mean CV accuracy; ties go to fewer features, then the smaller T
+    (`choose_best`). rule "cheapest": the least estimated latency within one standard error of that
+    (`choose_cheapest`). latency_budget R: only candidates at most R x the backbone compete."""
+    if latency_budget is not None:
+        within = [c for c in candidates if c.latency is not None and c.latency <= latency_budget + 1e-9]
+        if not within:
+            cheapest = min(candidates, key=lambda c: c.latency if c.latency is not None else float("inf"))
+            raise TrainError(f"no candidate fits --latency-budget {latency_budget:g}: the cheapest, {cheapest.key}, is "
+                             f"estimated at {cheapest.latency:.3f}x the backbone; raise the budget")
+        candidates = within
+    tie_breaks = (lambda c: c.n_features, lambda c: c.target_size)
+    if rule == "cheapest" and all(c.latency is not None for c in candidates):
+        return choose_cheapest(candidates, lambda c: c.cv_accuracy, lambda c: c.cv_se, lambda c: c.latency,
+                               *tie_breaks)
+    return choose_best(candidates, lambda c: c.cv_accuracy, *tie_breaks)
 
 
 # ----------------------------------------------------------------------------- fit over T
 
 
-def _candidate(head: TaskHead, target_size: int, candidates: int, path: Path) -> Candidate:
+def _candidate(head: TaskHead, target_size: int, candidates: int, path: Path, taps: TapPlan) -> Candidate:
     table = head.report["cv_table"]
     folds = head.config.get("folds", 2)
     # the CV row of the chosen configuration (config holds exactly the keys that pick it)
     row = next(r for r in table if all(r.get(k) == head.config[k] for k in
-                                       ("lr", "steps", "l21", "fraction") if k in head.config))
-    return Candidate(head.method, target_size, float(row["val_acc_mean"]),
-                     float(row["val_acc_std"]) / math.sqrt(max(1, folds - 1)),
+                                       ("lr", "steps", "l21", "fraction") if k in head.config)
+               and r.get("taps") == head.config.get("tap_budget"))
+    columns = head.features
+    return Candidate(head.method, target_size, float(row["val_acc_mean"]), standard_error(row, folds),
                      int(len(head.features)), int(candidates), head.config,
-                     float(head.report["fit_seconds"]), str(path))
+                     float(head.report["fit_seconds"]), str(path), latency=taps.latency(columns),
+                     taps=taps.taps_read(columns))
 
 
 def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=None, task: str | None = None,
-                     guard: bool = True, progress: Progress | None = None, log: Log | None = None) -> Selection:
+                     guard: bool = True, progress: Progress | None = None, log: Log | None = None,
+                     allowed_taps: Sequence[str] | None = None) -> Selection:
     """Fit HEAD2TOE (and HEAD2TOE+LINEAR when `guard`) on every cache, LINEAR once, and keep the
     candidate with the best CV accuracy in OUT/model/.
 
     caches: {T: FeatureCache of the same images}. Each fit is written to OUT/candidates/ as soon
     as it ends with the grid and features it used; a rerun reuses it. Without `guard` only
     HEAD2TOE competes (the paper's choice of T); LINEAR is still fitted, for comparison.
+    allowed_taps: HEAD2TOE reads only these taps and the pre-logits (`--taps-from`).
+    The choice follows grid.choice and grid.latency_budget (`choose`).
     """
 
     grid = grid or SearchGrid.paper()
@@ -149,7 +170,8 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         """fit() -> {method: (FitResult, column offset)}; kept in OUT/candidates/<name>/."""
         root = out / "candidates" / name
         methods = [LINEAR] if name == "linear" else [HEAD2TOE, *([HEAD2TOE_LINEAR] if guard else [])]
-        key = FitKey.of(cache, methods, grid, guard=guard, task=task)
+        key = FitKey.of(cache, methods, grid, guard=guard, task=task,
+                        **({} if allowed_taps is None else {"allowed_taps": sorted(allowed_taps)}))
         kept = load_fit_record(root / "fit.json", key)
         if kept is None:
             log(f"fitting {name} ({cache.layout.total_features:,} candidate features) ...")
@@ -167,7 +189,7 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         for method in kept["methods"]:
             head = TaskHead.load(root / method.lower())
             pool = pre.stop - pre.start if method == LINEAR else cache.layout.total_features
-            c = _candidate(head, cache.layout.target_size, pool, root / method.lower())
+            c = _candidate(head, cache.layout.target_size, pool, root / method.lower(), TapPlan.of(cache.layout))
             candidates.append(c)
             cv_rows[c.key] = head.report["cv_table"]
 
@@ -178,7 +200,8 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         def fit_h2t(cache=cache, columns=columns):
             x, y = cache.arrays()
             keep = np.arange(columns.start, columns.stop) if guard else None
-            results = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, keep=keep)
+            results = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, keep=keep,
+                                            taps=TapPlan.of(cache.layout, allowed_taps=allowed_taps))
             return {m: (r, 0) for m, r in results.items()}
 
         kept_or_fit(f"T{t}", cache, fit_h2t)
@@ -193,11 +216,13 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
 
     kept_or_fit("linear", smallest, fit_lin)
     pool = candidates if guard else [c for c in candidates if c.method == HEAD2TOE]
-    chosen = choose(pool)
+    chosen = choose(pool, grid.choice, grid.latency_budget)
     model_dir = out / "model"
     head = TaskHead.load(chosen.path)
     head.config = {**head.config, "chosen": {"method": chosen.method, "target_size": chosen.target_size,
-                                             "cv_accuracy": chosen.cv_accuracy, "guard": guard}}
+                                             "cv_accuracy": chosen.cv_accuracy, "guard": guard,
+                                             "rule": grid.choice, "latency_budget": grid.latency_budget,
+                                             "latency_estimate": chosen.latency, "taps_read": chosen.taps}}
     head.save(model_dir)
     atomic_write_json(out / "selection.json", {
         "chosen": chosen.key, "guard": guard, "grid": grid.to_dict(),
@@ -230,7 +255,7 @@ def open_caches(paths: Sequence[str | Path], target_sizes: Sequence[int] = ()) -
 
 def fit_caches(paths: Sequence[str | Path], out: str | Path, *, target_sizes: Sequence[int] = (), grid=None,
                task: str | None = None, guard: bool = True, progress: Progress | None = None,
-               log: Log | None = None) -> Selection:
+               log: Log | None = None, allowed_taps: Sequence[str] | None = None) -> Selection:
     """`h2t-edge fit` with several caches: `fit_target_sizes` on `open_caches(paths, target_sizes)`,
     then OUT/report.json and OUT/report.html (no test set)."""
     from h2t_edge.train.report import write_report
@@ -238,7 +263,8 @@ def fit_caches(paths: Sequence[str | Path], out: str | Path, *, target_sizes: Se
     grid = grid or SearchGrid.paper()
     caches = open_caches(paths, target_sizes)
     start = time.perf_counter()
-    selection = fit_target_sizes(caches, out, grid=grid, task=task, guard=guard, progress=progress, log=log)
+    selection = fit_target_sizes(caches, out, grid=grid, task=task, guard=guard, progress=progress, log=log,
+                                 allowed_taps=allowed_taps)
     first = caches[min(caches)]
     settings = _settings(first.manifest["dataset"]["source"], None, first.layout.backbone,
                          first.layout.weights, sorted(caches), None, first.layout.cls_token, guard, grid,
@@ -248,12 +274,12 @@ def fit_caches(paths: Sequence[str | Path], out: str | Path, *, target_sizes: Se
 
 
 def _settings(dataset, test, backbone, weights, sizes, taps, cls_token, guard, grid, export, n_train, n_test,
-              classes, unreadable=()) -> dict:
+              classes, unreadable=(), taps_from=None) -> dict:
     return {"dataset": str(dataset), "test": None if test is None else str(test), "backbone": backbone,
             "weights": weights, "target_sizes": list(sizes), "taps": list(taps) if taps else None,
             "cls_token": cls_token, "guard": guard, "grid": grid.to_dict(), "export": str(export),
             "train_images": n_train, "test_images": n_test, "classes": list(classes),
-            "unreadable_images": list(unreadable)}
+            "unreadable_images": list(unreadable), "taps_from": None if taps_from is None else str(taps_from)}
 
 
 # ----------------------------------------------------------------------------- the train command
@@ -274,7 +300,8 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
           target_sizes: Sequence[int] | None = None, grid=None, taps: Sequence[str] | None = None,
           cls_token: str = "pool", guard: bool = True, cache_dir: str | Path | None = None,
           batch_size: int = 32, dtype: str = "float16", on_error: str = "raise",
-          progress: Progress | None = None, log: Log | None = None) -> TrainReport:
+          progress: Progress | None = None, log: Log | None = None,
+          taps_from: str | Path | None = None) -> TrainReport:
     """Export, extract, fit over target sizes with the LINEAR guard, compile, test, report.
 
     dataset / test: a folder of class subfolders or a .csv/.jsonl manifest (the test set is read
@@ -282,6 +309,8 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     cache_dir: where exports and feature caches go (default TASK_DIR/work; share one between
     tasks to reuse the export). Writes TASK_DIR/model/ (the chosen task artifact), model.onnx +
     model.json (compiled), candidates/ (every CV fit), report.json and report.html.
+    taps_from: a deployment (`deploy` folder, compiled graph or task folder) whose taps alone HEAD2TOE
+    may read, so that the task adds no tap to that device (`allowed_device_taps`).
     """
     from h2t_edge.core.datasets import load_dataset
     from h2t_edge.train.report import write_report
@@ -300,6 +329,13 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         raise TrainError(f"{dataset} has {len(train_ds.classes)} class ({', '.join(train_ds.classes) or 'none'}): "
                          "a classifier needs at least 2; give one subfolder (or manifest label) per class")
     test_ds = load_dataset(test, classes=train_ds.classes) if test is not None else None
+    allowed = None
+    if taps_from is not None:  # before the export: a wrong deployment fails fast
+        allowed = allowed_device_taps(taps_from, log)
+        device_backbone = _device_backbone(taps_from)
+        if device_backbone != backbone:
+            raise TrainError(f"--taps-from {taps_from} runs backbone {device_backbone!r}, not {backbone!r}; train with "
+                             f"-b {device_backbone} to reuse its taps")
 
     # export: one graph, every T
     start = time.perf_counter()
@@ -339,7 +375,7 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     start = time.perf_counter()
     fit_log = []
     selection = fit_target_sizes(caches["train"], task_dir, grid=grid, task=task_dir.name, guard=guard,
-                                 progress=progress, log=lambda m: (fit_log.append(m), log(m)))
+                                 progress=progress, log=lambda m: (fit_log.append(m), log(m)), allowed_taps=allowed)
     timings["fit"] = time.perf_counter() - start
     if all(m.startswith("kept") for m in fit_log):
         skipped.append("fit")
@@ -369,7 +405,8 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     # Images used (readable ones), and the paths of those skipped as unreadable (on_error='skip').
     settings = _settings(dataset, test, backbone, weights, sizes, taps, cls_token, guard, grid, onnx,
                          int(first["train"].valid.sum()), int(first["test"].valid.sum()) if "test" in first else 0,
-                         train_ds.classes, [s["path"] for c in first.values() for s in c.manifest["skipped"]])
+                         train_ds.classes, [s["path"] for c in first.values() for s in c.manifest["skipped"]],
+                         taps_from=taps_from)
     start = time.perf_counter()
     report = write_report(task_dir, selection, caches["train"], settings, timings, confusion)
     timings["report"] = time.perf_counter() - start
@@ -413,14 +450,32 @@ def summary_table(result: TrainReport) -> str:
 
 def fit_task(caches: Sequence[str | Path], out: str | Path, *, task: str | None = None,
              methods: Sequence[str] = (HEAD2TOE, LINEAR), target_sizes: Sequence[int] = (), grid=None,
-             guard: bool = True, progress: Progress | None = None, log: Log | None = None):
+             guard: bool = True, progress: Progress | None = None, log: Log | None = None,
+             taps_from: str | Path | None = None):
     """`h2t-edge fit`: one feature cache gives `fit_step` (the given methods, a FitReport); several
     caches of the same images at different target sizes, or a folder of `T<size>/` caches, give
     `fit_caches` (HEAD2TOE and HEAD2TOE+LINEAR at each T and LINEAR once, the best CV kept in
     OUT/model/; a Selection)."""
     from h2t_edge.steps.fit import fit_step
 
+    allowed = None if taps_from is None else allowed_device_taps(taps_from, log)
     if len(caches) > 1 or target_sizes or not is_feature_cache(caches[0]):
         return fit_caches(caches, out, target_sizes=target_sizes, grid=grid, task=task, guard=guard,
-                          progress=progress, log=log)
-    return fit_step(caches[0], out, task=task, methods=methods, grid=grid, progress=progress)
+                          progress=progress, log=log, allowed_taps=allowed)
+    return fit_step(caches[0], out, task=task, methods=methods, grid=grid, progress=progress, allowed_taps=allowed)
+
+
+def _device_backbone(taps_from: str | Path) -> str | None:
+    from h2t_edge.steps.deploy import device_taps
+
+    return device_taps(taps_from).backbone.get("name")
+
+
+def allowed_device_taps(taps_from: str | Path, log: Log | None = None) -> list[str]:
+    """`--taps-from DEPLOYED`: the taps that deployment computes (`steps.deploy.device_taps`)."""
+    from h2t_edge.steps.deploy import device_taps
+
+    device = device_taps(taps_from)
+    if log is not None:
+        log(f"selecting among the {len(device.taps)} taps {device.source} computes (and the pre-logits)")
+    return list(device.taps)

@@ -55,6 +55,10 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
         curves += [{"candidate": key, "method": c.method, "target_size": c.target_size, "l21": l21,
                     "fraction": f, "n_features": r["n_features"], "cv_accuracy": r["val_acc_mean"]}
                    for (l21, f), r in sorted(best.items(), key=lambda kv: (kv[0][0], kv[0][1]))]
+    # every CV row with an estimated deployed latency (the path solver's), for the accuracy / cost trade
+    trade = [{"candidate": key, "taps": r.get("taps"), "fraction": r["fraction"], "l21": r["l21"],
+              "n_features": r["n_features"], "cv_accuracy": r["val_acc_mean"], "latency": r["latency"]}
+             for key, rows in selection.cv_rows.items() for r in rows if r.get("latency") is not None]
     shown = [selection.chosen]
     h2t = [c for c in selection.candidates if c.method == HEAD2TOE]
     if selection.chosen.method != HEAD2TOE and h2t:
@@ -68,7 +72,7 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
     return {
         "format": REPORT_FORMAT, "version": 1, "task": task_dir.name, "nc1": _nc1_section(shown, train_caches),
         "chosen": {"key": selection.chosen.key, **candidates[selection.chosen.key]},
-        "candidates": candidates, "cv_curves": curves, "layers": layers,
+        "candidates": candidates, "cv_curves": curves, "layers": layers, "trade": trade,
         "confusion": None if confusion is None else {"classes": settings["classes"],
                                                      "matrix": np.asarray(confusion).tolist()},
         "timings": {k: float(v) for k, v in timings.items()}, "settings": settings,
@@ -215,6 +219,34 @@ def figure_methods(report: dict) -> str:
     return _png(fig)
 
 
+def figure_trade(report: dict) -> str:
+    """CV accuracy against estimated deployed latency: every CV row (small), every candidate (large),
+    the chosen one starred."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    keys = list(dict.fromkeys(r["candidate"] for r in report["trade"]))
+    colours = plt.get_cmap("tab10")
+    for i, key in enumerate(keys):
+        rows = [r for r in report["trade"] if r["candidate"] == key]
+        ax.scatter([r["latency"] for r in rows], [100 * r["cv_accuracy"] for r in rows], s=10, alpha=0.45,
+                   color=colours(i % 10), label=f"{key} CV rows")
+    chosen = report["chosen"]["key"]
+    for i, (key, c) in enumerate(sorted(report["candidates"].items())):
+        if c.get("latency") is None:
+            continue
+        ax.errorbar(c["latency"], 100 * c["cv_accuracy"], yerr=100 * c["cv_se"], fmt="o", ms=7, capsize=3,
+                    color="black" if key == chosen else "grey", zorder=3)
+        ax.annotate(key + (" (chosen)" if key == chosen else ""), (c["latency"], 100 * c["cv_accuracy"]),
+                    fontsize=7, xytext=(4, 4), textcoords="offset points")
+    rule = report["chosen"]["config"].get("chosen", {}).get("rule", "accuracy")
+    ax.set_xlabel("estimated deployed batch-1 latency / plain backbone")
+    ax.set_ylabel("CV accuracy (%)")
+    ax.set_title(f"Accuracy against deployed cost (rule: {rule}; candidates ± 1 SE)", fontsize=10)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
 def figure_confusion(report: dict) -> str:
     plt = _pyplot()
     matrix = np.asarray(report["confusion"]["matrix"])
@@ -258,6 +290,8 @@ def render_html(report: dict) -> str:
                     + _cell(f"{base}.cv_accuracy", _pct(c["cv_accuracy"])) + _cell(f"{base}.cv_se", _pct(c["cv_se"]))
                     + _cell(f"{base}.test_accuracy", _pct(c["test_accuracy"]))
                     + _cell(f"{base}.n_features", str(c["n_features"])) + _cell(f"{base}.candidates", str(c["candidates"]))
+                    + _cell(f"{base}.latency", "–" if c.get("latency") is None else f"{c['latency']:.3f}")
+                    + f"<td>{'–' if c.get('taps') is None else len(c['taps'])}</td>"
                     + _cell(f"{base}.fit_seconds", f"{c['fit_seconds']:.1f}") + "</tr>")
     config = chosen["config"]
     settings_rows = [(f"chosen.config.{k}", k, json_text(v)) for k, v in config.items()
@@ -265,6 +299,8 @@ def render_html(report: dict) -> str:
     settings = report["settings"]
     settings_rows += [(f"settings.{k}", k, json_text(settings[k])) for k in
                       ("backbone", "weights", "target_sizes", "guard", "train_images", "test_images", "dataset", "test")]
+    settings_rows += [(f"settings.grid.{k}", k, json_text(settings["grid"][k])) for k in ("solver", "device")
+                      if k in settings.get("grid", {})]
     if settings.get("unreadable_images"):  # skipped with --on-error skip
         settings_rows.append(("settings.unreadable_images", "unreadable_images (skipped)",
                               json_text(settings["unreadable_images"])))
@@ -278,6 +314,8 @@ def render_html(report: dict) -> str:
         figures = [("Features selected per layer", "layers", figure_layers(report)),
                    ("CV accuracy against F, per target size and lambda", "cv-curves", figure_cv_curves(report)),
                    ("HEAD2TOE, LINEAR and HEAD2TOE+LINEAR", "methods", figure_methods(report))]
+        if report.get("trade"):
+            figures.append(("CV accuracy against deployed latency", "trade", figure_trade(report)))
         if report["confusion"] is not None:
             figures.append(("Test confusion matrix", "confusion", figure_confusion(report)))
         if report.get("nc1") is not None:
@@ -296,12 +334,14 @@ def render_html(report: dict) -> str:
            if chosen["test_accuracy"] is not None else "")
         + f'<span data-key="chosen.n_features">{chosen["n_features"]}</span> features of '
         f'<span data-key="chosen.candidates">{chosen["candidates"]}</span>.</p>',
-        "<p>Candidates are cross-validated on the same folds; the best mean CV accuracy wins, so the chosen "
-        "model is never below LINEAR <i>in CV</i>. HEAD2TOE+LINEAR always keeps the pre-logits (LINEAR's "
-        "features) and adds HEAD2TOE's best-ranked others; it is not in the paper.</p>",
+        "<p>Candidates are cross-validated on the same folds. By default the cheapest deployed graph (estimated "
+        "batch-1 latency / plain backbone, from the taps it reads) among those within one standard error of the "
+        "best mean CV accuracy wins (<code>--max-accuracy</code>: the best CV accuracy); LINEAR competes, so the "
+        "chosen model is never a standard error below LINEAR <i>in CV</i>. HEAD2TOE+LINEAR always keeps the "
+        "pre-logits (LINEAR's features) and adds HEAD2TOE's best-ranked others; it is not in the paper.</p>",
         note,
         "<h2>Candidates</h2><table><tr><th>candidate</th><th>CV acc %</th><th>CV SE %</th><th>test acc %</th>"
-        "<th>features</th><th>of</th><th>fit s</th></tr>", *rows, "</table>",
+        "<th>features</th><th>of</th><th>latency x</th><th>taps</th><th>fit s</th></tr>", *rows, "</table>",
     ]
     for title, ident, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>",

@@ -59,7 +59,8 @@ def test_max_candidates_option_sets_the_screening_budget():
     assert make_grid("paper") == SearchGrid.paper()
     assert make_grid("quick", 0).max_candidates is None  # 0: exact group lasso
     assert make_grid("paper", 4096) == SearchGrid(max_candidates=4096)
-    assert make_grid("quick", None, "bf16") == dataclasses.replace(SearchGrid.quick(), precision="bf16")
+    assert make_grid("quick", None, "bf16", "paper") == dataclasses.replace(SearchGrid.quick(), precision="bf16",
+                                                                           solver="paper")
     for command in ("fit", "eval"):
         assert "--max-candidates" in CliRunner().invoke(cli, [command, "--help"]).output
     result = CliRunner().invoke(cli, ["fit", ".", "--out", "x", "--max-candidates", "-1"])

@@ -108,22 +108,62 @@ def test_tasks_from_other_backbone_exports_are_refused(tasks, tmp_path):
 
 
 def test_shared_backbone_and_heads_compose_to_the_same_results(lite0_onnx, tasks, reference, tmp_path):
-    path, _ = lite0_onnx
+    """The device graph is pruned to the taps its heads read; heads compose to the extract -> head
+    logits through it; a new head that needs another tap is refused, one within its taps is added."""
+    import onnx
+
+    path, layout = lite0_onnx
     x, expected = reference
     report = package_shared_step(tasks[:2], tmp_path / "deploy", backbone_onnx=path)
     assert report.backbone_written and set(report.heads) == {"t0", "t1"}
+    union = ["stem", "blocks.1.0.bn2", "blocks.2.0"]  # TAPS[0] | TAPS[1], in layout order
+    assert report.taps == union
+    backbone = tmp_path / "deploy" / "backbone.onnx"
+    graph = onnx.load(backbone)
+    assert [o.name for o in graph.graph.output] == union
+    full = onnx.load(path)
+    assert len(graph.graph.node) < len(full.graph.node)  # pooling of 48 taps and the tail are gone
     # A head is tiny next to the backbone.
     assert max(report.heads.values()) < 0.01 * report.backbone_bytes
-    backbone = tmp_path / "deploy" / "backbone.onnx"
     stamp = backbone.stat().st_mtime_ns
-    # Adding a task writes only its head.
-    again = package_shared_step(tasks[2:], tmp_path / "deploy")
+    with pytest.raises(DeployError, match=r"reads taps \['blocks.0.0.bn1', 'blocks.2.1.bn1'\].*--taps-from"):
+        package_shared_step(tasks[2:], tmp_path / "deploy")
+    # Adding a task within the device's taps writes only its head.
+    inside = _head(layout, file_sha256(path), "t3", {"stem", "blocks.2.0"}, 3, 9).save(tmp_path / "t3")
+    again = package_shared_step([inside], tmp_path / "deploy")
     assert not again.backbone_written and backbone.stat().st_mtime_ns == stamp
+    import onnxruntime as ort
+
+    features = np.concatenate(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+                              .run(None, {"images": x}), axis=1)
+    expected = {**{k: v for k, v in expected.items() if k != "t2"}, "t3": TaskHead.load(inside).logits(features)}
     with SharedBackbonePredictor.load(tmp_path / "deploy", providers=["CPUExecutionProvider"]) as predictor:
         scores = predictor.predict_tasks(x)
-    assert list(scores) == ["t0", "t1", "t2"]
+    assert list(scores) == ["t0", "t1", "t3"]
     for task, logits in expected.items():
         np.testing.assert_allclose(scores[task][1], logits, atol=1e-4)
+    # every task in one folder: the union of all three
+    assert package_shared_step(tasks, tmp_path / "all", backbone_onnx=path).taps == [
+        t["name"] for t in layout["taps"] if t["name"] in set().union(*TAPS)]
+
+
+def test_device_taps_of_a_deploy_folder_and_of_a_compiled_graph(lite0_onnx, tasks, multitask_graph, tmp_path):
+    from h2t_edge.steps.deploy import device_taps
+
+    path, _ = lite0_onnx
+    package_shared_step(tasks[:1], tmp_path / "deploy", backbone_onnx=path)
+    device = device_taps(tmp_path / "deploy")
+    assert set(device.taps) == TAPS[0] and device.backbone["name"] == "efficientnet_lite0"
+    graph = device_taps(multitask_graph.path)
+    assert set(graph.taps) == set().union(*TAPS)
+    with pytest.raises(DeployError, match="neither a `deploy` folder"):
+        device_taps(tmp_path)
+    meta = tmp_path / "deploy" / "backbone.json"
+    data = json.loads(meta.read_text())
+    data["taps"] = data["taps"] + ["blocks.6.0"]  # edited without sealing again
+    meta.write_text(json.dumps(data))
+    with pytest.raises(DeployError, match="backbone.json"):
+        device_taps(tmp_path / "deploy")
 
 
 def test_shared_folder_refuses_a_head_of_another_export(lite0_onnx, tasks, tmp_path):
@@ -201,7 +241,10 @@ def test_cli_deploy_then_add_a_task_and_predict(lite0_onnx, tasks, photos, tmp_p
     result = runner.invoke(cli, ["deploy", str(tasks[0]), "-o", str(out), "--backbone", str(path)])
     assert result.exit_code == 0, result.output
     assert "wrote head t0" in result.output and "backbone.onnx" in result.output
-    result = runner.invoke(cli, ["deploy", str(tasks[1]), "-o", str(out)])
+    result = runner.invoke(cli, ["deploy", str(tasks[1]), "-o", str(out)])  # t1 reads blocks.2.0: t0 does not
+    assert isinstance(result.exception, DeployError) and "--taps-from" in str(result.exception), result.output
+    subset = _head(TaskHead.load(tasks[1]).layout, file_sha256(path), "t1", {"blocks.1.0.bn2"}, 3, 1)
+    result = runner.invoke(cli, ["deploy", str(subset.save(tmp_path / "t1")), "-o", str(out)])
     assert result.exit_code == 0 and "backbone.onnx" not in result.output, result.output
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["t0.json", "t0.safetensors", "t1.json", "t1.safetensors"]
     result = runner.invoke(cli, ["predict", str(out), str(photos["chelsea"]), "--format", "json"])
@@ -278,3 +321,22 @@ def test_shared_folder_attacks(lite0_onnx, tasks, tmp_path):
             (heads / name).write_bytes(data)
     with pytest.raises(RollbackError, match=f"{heads / 't0.json'} holds task 't0' issued at .* older"):
         load()
+
+
+def test_compile_reports_each_tasks_added_latency(tasks, multitask_graph, tmp_path):
+    """`compile A B ...`: the graph's estimated latency and what each task adds (the taps no earlier task reads)."""
+    from h2t_edge.core.costs import TapCosts
+
+    layout = TaskHead.load(tasks[0]).layout
+    cost = TapCosts.bytes_model(layout).by_name()
+    report = multitask_graph
+    seen: set[str] = set()
+    for task, taps in zip(("t0", "t1", "t2"), TAPS):
+        assert report.added_latency[task] == pytest.approx(sum(cost[t] for t in taps - seen))
+        seen |= taps
+    assert report.latency_estimate == pytest.approx(1.0 + sum(cost[t] for t in seen))
+    assert json.loads(report.path.with_suffix(".json").read_text())["latency_estimate"] == pytest.approx(
+        report.latency_estimate)
+    result = CliRunner().invoke(cli, ["compile", str(tasks[1]), str(tasks[0]), "-o", str(tmp_path / "two.onnx")])
+    assert result.exit_code == 0, result.output
+    assert "estimated batch-1 latency" in result.output and "t0: +" in result.output and "t1: +" in result.output

@@ -92,10 +92,15 @@ def test_markdown_group_means_and_missing_cells():
 
     records = [rec("digits", "natural", "LINEAR", s, a) for s, a in enumerate((0.8, 0.9, 1.0))]
     records += [rec("dspr_loc", "structured", "LINEAR", 0, 0.4), rec("dspr_loc", "structured", "LINEAR", 0, 0.1, "quick"),
-                rec("dspr_loc", "structured", "HEAD2TOE", 0, 0.6)]
+                {**rec("dspr_loc", "structured", "HEAD2TOE", 0, 0.6), "solver": "path"},
+                rec("dspr_loc", "structured", "HEAD2TOE", 0, 0.55)]  # a record from before the path solver
     md = report_markdown(records)
     assert "| LINEAR | 90.0 ± 10.0 | **90.0** | 40.0 ± 0.0 (n=1) | **40.0** | **65.0** |" in md  # paper beats quick
     assert "| HEAD2TOE | – | – | 60.0 ± 0.0 (n=1) | **60.0** | – |" in md
+    assert "| HEAD2TOE (paper solver) | – | – | 55.0 ± 0.0 (n=1) | **55.0** | – |" in md
+    # the solver is part of a HEAD2TOE cell's key (a path-solver run does not take a paper-solver record as done)
+    assert evaluate.record_key(records[-1]) != evaluate.record_key(records[-2])
+    assert evaluate.record_key(records[0])[-1] is None  # other methods serve either solver
 
 
 def test_bad_requests_and_cli(tmp_path):
@@ -139,7 +144,8 @@ def test_head2toe_takes_the_target_size_with_the_best_cv(monkeypatch, tmp_path):
     record.update(task="digits", group="natural", method="HEAD2TOE", backbone="b", seed=0, protocol="paper",
                   n_train=4, n_test=2)
     md = report_markdown([record])
-    assert "| digits | paper | 0 | 2048* | 20 | – | 70.0 |" in md and "| digits | paper | 0 | 8192 | 30 |" in md
+    assert "| digits | paper | paper | 0 | 2048* | 20 | – | 70.0 |" in md  # protocol, solver (a record without one)
+    assert "| digits | paper | paper | 0 | 8192 | 30 |" in md
     # every T's fit was kept; a rerun (or one interrupted after T=2048) refits only what is missing
     (tmp_path / "HEAD2TOE-T8192.json").unlink()
     fitted = []

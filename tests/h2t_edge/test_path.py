@@ -385,11 +385,13 @@ def test_search_grid_solver_picks_the_engine_and_is_recorded(tmp_path):
     direct = fit_head2toe_path(x, y, 3, small_grid())["HEAD2TOE"]
     np.testing.assert_array_equal(routed.head.features, direct.head.features)
     assert routed.config["engine"] == direct.config["engine"]
-    assert SearchGrid().solver == "paper" and small_grid(solver="path").to_dict()["solver"] == "path"
+    assert SearchGrid().solver == "path" and small_grid().to_dict()["solver"] == "paper"  # path is the default
     with pytest.raises(FitError, match="solver"):
         SearchGrid(solver="newton")
     with pytest.raises(FitError, match="only the 'path' solver runs off the CPU"):
-        SearchGrid(device="cuda")
+        SearchGrid(solver="paper", device="cuda")
+    with pytest.raises(FitError, match="bf16.*--solver paper"):
+        SearchGrid(precision="bf16")
     assert dataclasses.replace(small_grid(), solver="path", device="cuda").device == "cuda"
 
     from test_diagnose import _synthetic_cache  # the same folder: pytest puts it on sys.path

@@ -12,6 +12,7 @@ from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.cli import cli
 from h2t_edge.core.datasets import from_manifest
 from h2t_edge.core.errors import CacheError, TaskArtifactError
+from h2t_edge.selection.path import PathSettings
 from h2t_edge.steps.extract import FeatureCache, extract_features
 from h2t_edge.pipeline import accuracy, check_same_backbone, fit_step
 from h2t_edge.selection import SearchGrid
@@ -121,7 +122,7 @@ def test_fit_precision_is_recorded_and_a_changed_precision_refits(caches, tmp_pa
     fp32 does not reuse the bf16 heads."""
     out = tmp_path / "task"
     result = CliRunner().invoke(cli, ["fit", str(caches["train"].root), "--out", str(out), "--grid", "quick",
-                                      "--method", "LINEAR", "--fit-precision", "bf16", "-q"])
+                                      "--method", "LINEAR", "--solver", "paper", "--fit-precision", "bf16", "-q"])
     assert result.exit_code == 0, result.output
     bf16 = TaskHead.load(out / "linear")
     assert bf16.config["grid"]["precision"] == "bf16"
@@ -142,7 +143,11 @@ def test_fit_compile_predict_agree(caches, task, tmp_path):
     pre = caches["train"].tap_columns("pre_logits")
     assert lin.features.min() >= pre.start and lin.features.max() < pre.stop and len(lin.features) == 1280
     assert len(h2t.features) in {max(1, int(f * h2t.layout["total_features"])) for f in TINY_GRID.fractions}
-    assert len(report.cv["HEAD2TOE"]) == len(TINY_GRID.fractions)  # one row per grid point
+    # the path solver: one row per (CV path point, F), and per tap budget at one point (those F that fit in it)
+    rows = report.cv["HEAD2TOE"]
+    unbudgeted = [r for r in rows if r["taps"] is None]
+    assert len(unbudgeted) == len(PathSettings().cv_points()) * len(TINY_GRID.fractions)
+    assert {r["taps"] for r in rows} - {None} <= set(TINY_GRID.tap_budgets) and all("latency" in r for r in rows)
 
     graph = tmp_path / "graph.onnx"
     result = CliRunner().invoke(cli, ["compile", str(tmp_path / "task" / "head2toe"), "-o", str(graph)])

@@ -17,12 +17,14 @@ from h2t_edge.train import protocol as train_mod
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.cli import cli
 from h2t_edge.selection import HEAD2TOE_KEEP, SearchGrid, fit_head2toe, fit_head2toe_variants
+from h2t_edge.selection.taps import TapPlan
 from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 from h2t_edge.train.protocol import Candidate, choose, default_target_sizes, open_caches, summary_table
 from runtime.predictor import Predictor
 
 SIZES = (16, 64)
-TINY = SearchGrid(lrs=(0.1,), steps=(60,), l21s=(1e-3, 1e-5), fractions=(0.005, 0.05), folds=2, batch_size=32)
+TINY = SearchGrid(lrs=(0.1,), steps=(60,), l21s=(1e-3, 1e-5), fractions=(0.005, 0.05), folds=2, batch_size=32,
+                  choice="accuracy")
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +171,10 @@ def test_changed_grid_refits_only_the_fits(trained, tmp_path):
     _, out, root, _ = trained
     copy = tmp_path / "task"
     shutil.copytree(out, copy)
-    grid = SearchGrid(**{**TINY.to_dict(), "steps": (40,)})
+    grid = SearchGrid(**{**TINY.to_dict(), "fractions": (0.005, 0.02)})
     again = train_mod.train(root / "train.jsonl", copy, target_sizes=SIZES[:1], grid=grid, cache_dir=root / "cache")
     assert "fit" not in again.skipped and "extract train" in again.skipped
-    assert all(c.config["steps"] == 40 for c in again.selection.candidates)
+    assert all(c.config["grid"]["fractions"] == [0.005, 0.02] for c in again.selection.candidates)
 
 
 @pytest.mark.slow
@@ -199,6 +201,47 @@ def test_choose_prefers_cv_then_fewer_features():
     assert choose([c("LINEAR", 16, 0.8, 10), c("HEAD2TOE", 64, 0.8, 5)]).method == "HEAD2TOE"
     assert default_target_sizes("efficientnet_lite0") == (512, 2048, 8192)
     assert default_target_sizes("resnet50") == (1024, 16384, 40000)
+
+
+def test_choose_by_cost_within_one_standard_error_and_under_a_budget():
+    def c(method, acc, se, latency):
+        return Candidate(method, 16, acc, se, 10, 100, {}, 1.0, "", latency=latency)
+    best, close, far = c("HEAD2TOE", 0.80, 0.02, 1.4), c("HEAD2TOE+LINEAR", 0.785, 0.02, 1.1), c("LINEAR", 0.7, 0.01, 1.0)
+    assert choose([best, close, far]) is best  # rule "accuracy": as before
+    assert choose([best, close, far], "cheapest") is close  # within 1 SE of the best, cheaper
+    assert choose([best, close, far], "cheapest", latency_budget=1.05) is far  # a hard bound
+    assert choose([best, close, far], "accuracy", latency_budget=1.2) is close
+    with pytest.raises(train_mod.TrainError, match="latency-budget 1.01.*LINEAR.*1.020x"):
+        choose([best, close, c("LINEAR", 0.7, 0.01, 1.02)], "cheapest", latency_budget=1.01)
+
+
+@pytest.mark.slow
+def test_train_with_taps_from_selects_among_the_device_taps(trained, tmp_path):
+    """Issue 22: a new task trained with --taps-from a compiled task reads only that graph's taps (and the
+    pre-logits), and the default rule picks the cheapest candidate within one SE of the best CV."""
+    import dataclasses
+
+    _, out, root, test_dir = trained
+    device = json.loads((out / "model.json").read_text())["taps_used"]
+    grid = dataclasses.replace(TINY, choice="cheapest")
+    report = train_mod.train(root / "train.jsonl", tmp_path / "new", test=test_dir, target_sizes=SIZES, grid=grid,
+                             cache_dir=root / "cache", taps_from=out / "model.onnx")
+    sel = report.selection
+    for c in sel.candidates:
+        head = TaskHead.load(c.path)
+        assert set(head.per_tap_indices()) <= set(device) | {head.layout["pre_logits"]}, c.key
+        assert c.latency == pytest.approx(TapPlan.of(head.layout).latency(head.features))
+        assert c.taps == list(head.per_tap_indices())
+    best = max(sel.candidates, key=lambda c: c.cv_accuracy)
+    assert sel.chosen.cv_accuracy >= best.cv_accuracy - best.cv_se - 1e-9
+    assert sel.chosen.latency <= best.latency + 1e-9
+    data = json.loads((tmp_path / "new" / "report.json").read_text())
+    assert data["settings"]["taps_from"] == str(out / "model.onnx")
+    assert all("latency" in c and "taps" in c for c in data["candidates"].values())
+    assert TaskHead.load(tmp_path / "new" / "model").config["chosen"]["rule"] == "cheapest"
+    with pytest.raises(train_mod.TrainError, match="runs backbone"):
+        train_mod.train(root / "train.jsonl", tmp_path / "other", backbone="mobilenetv2_100", target_sizes=SIZES,
+                        grid=grid, cache_dir=root / "cache", taps_from=out / "model.onnx")
 
 
 def test_keep_variant_shares_selection_and_contains_kept_columns():
@@ -275,7 +318,8 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
     check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
     data = json.loads((out / "report.json").read_text())
     assert data["nc1"] is not None  # a HEAD2TOE-family candidate exists: its NC1 figure is the fifth
-    assert check["images"] == 5 and check["broken"] == []
+    assert data["trade"] and all(0.99 <= r["latency"] < 2 for r in data["trade"])  # the path solver's rows
+    assert check["images"] == 6 and check["broken"] == []  # ... and the accuracy / latency trade the sixth
     assert len(check["keys"]) > 20
     for key, text in check["keys"].items():
         value = _lookup(data, key)
