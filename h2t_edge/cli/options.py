@@ -139,8 +139,9 @@ LATENCY_BUDGET_OPTION = click.option(
          "(e.g. 1.02); an error names the cheapest when none fits.")
 TAPS_FROM_OPTION = click.option(
     "--taps-from", type=click.Path(exists=True), default=None, metavar="DEPLOYED",
-    help="Select only among the taps a device already computes: a `deploy` folder (backbone.json) or a "
-         "compiled graph (.onnx with its .json sidecar). The task then ships as a head only.")
+    help="Select only among the taps a device already computes (and the pre-logits): a `deploy` folder "
+         "(backbone.json), a compiled graph (.onnx with its .json sidecar) or a `train` task folder. The task "
+         "then ships as a head only.")
 
 # --- inference backends ------------------------------------------------------------------------
 
