@@ -56,7 +56,7 @@ def prepare(work: Path, out: Path, log) -> tuple[dict[str, Path], dict]:
     from exporters.export import export_plain
     from h2t_edge.core.artifacts import TaskHead
     from h2t_edge.selection import SearchGrid, fit_head2toe_variants
-    from h2t_edge.selection.grid import choose_cheapest
+    from h2t_edge.selection.grid import choose_cheapest, chosen_row, standard_error
     from h2t_edge.selection.methods import get_method
     from h2t_edge.selection.names import LINEAR
     from h2t_edge.selection.taps import TapPlan
@@ -129,10 +129,8 @@ def prepare(work: Path, out: Path, log) -> tuple[dict[str, Path], dict]:
             linear.head.features = linear.head.features + pre.start
             rows = []
             for method, fit in [*fits.items(), (LINEAR, linear)]:
-                row = max(fit.cv_table, key=lambda r: r["val_acc_mean"]) if method == LINEAR else next(
-                    r for r in fit.cv_table if r["l21"] == fit.config["l21"] and r["fraction"] == fit.config["fraction"]
-                    and r.get("taps") == fit.config.get("tap_budget"))
-                rows.append((method, fit, row["val_acc_mean"], row["val_acc_std"] / np.sqrt(g.folds - 1)))
+                row = chosen_row(fit.cv_table, fit.config)
+                rows.append((method, fit, row["val_acc_mean"], standard_error(row, g.folds)))
             method, fit, _, _ = choose_cheapest(rows, lambda r: r[2], lambda r: r[3],
                                                 lambda r: plan.latency(r[1].head.features), lambda r: len(r[1].head.features))
             TaskHead(task=name, method=method, classes=list(data.train.classes), features=fit.head.features,

@@ -66,13 +66,11 @@ def _save(results: dict, report: bool = True) -> None:
 
 
 def _candidate(name: str, result, x_test, y_test, plan, folds: int) -> dict:
-    from h2t_edge.selection.grid import standard_error
+    from h2t_edge.selection.grid import chosen_row, standard_error
     from h2t_edge.suite.evaluate import holdout_accuracy
 
     config = result.config
-    # the CV row of the chosen configuration
-    row = next(r for r in result.cv_table if all(r.get(k) == config[k] for k in ("lr", "steps", "l21", "fraction")
-                                                  if k in config) and r.get("taps") == config.get("tap_budget"))
+    row = chosen_row(result.cv_table, config)
     return {"method": name, "cv_accuracy": row["val_acc_mean"], "cv_se": standard_error(row, folds),
             "test_accuracy": holdout_accuracy(result, x_test, y_test), "n_features": int(len(result.head.features)),
             "fit_seconds": result.fit_seconds, "latency": plan.latency(result.head.features),

@@ -14,7 +14,8 @@ an upper bound). `TapCosts` holds cost(tap) for one export:
   the all-taps extraction graph of deploy.md on ONNX Runtime CPU: 1.59x; OpenVINO 1.52x), shared
   70% by each tap's map bytes and 30% equally (the per-tap nodes). The pre-logits tap costs 0: the
   plain backbone pools it already, for its classifier.
-- measured costs (`h2t_edge.steps.costs.measure_tap_costs`), cached next to the export.
+- measured costs: `TapCosts.of(layout, measured)` takes them in `to_dict`'s form and checks them
+  against the layout (nothing in h2t-edge measures them yet: the bytes model is what runs).
 
 The layout gives every tap's map shape, so the model needs no backbone in memory.
 """
@@ -69,7 +70,7 @@ class TapCosts:
         names = tuple(t["name"] for t in Layout.of(layout)["taps"])
         if costs.names != names:
             raise CostError(f"tap costs measured for taps {list(costs.names)[:3]}... do not match this layout's "
-                            f"{len(names)} taps; measure them again for this export (h2t-edge taps --measure)")
+                            f"{len(names)} taps; measure them again for this export")
         return costs
 
     def to_dict(self) -> dict:
@@ -102,10 +103,3 @@ def column_taps(layout: Mapping) -> np.ndarray:
         out[tap.columns] = i
     return out
 
-
-def taps_read(layout: Mapping, columns: Iterable[int]) -> list[str]:
-    """The names of the taps that feature columns `columns` come from, in the layout's order."""
-    layout = Layout.of(layout)
-    used = np.unique(column_taps(layout)[np.asarray(list(columns), dtype=np.int64)])
-    names = [t.name for t in layout.taps]
-    return [names[i] for i in used]

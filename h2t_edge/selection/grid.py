@@ -110,7 +110,7 @@ class SearchGrid:
         if self.device != "cpu" and self.solver != "path":
             raise FitError(f"SearchGrid.device={self.device!r}: only the 'path' solver runs off the CPU; "
                            "use --solver path with --device")
-        if self.device not in ("cpu",) and not self.device.startswith("cuda"):
+        if self.device != "cpu" and not self.device.startswith("cuda"):
             raise FitError(f"SearchGrid.device={self.device!r}; use 'cpu', 'cuda' or 'cuda:N' (or --device auto)")
         if self.precision not in PRECISIONS:
             raise FitError(f"SearchGrid.precision={self.precision!r}; use one of {sorted(PRECISIONS)}")
@@ -317,6 +317,13 @@ def choose_cheapest(items: Sequence[T], accuracy: Callable[[T], float], error: C
     near = [item for item in items if round(float(accuracy(item)), 9) >= floor]
     return min(near, key=lambda item: (round(float(cost(item)), 6), -round(float(accuracy(item)), 9),
                                        *(tb(item) for tb in tie_breaks)))
+
+
+def chosen_row(table: list[dict], config: dict) -> dict:
+    """The CV row of a fit's chosen configuration: config holds exactly the keys that pick it (lr,
+    steps, l21, fraction, and the path solver's tap budget, as row "taps")."""
+    return next(r for r in table if all(r.get(k) == config[k] for k in ("lr", "steps", "l21", "fraction")
+                                        if k in config) and r.get("taps") == config.get("tap_budget"))
 
 
 def best_row(table: list[dict]) -> dict:

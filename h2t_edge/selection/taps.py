@@ -39,14 +39,13 @@ class TapPlan:
     allowed: np.ndarray
 
     @classmethod
-    def of(cls, layout: Mapping, costs: TapCosts | None = None, allowed_taps=None) -> "TapPlan":
-        """From a feature layout, its tap costs (default: the bytes model) and the tap names a head may
-        read (None: all). The pre-logits tap is always allowed: every graph that runs the whole
-        backbone pools it for the classifier (its cost is 0)."""
-        costs = costs or TapCosts.bytes_model(layout)
-        names = tuple(t["name"] for t in layout["taps"])
-        if costs.names != names:
-            raise FitError("tap costs do not match the layout's taps; measure them for this export")
+    def of(cls, layout: Mapping, allowed_taps=None, measured: Mapping | None = None) -> "TapPlan":
+        """From a feature layout, the tap names a head may read (None: all) and its tap costs
+        (`TapCosts.of`: the measured ones when given, checked against the layout, else the bytes
+        model). The pre-logits tap is always allowed: every graph that runs the whole backbone pools
+        it for the classifier (its cost is 0)."""
+        costs = TapCosts.of(layout, measured)
+        names = costs.names
         allowed = np.ones(len(names), dtype=bool)
         if allowed_taps is not None:
             wanted = set(allowed_taps)

@@ -90,10 +90,11 @@ def prune_to_taps(blob: bytes, taps: Sequence[str]) -> bytes:
 
     model = onnx.load_from_string(blob)
     names = [o.name for o in model.graph.output]
-    missing = sorted(set(taps) - set(names))
+    keep = set(taps)
+    missing = sorted(keep - set(names))
     if missing:
         raise DeployError(f"the backbone graph has no output for taps {missing[:5]}; it is another export")
-    wanted = [n for n in names if n in set(taps)]
+    wanted = [n for n in names if n in keep]
     pruned = Extractor(model).extract_model([i.name for i in model.graph.input], wanted)
     for prop in model.metadata_props:  # the layout travels in the metadata
         pruned.metadata_props.add(key=prop.key, value=prop.value)
@@ -143,9 +144,9 @@ def package_shared_step(
                     f"`--taps-from {root}` to use only those, or deploy it to a new folder"
                 )
     else:
-        computed = sorted({tap for head in heads for tap in head.per_tap_indices()},
-                          key=[t.name for t in first.layout.taps].index)
-        outputs = [t.output for t in first.layout.taps if t.name in set(computed)]
+        read = {tap for head in heads for tap in head.per_tap_indices()}
+        computed = [t.name for t in first.layout.taps if t.name in read]  # in layout order
+        outputs = [t.output for t in first.layout.taps if t.name in read]
         blob = prune_to_taps(_backbone_blob(first, backbone_onnx, weights), outputs)
         meta = {
             "format": BACKBONE_FORMAT,

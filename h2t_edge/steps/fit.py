@@ -45,8 +45,12 @@ class FitKey:
     extra: dict = field(default_factory=dict)  # protocol switches (train's guard, eval's test cache)
 
     @classmethod
-    def of(cls, cache: FeatureCache, methods: str | Sequence[str], grid, **extra: Any) -> "FitKey":
+    def of(cls, cache: FeatureCache, methods: str | Sequence[str], grid, *,
+           allowed_taps: Sequence[str] | None = None, **extra: Any) -> "FitKey":
+        """allowed_taps (`--taps-from`) enters the key only when given: keys without it stay as they were."""
         methods = (methods,) if isinstance(methods, str) else tuple(methods)
+        if allowed_taps is not None:
+            extra["allowed_taps"] = sorted(allowed_taps)
         return cls(cache_identity(cache), methods, json.loads(json.dumps(grid.to_dict())),
                    json.loads(json.dumps(extra)))
 
@@ -135,8 +139,7 @@ def fit_step(
     heads, cv, seconds = {}, {}, {}
     for name in methods:
         method = get_method(name, error=TaskArtifactError)
-        key = FitKey.of(cache, method.name, grid, task=task,
-                        **({} if allowed_taps is None else {"allowed_taps": sorted(allowed_taps)}))
+        key = FitKey.of(cache, method.name, grid, task=task, allowed_taps=allowed_taps)
         done = kept_head(out / method.name.lower(), key)
         if done is not None:
             heads[method.name], cv[method.name], seconds[method.name] = (

@@ -35,7 +35,7 @@ from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.core.errors import CacheError, H2TEdgeError
 from h2t_edge.core.progress import Progress
 from h2t_edge.selection import SearchGrid, choose_best, fit_head2toe_variants
-from h2t_edge.selection.grid import choose_cheapest, standard_error
+from h2t_edge.selection.grid import choose_cheapest, chosen_row, standard_error
 from h2t_edge.selection.taps import TapPlan
 from h2t_edge.selection.methods import HEAD2TOE, HEAD2TOE_LINEAR, LINEAR, get_method
 from h2t_edge.steps.compile import compile_step
@@ -119,17 +119,11 @@ def choose(candidates: Sequence[Candidate], rule: str = "accuracy", latency_budg
 
 
 def _candidate(head: TaskHead, target_size: int, candidates: int, path: Path, taps: TapPlan) -> Candidate:
-    table = head.report["cv_table"]
-    folds = head.config.get("folds", 2)
-    # the CV row of the chosen configuration (config holds exactly the keys that pick it)
-    row = next(r for r in table if all(r.get(k) == head.config[k] for k in
-                                       ("lr", "steps", "l21", "fraction") if k in head.config)
-               and r.get("taps") == head.config.get("tap_budget"))
-    columns = head.features
-    return Candidate(head.method, target_size, float(row["val_acc_mean"]), standard_error(row, folds),
-                     int(len(head.features)), int(candidates), head.config,
-                     float(head.report["fit_seconds"]), str(path), latency=taps.latency(columns),
-                     taps=taps.taps_read(columns))
+    row = chosen_row(head.report["cv_table"], head.config)
+    return Candidate(head.method, target_size, float(row["val_acc_mean"]),
+                     standard_error(row, head.config.get("folds", 2)), int(len(head.features)), int(candidates),
+                     head.config, float(head.report["fit_seconds"]), str(path), latency=taps.latency(head.features),
+                     taps=taps.taps_read(head.features))
 
 
 def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=None, task: str | None = None,
@@ -170,8 +164,7 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         """fit() -> {method: (FitResult, column offset)}; kept in OUT/candidates/<name>/."""
         root = out / "candidates" / name
         methods = [LINEAR] if name == "linear" else [HEAD2TOE, *([HEAD2TOE_LINEAR] if guard else [])]
-        key = FitKey.of(cache, methods, grid, guard=guard, task=task,
-                        **({} if allowed_taps is None else {"allowed_taps": sorted(allowed_taps)}))
+        key = FitKey.of(cache, methods, grid, guard=guard, task=task, allowed_taps=allowed_taps)
         kept = load_fit_record(root / "fit.json", key)
         if kept is None:
             log(f"fitting {name} ({cache.layout.total_features:,} candidate features) ...")
@@ -186,10 +179,11 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
         else:
             log(f"kept fit {name} ({', '.join(kept['methods'])})")
         pre = cache.layout.pre_logits_columns()
+        plan = TapPlan.of(cache.layout)
         for method in kept["methods"]:
             head = TaskHead.load(root / method.lower())
             pool = pre.stop - pre.start if method == LINEAR else cache.layout.total_features
-            c = _candidate(head, cache.layout.target_size, pool, root / method.lower(), TapPlan.of(cache.layout))
+            c = _candidate(head, cache.layout.target_size, pool, root / method.lower(), plan)
             candidates.append(c)
             cv_rows[c.key] = head.report["cv_table"]
 
@@ -331,11 +325,7 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     test_ds = load_dataset(test, classes=train_ds.classes) if test is not None else None
     allowed = None
     if taps_from is not None:  # before the export: a wrong deployment fails fast
-        allowed = allowed_device_taps(taps_from, log)
-        device_backbone = _device_backbone(taps_from)
-        if device_backbone != backbone:
-            raise TrainError(f"--taps-from {taps_from} runs backbone {device_backbone!r}, not {backbone!r}; train with "
-                             f"-b {device_backbone} to reuse its taps")
+        allowed = allowed_device_taps(taps_from, log, backbone=backbone)
 
     # export: one graph, every T
     start = time.perf_counter()
@@ -465,17 +455,16 @@ def fit_task(caches: Sequence[str | Path], out: str | Path, *, task: str | None 
     return fit_step(caches[0], out, task=task, methods=methods, grid=grid, progress=progress, allowed_taps=allowed)
 
 
-def _device_backbone(taps_from: str | Path) -> str | None:
-    from h2t_edge.steps.deploy import device_taps
-
-    return device_taps(taps_from).backbone.get("name")
-
-
-def allowed_device_taps(taps_from: str | Path, log: Log | None = None) -> list[str]:
-    """`--taps-from DEPLOYED`: the taps that deployment computes (`steps.deploy.device_taps`)."""
+def allowed_device_taps(taps_from: str | Path, log: Log | None = None, backbone: str | None = None) -> list[str]:
+    """`--taps-from DEPLOYED`: the taps that deployment computes (`steps.deploy.device_taps`, read and
+    checked once); with `backbone`, a deployment that runs another backbone is refused."""
     from h2t_edge.steps.deploy import device_taps
 
     device = device_taps(taps_from)
+    device_backbone = device.backbone.get("name")
+    if backbone is not None and device_backbone != backbone:
+        raise TrainError(f"--taps-from {taps_from} runs backbone {device_backbone!r}, not {backbone!r}; train with "
+                         f"-b {device_backbone} to reuse its taps")
     if log is not None:
         log(f"selecting among the {len(device.taps)} taps {device.source} computes (and the pre-logits)")
     return list(device.taps)

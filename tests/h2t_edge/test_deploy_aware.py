@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from h2t_edge.core.costs import ALL_TAPS, CostError, TapCosts, column_taps, taps_read
+from h2t_edge.core.costs import ALL_TAPS, CostError, TapCosts, column_taps
 from h2t_edge.core.errors import FitError
 from h2t_edge.selection import SearchGrid
 from h2t_edge.selection.estimators import fit_head2toe_variants
@@ -70,7 +70,7 @@ def test_column_taps_and_taps_read_follow_the_layout():
     layout = toy_layout(per_tap=7)
     owner = column_taps(layout)
     assert owner.shape == (42,) and list(owner[::7]) == [0, 1, 2, 3, 4, 5] and owner[13] == 1
-    assert taps_read(layout, [0, 8, 41]) == ["t0", "t1", "t5"]
+    assert TapPlan.of(layout).taps_read([0, 8, 41]) == ["t0", "t1", "t5"]
 
 
 # ----------------------------------------------------------------------------- the choice rule
@@ -176,7 +176,7 @@ def test_taps_from_keeps_every_head_inside_the_allowed_taps():
     assert list(plan.allowed) == [False, False, True, True, False, True]  # the pre-logits is always allowed
     fits = fit_head2toe_variants(x, y, 3, GRID, taps=plan, keep=np.arange(250, 300))
     for fit in fits.values():
-        assert set(taps_read(layout, fit.head.features)) <= {"t2", "t3", "t5"}
+        assert set(TapPlan.of(layout).taps_read(fit.head.features)) <= {"t2", "t3", "t5"}
         assert fit.scores.shape == (300,) and not fit.scores[:100].any()
     assert set(fits["HEAD2TOE+LINEAR"].head.features) >= set(range(250, 300))
     # the head's logits are those of its columns in the full feature matrix
