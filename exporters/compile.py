@@ -18,6 +18,7 @@ import onnx
 import torch
 from torch import nn
 
+from .attach import HeadSpec, split_by_tap
 from .backbones import Backbone, TapSpec
 from .errors import ExportError
 from .export import DEFAULT_OPSET, INPUT_NAME, TappedBackbone, check_probe, export_module
@@ -53,25 +54,6 @@ class LinearHead(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = x @ self.weight + self.bias
         return torch.softmax(logits, dim=1), logits
-
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """One task's head as plain data: `features` int64[k] sorted indices into the layout's
-    concatenated features, `weight` float32[k, C], `bias` float32[C]; `name` names its output."""
-
-    name: str
-    features: np.ndarray
-    weight: np.ndarray
-    bias: np.ndarray
-
-    def __post_init__(self) -> None:
-        weight = np.asarray(self.weight, dtype=np.float32)
-        if weight.ndim != 2 or weight.shape[0] != len(self.features) or np.shape(self.bias) != (weight.shape[1],):
-            raise ExportError(
-                f"head {self.name!r} shapes do not agree: {len(self.features)} features, weight {weight.shape}, "
-                f"bias {np.shape(self.bias)}"
-            )
 
 
 class SelectedFeatures(nn.Module):
@@ -153,27 +135,6 @@ class MultiTaskGraph(nn.Module):
             + getattr(self, f"bias_{i}")
             for i, gather in enumerate(self.gathers)
         )
-
-
-def split_by_tap(layout: dict, features: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
-    """Split sorted global feature indices into (tap names, per-tap local indices), in tap order."""
-    features = np.asarray(features, dtype=np.int64)
-    if features.ndim != 1 or features.size == 0:
-        raise ExportError("a task must select at least one feature (1-D index array)")
-    if np.any(np.diff(features) <= 0):
-        raise ExportError("selected feature indices must be sorted and unique")
-    if features[0] < 0 or features[-1] >= layout["total_features"]:
-        raise ExportError(
-            f"selected feature index out of range [0, {layout['total_features']}) for this layout"
-        )
-    used, local = [], []
-    for tap in layout["taps"]:
-        lo, hi = tap["offset"], tap["offset"] + tap["features"]
-        inside = features[(features >= lo) & (features < hi)]
-        if inside.size:
-            used.append(tap["name"])
-            local.append(inside - lo)
-    return used, local
 
 
 def _check_layout_matches(backbone: Backbone, layout: dict, taps: Sequence[TapSpec]) -> None:

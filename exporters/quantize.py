@@ -3,15 +3,21 @@
 - `quantize_int8_qdq`: ONNX Runtime static quantization in QDQ format (per-channel int8
   weights), calibrated on task images; for the CPU (uint8 activations, ONNX Runtime's fast path)
   or for TensorRT (symmetric int8 activations: explicit quantization needs zero points of 0).
+- `quantize_int8_nncf`: NNCF post-training quantization of the ONNX graph (symmetric int8
+  activations, the layout OpenVINO's int8 CPU kernels run), also as QDQ ONNX.
 - `convert_to_fp16`: an fp16 graph for strongly typed TensorRT (11.x has no FP16 builder flag),
   keeping chosen nodes (the L2 normalization and the head) in fp32.
 
-Both leave the per-tap L2 normalization and the head in fp32: the norm sums hundreds of squares
-(beyond fp16's 65504) and the head's logits decide the class.
+All of them quantize the backbone's trunk only (`trunk_nodes`: the convolutions and everything
+that feeds one) and leave the tap pooling, the per-tap L2 normalization, the gather and the head in
+fp32: the norm sums hundreds of squares (beyond fp16's 65504) and the head's logits decide the
+class. Because the QDQ graph is plain ONNX, the graph a head is fitted on and the task graph
+compiled from it (`exporters.attach`) carry the same quantization parameters, node for node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -34,10 +40,16 @@ ModelSource = Union[str, os.PathLike, onnx.ModelProto]
 FP32_SEED_OPS = ("ReduceL2", "Gemm", "MatMul", "Softmax")
 
 # Quantized by default: the convolutions and what sits between them, so that ONNX Runtime fuses
-# whole Conv-Clip-Add chains in int8 (measured on EfficientNet-Lite0, 2-core CPU, batch 8:
-# Conv only ran 1.07x slower than fp32; with Clip, Add and AveragePool 1.49x faster).
+# whole Conv-Clip-Add chains in int8 (Conv alone ran slower than fp32 on EfficientNet-Lite0), within
+# the trunk only: an AveragePool or Clip of the tap pooling stays fp32 (`trunk_nodes`).
 INT8_OP_TYPES = ("Conv", "Clip", "Add", "AveragePool")
 QUANTIZE_TARGETS = ("cpu", "tensorrt")
+# Calibration methods of ONNX Runtime's quantizer. The default was chosen by measurement
+# (benchmarks/bench_calibration.py -> results/calibration.md: fidelity of the pooled features of
+# held-out images to fp32, over methods and image counts).
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+DEFAULT_CALIBRATION = "percentile"
+DEFAULT_CALIBRATION_IMAGES = 64
 
 # Float inputs that ONNX requires in float32 whatever the data type (operator -> input indices).
 _FLOAT32_ONLY_INPUTS = {"Resize": {1, 2}, "Upsample": {1}}
@@ -49,6 +61,41 @@ class QuantizeReport:
     calibration_images: int
     quantized_nodes: int
     op_types: tuple[str, ...]
+    method: str = "minmax"
+    calibration_sha256: str = ""  # `calibration_digest` of the batches and the recipe
+
+
+def calibration_digest(batches: Sequence[np.ndarray], **recipe) -> str:
+    """sha256 over the calibration batches (float32, C order, in order) and the recipe's settings:
+    two graphs with the same digest were calibrated on the same inputs the same way."""
+    h = hashlib.sha256(repr(sorted(recipe.items())).encode())
+    for b in batches:
+        h.update(np.ascontiguousarray(b, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+def trunk_nodes(model: onnx.ModelProto) -> set[str]:
+    """Names of the backbone's trunk: every Conv and every node that feeds one. What lies outside it
+    in an h2t-edge graph is the tap pooling, the L2 normalization, the gather and the head (and the
+    last pooling after the final convolution): the part kept in fp32."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    keep: set[str] = set()
+    stack = [n for n in model.graph.node if n.op_type == "Conv"]
+    while stack:
+        node = stack.pop()
+        if node.name in keep:
+            continue
+        keep.add(node.name)
+        stack += [producer[i] for i in node.input if i in producer]
+    return keep
+
+
+def _outside_trunk(model: onnx.ModelProto) -> list[str]:
+    names = [n.name for n in model.graph.node]
+    if len(set(names)) != len(names) or not all(names):
+        raise GraphError("int8 quantization needs unique node names; name the nodes (export does)")
+    trunk = trunk_nodes(model)
+    return [n for n in names if n not in trunk]
 
 
 class _BatchReader:
@@ -76,18 +123,23 @@ def quantize_int8_qdq(
     target: str = "cpu",
     op_types: Sequence[str] = INT8_OP_TYPES,
     per_channel: bool = True,
+    method: str = "minmax",
+    trunk_only: bool = True,
 ) -> QuantizeReport:
-    """Write an int8 QDQ copy of `source` to `output`, calibrated (min/max) on `batches`
-    (float32[b, 3, H, W] each, preprocessed as the graph expects).
+    """Write an int8 QDQ copy of `source` to `output`, calibrated on `batches` (float32[b, 3, H, W]
+    each, preprocessed as the graph expects) with `method` (one of CALIBRATION_METHODS).
 
     target 'cpu': uint8 asymmetric activations (ONNX Runtime's fast x86 kernels; symmetric int8
     activations ran 4x slower there); 'tensorrt': symmetric int8 activations and weights,
     zero points 0, as TensorRT's explicit quantization requires. Weights are int8 per channel.
+    trunk_only: quantize `trunk_nodes` only (pooling, normalization, gather and head stay fp32).
     """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if target not in QUANTIZE_TARGETS:
         raise GraphError(f"int8 target {target!r} is not one of {QUANTIZE_TARGETS}")
+    if method not in CALIBRATION_METHODS:
+        raise GraphError(f"calibration method {method!r} is not one of {CALIBRATION_METHODS}")
     model, name = load_model(source)
     if not batches:
         raise GraphError(f"no calibration batches for {name}; pass a folder of task images with --calib")
@@ -108,7 +160,9 @@ def quantize_int8_qdq(
                 str(staged), str(output), reader, quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(op_types), per_channel=per_channel,
                 activation_type=QuantType.QUInt8 if target == "cpu" else QuantType.QInt8,
-                weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                weight_type=QuantType.QInt8, nodes_to_exclude=_outside_trunk(model) if trunk_only else [],
+                calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                                  "entropy": CalibrationMethod.Entropy}[method],
                 # TensorRT takes float biases and zero points of 0 only.
                 extra_options={"ActivationSymmetric": target == "tensorrt", "WeightSymmetric": True,
                                "QuantizeBias": target != "tensorrt"},
@@ -123,7 +177,44 @@ def quantize_int8_qdq(
     quantized.metadata_props.extend(model.metadata_props)
     onnx.save(quantized, str(output))
     count = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
-    return QuantizeReport(output, sum(len(b) for b in batches), count, tuple(op_types))
+    digest = calibration_digest(batches, quantizer="onnxruntime", target=target, method=method,
+                                op_types=list(op_types), per_channel=per_channel, trunk_only=trunk_only)
+    return QuantizeReport(output, sum(len(b) for b in batches), count, tuple(op_types), method, digest)
+
+
+def quantize_int8_nncf(source: ModelSource, output: Union[str, os.PathLike],
+                       batches: Sequence[np.ndarray]) -> QuantizeReport:
+    """Write an int8 QDQ copy of `source` to `output` made by NNCF's post-training quantization
+    (`nncf.quantize`, its defaults: symmetric int8 activations, per-channel weights, bias
+    correction), calibrated on `batches`, with everything outside `trunk_nodes` in an ignored scope
+    (fp32). OpenVINO reads the QDQ ONNX and runs it with its int8 kernels."""
+    try:
+        import nncf
+    except ImportError:
+        raise GraphError("OpenVINO int8 is made with NNCF: pip install nncf (or h2t-edge[openvino])") from None
+    model, name = load_model(source)
+    if not batches:
+        raise GraphError(f"no calibration batches for {name}; pass a folder of task images with --calib")
+    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1:
+        raise GraphError(f"{name} has inputs {inputs}; int8 calibration feeds graphs with exactly one image input")
+    dataset = nncf.Dataset([{inputs[0]: np.ascontiguousarray(b, dtype=np.float32)} for b in batches])
+    logging.disable(logging.WARNING)
+    try:
+        quantized = nncf.quantize(model, dataset, subset_size=sum(len(b) for b in batches),
+                                  ignored_scope=nncf.IgnoredScope(names=_outside_trunk(model)))
+    except Exception as exc:  # NNCF raises plain exceptions from deep inside
+        raise GraphError(f"NNCF int8 quantization of {name} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    del quantized.metadata_props[:]
+    quantized.metadata_props.extend(model.metadata_props)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(quantized, str(output))
+    count = sum(1 for n in quantized.graph.node if n.op_type == "QuantizeLinear")
+    digest = calibration_digest(batches, quantizer="nncf", version=nncf.__version__)
+    return QuantizeReport(output, sum(len(b) for b in batches), count, ("nncf default",), "nncf", digest)
 
 
 # -- fp16 ---------------------------------------------------------------------------------------

@@ -165,6 +165,31 @@ def precision_option(default: str = "fp32", help: str | None = PRECISION_HELP):
 BACKEND_OPTION = backend_option()
 PRECISION_OPTION = precision_option()
 
+DEPLOY_PRECISION_HELP = (
+    "Precision the task will run at on --backend. Other than fp32, the extraction graph is built at it (int8: "
+    "calibrated on training images, the backbone trunk only; pooling, normalization and head stay fp32), the "
+    "features are extracted through it, and selection, CV and the head are fitted on them; the compiled graph is "
+    "cut from that graph, so the device runs what was fitted. onnxruntime: fp32/fp16/int8; openvino: "
+    "fp32/fp16/bf16/int8 (int8 by NNCF); tensorrt: fp32/fp16/int8.")
+DEPLOY_BACKEND_HELP = "Backend the task will run on (and that extracts its features at --precision)."
+CALIBRATION_OPTION = click.option(
+    "--calibration", type=click.Choice(["minmax", "percentile", "entropy"]), default=None,
+    help="int8 calibration method of ONNX Runtime's quantizer (default: percentile, chosen by measurement: "
+         "benchmarks/results/calibration.md). OpenVINO int8 uses NNCF's own.")
+CALIBRATION_IMAGES_OPTION = click.option(
+    "--calibration-images", type=click.IntRange(min=8), default=None,
+    help="Training images int8 is calibrated on (default 64); 32 others are held out to measure its fidelity.")
+
+
+def deploy_precision_options(f):
+    """--precision, --backend, --calibration, --calibration-images of `train` and `extract`."""
+    for option in reversed([
+        precision_option(help=DEPLOY_PRECISION_HELP), backend_option(help=DEPLOY_BACKEND_HELP),
+        CALIBRATION_OPTION, CALIBRATION_IMAGES_OPTION,
+    ]):
+        f = option(f)
+    return f
+
 # --- misc --------------------------------------------------------------------------------------
 
 DATA_DIR_OPTION = click.option(

@@ -94,8 +94,11 @@ def compile_summary(report, multi_task: bool) -> str:
                 f"block {r.layer} tuned, {r.task_bytes / 1e6:.2f} MB per task")
     text = (f"wrote {path} ({mb(report.bytes)}) and {path.with_suffix('.json').name} in {report.seconds:.1f} s"
             + (f" for tasks {', '.join(report.tasks)}" if multi_task else "") + "\n"
-            f"uses {len(r.taps_used)} taps; keeps {r.segments_kept}/{r.segments_total} backbone segments "
-            f"({r.backbone_parameters_kept:,} of {r.backbone_parameters_total:,} parameters, "
+            f"uses {len(r.taps_used)} taps; keeps "
+            + (f"{r.segments_kept}/{r.segments_total} backbone segments " if hasattr(r, "segments_kept") else
+               f"{r.nodes_kept}/{r.nodes_total} nodes of its {report.sidecar.get('precision', {}).get('precision')} "
+               "extraction graph ")
+            + f"({r.backbone_parameters_kept:,} of {r.backbone_parameters_total:,} parameters, "
             f"{100 * r.backbone_fraction_dropped:.1f}% dropped); head {r.head_parameters:,} parameters")
     if report.latency_estimate is not None:
         text += f"\nestimated batch-1 latency: {report.latency_estimate:.3f}x the plain backbone (tap costs, `h2t-edge taps`)"

@@ -52,17 +52,34 @@ def check(model, tensorrt, as_json) -> None:
                help="Default: next to GRAPH as STEM.BACKEND.PRECISION.{onnx,xml,engine}.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="TensorRT engine and timing cache folder (keyed by ONNX hash, TensorRT, GPU, precision, profile).")
+@click.option("--check", "check", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Held-out task images (class subfolders named as the task's classes give accuracy) to check a "
+                   "fp16/bf16/int8 build of a task graph on. Default: the --calib images not drawn for calibration.")
+@click.option("--accept-drop", is_flag=True,
+              help="Keep a build that fails the check (top-1 agreement below 99% or accuracy down more than 1 "
+                   "point); the sidecar records it.")
 @SIGN_KEY_OPTION
-def build_engine_(graph, backend, precision, calib, calib_limit, max_batch, output, cache_dir, sign_key) -> None:
-    """Build an engine or optimized model from GRAPH.onnx, with a JSON sidecar saying how."""
+def build_engine_(graph, backend, precision, calib, calib_limit, max_batch, output, cache_dir, check, accept_drop,
+                  sign_key) -> None:
+    """Build an engine or optimized model from GRAPH.onnx, with a JSON sidecar saying how.
+
+    A fp16, bf16 or int8 build of a task graph is checked against GRAPH on held-out images and refused
+    (non-zero exit, nothing kept) when its predictions drift; a head fitted on fp32 features usually does
+    at int8: fit at int8 instead (`train --precision int8`)."""
     from h2t_edge.serving.engines import build_engine
 
     report = build_engine(graph, backend, precision, output, calib, calib_limit, max_batch, cache_dir,
-                          options.signing_key(sign_key))
+                          options.signing_key(sign_key), check=check, accept_drop=accept_drop)
     calibration = report.build.get("calibration")
     click.echo(f"wrote {report.path} ({report.bytes / 1e6:.2f} MB) and {report.sidecar.name} in "
                f"{report.build['seconds']:.1f} s: {report.build['method']}"
                + (f"; calibrated on {calibration['images']} images" if calibration else ""))
+    checked = report.build.get("check")
+    if checked and "agreement" in checked:
+        click.echo(f"check on {checked['images']} held-out images: top-1 agreement {100 * checked['agreement']:.1f}%"
+                   + (f", accuracy {100 * checked['source_accuracy']:.1f}% -> {100 * checked['accuracy']:.1f}%"
+                      if "accuracy" in checked else "")
+                   + (" (below the bar; kept with --accept-drop)" if checked.get("accepted_drop") else ""))
 
 
 @cli.command()

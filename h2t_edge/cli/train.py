@@ -17,6 +17,7 @@ from h2t_edge.cli.options import (
     MAX_CANDIDATES_OPTION,
     SOLVER_OPTION,
     TAPS_FROM_OPTION,
+    deploy_precision_options,
     grid_option,
     output_option,
     quiet_option,
@@ -51,10 +52,14 @@ from h2t_edge.core.progress import StageBars
               help="Exports and feature caches (default: TASK_DIR/work); share one between tasks.")
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--on-error", type=click.Choice(["raise", "skip"]), default="raise", show_default=True)
+@deploy_precision_options
+@click.option("--compare-fp32/--no-compare-fp32", default=True, show_default=True,
+              help="With --precision other than fp32: also fit the chosen T on fp32 features and show both side by "
+                   "side in the report (CV and test accuracy, measured latency).")
 @quiet_option()
 def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, max_candidates, fit_precision,
           solver, device, max_accuracy, latency_budget, taps_from, no_guard, cache_dir, batch_size, on_error,
-          quiet) -> None:
+          precision, backend, calibration, calibration_images, compare_fp32, quiet) -> None:
     """Train a task on your images in one command: export, extract (one pass for every T), fit with CV
     over T (HEAD2TOE, LINEAR, HEAD2TOE+LINEAR), compile the best, test, and write report.html.
 
@@ -70,6 +75,8 @@ def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, 
                                               latency_budget),
                        taps=taps or None, taps_from=taps_from,
                        guard=not no_guard, cache_dir=cache_dir, batch_size=batch_size, on_error=on_error,
+                       precision=precision, backend=backend, calibration=calibration,
+                       calibration_images=calibration_images, compare_fp32=compare_fp32,
                        progress=bars, log=lambda message: click.echo(message, err=True))
     bars.close()
     click.echo(summary_table(result))

@@ -4,11 +4,18 @@ JSON sidecar saying how it was built (source sha256, backend, precision, calibra
 | backend     | fp32 | fp16 | bf16 | int8 |
 |-------------|------|------|------|------|
 | onnxruntime | -    | fp16 ONNX (norm + head fp32) | - | QDQ ONNX, calibrated (CPU kernels) |
-| openvino    | IR   | IR, f16 weights | IR + bf16 hint | - |
+| openvino    | IR   | IR, f16 weights | IR + bf16 hint | IR from NNCF's QDQ ONNX, calibrated |
 | tensorrt    | engine | TRT 10: flag; 11: fp16 ONNX | - | TRT 10: calibrator; 11: QDQ ONNX |
 
 The sidecar is `OUT.json`. For a task graph it is the task's own sidecar (so `Predictor` loads the
 result as it loads the task) with a "build" entry added; otherwise it holds only "build".
+
+A reduced-precision build of a task graph is checked before it is kept (`check_build`): on
+held-out images (those of --calib not drawn for calibration, or --check DIR) the new graph's top-1
+must agree with its source's on at least `MIN_AGREEMENT` of them and, where the folder's class
+subfolders give labels, lose at most `MAX_ACCURACY_DROP` of accuracy. A build that fails is
+deleted and refused (BuildCheckError names the drop and the fix: fit at that precision with
+`train --precision`), unless accept_drop, which the sidecar records.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from h2t_edge import __version__
 from h2t_edge.core.errors import H2TEdgeError
@@ -34,13 +43,20 @@ BUILD_FORMAT = "h2t-edge/engine-build"
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
 SUPPORTED = {
     "onnxruntime": ("fp16", "int8"),
-    "openvino": ("fp32", "fp16", "bf16"),
+    "openvino": ("fp32", "fp16", "bf16", "int8"),
     "tensorrt": ("fp32", "fp16", "int8"),
 }
+MIN_AGREEMENT = 0.99  # top-1 agreement with the source graph on held-out images
+MAX_ACCURACY_DROP = 0.01  # accuracy points (as a fraction) a build may lose where labels are known
+CHECK_IMAGES = 256  # held-out images the check runs on at most
 
 
 class EngineBuildError(H2TEdgeError):
     """A build that cannot be done: an unsupported backend/precision pair, or missing inputs."""
+
+
+class BuildCheckError(EngineBuildError):
+    """A reduced-precision build that does not predict what its source predicts (refused, deleted)."""
 
 
 @dataclass
@@ -91,11 +107,17 @@ def build_engine(
     max_batch: int = 32,
     cache_dir: str | os.PathLike | None = None,
     signing_key: SigningKey | None = None,
+    check: str | os.PathLike | None = None,
+    accept_drop: bool = False,
 ) -> EngineReport:
     """Build `graph` for `backend` at `precision` into `output` (default: next to the graph,
     `STEM.BACKEND.PRECISION.EXT`) and write its sidecar (sealed; signed with `signing_key` when
     given). `calib` is a folder of task images (int8 only); at most `calib_limit` of them are used.
-    A task graph is checked against its sidecar before anything is built from it."""
+    A task graph is checked against its sidecar before anything is built from it.
+
+    A task graph built at fp16, bf16 or int8 is then checked against its source (`check_build`) on
+    the `check` folder, else on the --calib images not used for calibration; BuildCheckError when
+    it fails, unless accept_drop (recorded in the sidecar)."""
     graph = Path(graph)
     if not graph.is_file():
         raise EngineBuildError(f"graph {graph} does not exist; pass an exported backbone or compiled task .onnx")
@@ -110,19 +132,26 @@ def build_engine(
         raise EngineBuildError("--precision int8 needs calibration images: pass --calib DIR (a folder of task images)")
     output = Path(output) if output is not None else default_output(graph, backend, precision)
     output.parent.mkdir(parents=True, exist_ok=True)
-    batches = []
+    batches, held_out = [], []
     if calib is not None:
         from runtime.calibration import calibration_batches
+        from runtime.preprocess import list_images
 
-        batches = calibration_batches(calib, graph_preprocess(graph), batch_size=8, limit=calib_limit)
+        paths = list_images(calib)
+        order = np.random.default_rng(0).permutation(len(paths))
+        chosen = sorted(order[:calib_limit])
+        held_out = [paths[i] for i in sorted(order[calib_limit:calib_limit + CHECK_IMAGES])]
+        batches = calibration_batches([paths[i] for i in chosen], graph_preprocess(graph), batch_size=8, limit=None)
     start = time.perf_counter()
     build = {"backend": backend, "precision": precision}
     if backend == "onnxruntime":
         build |= _build_onnxruntime(graph, output, precision, batches)
     elif backend == "openvino":
-        build |= _build_openvino(graph, output, precision)
+        build |= _build_openvino(graph, output, precision, batches)
     else:
         build |= _build_tensorrt(graph, output, precision, batches, BatchProfile.up_to(max_batch), cache_dir)
+    if precision != "fp32" and graph.with_suffix(".json").is_file():
+        build["check"] = _checked(graph, output, backend, precision, check, calib, held_out, accept_drop)
     build |= {
         "source": str(graph.resolve()),
         "source_sha256": file_sha256(graph),
@@ -135,6 +164,86 @@ def build_engine(
     }
     sidecar = _write_sidecar(graph, output, build, signing_key)
     return EngineReport(output, sidecar, build)
+
+
+def _checked(graph: Path, output: Path, backend: str, precision: str, check, calib, held_out: list,
+             accept_drop: bool) -> dict:
+    """Run `check_build` on the check folder (else the held-out calibration images); delete the
+    build and raise BuildCheckError when it fails and the drop is not accepted."""
+    folder = check if check is not None else calib
+    fix = (f"fit the task at this precision instead: `h2t-edge train DATA -o TASK --precision {precision} "
+           f"--backend {backend}` (its head is fitted on {precision} features), or pass --accept-drop to keep it")
+    if folder is None:
+        if accept_drop:
+            return {"skipped": "no images (--accept-drop)", "accepted_drop": True}
+        raise EngineBuildError(f"a {precision} build of a task graph is checked against its source on held-out "
+                               "images: pass --check DIR (a folder of task images, class subfolders for accuracy)")
+    from runtime.preprocess import list_images
+
+    images = held_out if check is None else list_images(check)[:CHECK_IMAGES]
+    if not images:
+        raise EngineBuildError(f"no held-out images to check the {precision} build on: --calib {calib} has no "
+                               f"images beyond the calibration draw; pass --check DIR or a larger --calib folder")
+    result = check_build(graph, output, backend, precision, images, folder)
+    problems = []
+    if result["agreement"] < MIN_AGREEMENT:
+        problems.append(f"its top-1 agrees with {graph.name} on {100 * result['agreement']:.1f}% of "
+                        f"{result['images']} held-out images (at least {100 * MIN_AGREEMENT:.0f}% required)")
+    drop = result.get("accuracy_drop")
+    if drop is not None and drop > MAX_ACCURACY_DROP:
+        problems.append(f"its accuracy drops by {100 * drop:.1f} points ({100 * result['source_accuracy']:.1f}% -> "
+                        f"{100 * result['accuracy']:.1f}%; at most {100 * MAX_ACCURACY_DROP:.0f} allowed)")
+    result["passed"] = not problems
+    if problems and not accept_drop:
+        for f in artifact_files(output):  # the IR's .bin too
+            f.unlink(missing_ok=True)
+        raise BuildCheckError(f"refused the {precision} {backend} build of {graph}: " + "; ".join(problems)
+                              + f". The head was fitted on fp32 features. Fix: {fix}")
+    result["accepted_drop"] = bool(problems)
+    return result
+
+
+def check_build(graph: Path, output: Path, backend: str, precision: str, images: list, folder) -> dict:
+    """Top-1 agreement of the built `output` with its source `graph` (ONNX Runtime, fp32) on
+    `images`, over every logits output; with labels (class subfolders of `folder` named after the
+    task's classes), both accuracies and the drop. Both graphs see the same preprocessed batches."""
+    from runtime.backends import create_runner
+    from runtime.preprocess import load_image, preprocess_image
+
+    sidecar = read_json(graph.with_suffix(".json"), "task sidecar")
+    tasks = sidecar.get("tasks") or [{"classes": sidecar["classes"], "outputs": sidecar["outputs"]}]
+    outputs = [t["outputs"]["logits"] for t in tasks]
+    cfg = graph_preprocess(graph)
+    labels = _labels(images, folder, tasks[0]["classes"]) if len(tasks) == 1 else None
+    x = np.stack([preprocess_image(load_image(p), cfg) for p in images])
+    hint = {"openvino": {"precision": precision if precision in ("fp16", "bf16") else "fp32"},
+            "tensorrt": {"precision": precision}}.get(backend, {})
+    preds = {}
+    for name, (path, on, options) in {"source": (graph, "onnxruntime", {}), "built": (output, backend, hint)}.items():
+        with create_runner(path, on, **options) as runner:
+            got = [runner.infer({sidecar["input"]: x[i:i + 16]}) for i in range(0, len(x), 16)]
+        preds[name] = [np.concatenate([g[o] for g in got]).argmax(1) for o in outputs]
+    agreement = min(float((a == b).mean()) for a, b in zip(preds["source"], preds["built"]))
+    result = {"images": len(images), "agreement": agreement, "min_agreement": MIN_AGREEMENT}
+    if labels is not None:
+        src, built = float((preds["source"][0] == labels).mean()), float((preds["built"][0] == labels).mean())
+        result |= {"source_accuracy": src, "accuracy": built, "accuracy_drop": src - built,
+                   "max_accuracy_drop": MAX_ACCURACY_DROP}
+    return result
+
+
+def _labels(images: list, folder, classes: list) -> np.ndarray | None:
+    """Labels from the class subfolder each image sits in directly under `folder`, when every one is
+    a class of the task; else None (agreement only)."""
+    root = Path(folder).resolve()
+    index = {c: i for i, c in enumerate(classes)}
+    labels = []
+    for p in images:
+        rel = Path(p).resolve().relative_to(root)
+        if len(rel.parts) < 2 or rel.parts[0] not in index:
+            return None
+        labels.append(index[rel.parts[0]])
+    return np.asarray(labels)
 
 
 def _write_sidecar(graph: Path, output: Path, build: dict, signing_key: SigningKey | None = None) -> Path:
@@ -178,14 +287,25 @@ def _build_onnxruntime(graph: Path, output: Path, precision: str, batches) -> di
     return {**info, "versions": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}}
 
 
-def _build_openvino(graph: Path, output: Path, precision: str) -> dict:
+def _build_openvino(graph: Path, output: Path, precision: str, batches) -> dict:
     from runtime.backends.openvino import _import_openvino
 
     ov = _import_openvino()
-    model = ov.convert_model(str(graph))
+    source, method = str(graph), "OpenVINO IR; run it with --backend openvino --precision " + precision
+    if precision == "int8":
+        import onnx
+
+        from exporters.quantize import quantize_int8_nncf
+
+        staged = output.with_suffix(".nncf.onnx")
+        report = quantize_int8_nncf(graph, staged, batches)
+        source = onnx.load(str(staged))
+        staged.unlink()
+        method = ("OpenVINO IR from NNCF's int8 QDQ ONNX (trunk only; pooling, normalization and head fp32); "
+                  "run it with --backend openvino --precision fp32")
+    model = ov.convert_model(source)
     ov.save_model(model, str(output), compress_to_fp16=precision == "fp16")
-    return {"hint": {"fp32": "f32", "fp16": "f16", "bf16": "bf16"}[precision],
-            "method": "OpenVINO IR; run it with --backend openvino --precision " + precision,
+    return {"hint": {"fp32": "f32", "fp16": "f16", "bf16": "bf16", "int8": "f32"}[precision], "method": method,
             "versions": {"openvino": ov.__version__}}
 
 

@@ -89,25 +89,77 @@ def _outputs() -> dict:
 
 
 def compile_step(task_dir: str | Path, out: str | Path, weights: str | None = None,
-                 signing_key: SigningKey | None = None) -> CompileReport:
+                 signing_key: SigningKey | None = None, extraction_graph: str | Path | None = None) -> CompileReport:
     """Compile a task artifact into OUT.onnx + OUT.json (the runtime's sidecar, sealed; signed with
-    `signing_key` when given)."""
-    from exporters.compile import compile_task_graph
+    `signing_key` when given).
+
+    A task fitted at a precision (`train --precision`) is cut from the extraction graph it was
+    fitted on (`cut_task_graph`; `extraction_graph` overrides the recorded path, checked by its
+    sha256): same nodes, same quantization parameters. Others are built from the torch backbone."""
 
     start = time.perf_counter()
     head = TaskHead.load(task_dir)
-    model, summary = compile_task_graph(load_backbone_of(head.backbone, weights), head.layout, head.features,
-                                        head.weight, head.bias)
+    if head.backbone.get("precision") is not None:
+        model, summary = cut_task_graph([head], single=True, graph=extraction_graph)
+    else:
+        from exporters.compile import compile_task_graph
+
+        model, summary = compile_task_graph(load_backbone_of(head.backbone, weights), head.layout, head.features,
+                                            head.weight, head.bias)
     blob = model.SerializeToString()
     latency, added = _latency(head.layout, [head])
     sidecar = task_sidecar(
         blob, task=head.task, method=head.method, classes=head.classes, preprocess=head.layout.preprocess,
-        backbone=head.backbone, outputs=_outputs(), taps_used=summary.taps_used,
-        n_features=int(len(head.features)), segments_kept=summary.segments_kept,
-        segments_total=summary.segments_total, latency_estimate=latency)
+        backbone=_identity(head.backbone), outputs=_outputs(), taps_used=summary.taps_used,
+        n_features=int(len(head.features)), latency_estimate=latency, **_structure(summary),
+        **_precision(head.backbone))
     path = write_task_graph(out, blob, sidecar, signing_key)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar, [head.task],
                          latency_estimate=latency, added_latency=added)
+
+
+def cut_task_graph(heads: Sequence[TaskHead], single: bool, graph: str | Path | None = None):
+    """(model, `exporters.attach.CutSummary`): the heads on the extraction graph they were fitted on
+    (the path in their precision record, or `graph`), every node they do not need removed."""
+    import onnx
+
+    from exporters.attach import HeadSpec, attach_heads
+    from runtime.io import file_sha256
+
+    record = heads[0].backbone["precision"]
+    path = Path(graph if graph is not None else record.get("graph", ""))
+    fix = ("pass the extraction graph the task was fitted on with --extraction-graph (train writes it under "
+           "TASK_DIR/work/backbones/), or fit again")
+    if not path.is_file():
+        raise TaskArtifactError(f"task {heads[0].task!r} was fitted at {record['precision']} on {record['backend']} "
+                                f"features of the graph {path}, which is not there; {fix}")
+    if file_sha256(path) != heads[0].backbone["onnx_sha256"]:
+        raise TaskArtifactError(f"{path} is not the graph task {heads[0].task!r} was fitted on (its sha256 differs "
+                                f"from the task's backbone.onnx_sha256); {fix}")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise TaskArtifactError(f"{path} is not a readable ONNX graph ({exc}); {fix}") from None
+    specs = [HeadSpec(h.task, h.features, h.weight, h.bias) for h in heads]
+    return attach_heads(model, heads[0].layout.target_size, specs, single=single)
+
+
+def _identity(backbone: dict) -> dict:
+    """A task's backbone record without the build machine's path to its extraction graph."""
+    return {k: v for k, v in backbone.items() if k != "precision"}
+
+
+def _precision(backbone: dict) -> dict:
+    """The sidecar's precision record: precision, backend, calibration digest (none for fp32)."""
+    record = backbone.get("precision")
+    return {} if record is None else {"precision": {k: v for k, v in record.items() if k != "graph"}}
+
+
+def _structure(summary) -> dict:
+    """What the sidecar says of the backbone kept: segments (torch compile) or nodes (a cut)."""
+    if hasattr(summary, "segments_kept"):
+        return {"segments_kept": summary.segments_kept, "segments_total": summary.segments_total}
+    return {"nodes_kept": summary.nodes_kept, "nodes_total": summary.nodes_total}
 
 
 def load_tasks(task_dirs: Sequence[str | Path]) -> list[TaskHead]:
@@ -139,22 +191,28 @@ def _describe(head: TaskHead) -> str:
 
 
 def compile_tasks_step(task_dirs: Sequence[str | Path], out: str | Path, weights: str | None = None,
-                       signing_key: SigningKey | None = None) -> CompileReport:
-    """Compile several task artifacts into one multi-task graph OUT.onnx + OUT.json (sidecar version 2)."""
-    from exporters.compile import HeadSpec, compile_multitask_graph
+                       signing_key: SigningKey | None = None, extraction_graph: str | Path | None = None
+                       ) -> CompileReport:
+    """Compile several task artifacts into one multi-task graph OUT.onnx + OUT.json (sidecar version 2);
+    tasks fitted at a precision are cut from their extraction graph, as in `compile_step`."""
 
     start = time.perf_counter()
     heads = load_tasks(task_dirs)
     first = heads[0]
-    specs = [HeadSpec(h.task, h.features, h.weight, h.bias) for h in heads]
-    model, summary = compile_multitask_graph(load_backbone_of(first.backbone, weights), first.layout, specs)
+    if first.backbone.get("precision") is not None:
+        model, summary = cut_task_graph(heads, single=False, graph=extraction_graph)
+    else:
+        from exporters.compile import HeadSpec, compile_multitask_graph
+
+        specs = [HeadSpec(h.task, h.features, h.weight, h.bias) for h in heads]
+        model, summary = compile_multitask_graph(load_backbone_of(first.backbone, weights), first.layout, specs)
     blob = model.SerializeToString()
     latency, added = _latency(first.layout, heads)
     sidecar = multitask_sidecar(
         blob, tasks=[{"task": h.task, "method": h.method, "classes": h.classes, "outputs": {"logits": h.task},
                       "n_features": int(len(h.features)), "taps_used": list(h.per_tap_indices())} for h in heads],
-        preprocess=first.layout.preprocess, backbone=first.backbone, taps_used=summary.taps_used,
-        segments_kept=summary.segments_kept, segments_total=summary.segments_total, latency_estimate=latency)
+        preprocess=first.layout.preprocess, backbone=_identity(first.backbone), taps_used=summary.taps_used,
+        latency_estimate=latency, **_structure(summary), **_precision(first.backbone))
     path = write_task_graph(out, blob, sidecar, signing_key)
     return CompileReport(path, path.stat().st_size, summary, time.perf_counter() - start, sidecar,
                          [h.task for h in heads], latency_estimate=latency, added_latency=added)
@@ -181,7 +239,7 @@ def compile_finetuned_step(task_dir: str | Path, out: str | Path, weights: str |
 
 
 def compile_any(task_dirs: str | Path | Sequence[str | Path], out: str | Path, weights: str | None = None,
-                signing_key: SigningKey | None = None) -> CompileReport:
+                signing_key: SigningKey | None = None, extraction_graph: str | Path | None = None) -> CompileReport:
     """`h2t-edge compile`: one task directory gives a single-task graph (fine-tuned or not), several
     give one multi-task graph. A fine-tuned task cannot join others: its backbone is its own."""
     dirs = [task_dirs] if isinstance(task_dirs, (str, Path)) else list(task_dirs)
@@ -192,5 +250,5 @@ def compile_any(task_dirs: str | Path | Sequence[str | Path], out: str | Path, w
     if tuned:
         return compile_finetuned_step(dirs[0], out, weights, signing_key)
     if len(dirs) == 1:
-        return compile_step(dirs[0], out, weights, signing_key)
-    return compile_tasks_step(dirs, out, weights, signing_key)
+        return compile_step(dirs[0], out, weights, signing_key, extraction_graph)
+    return compile_tasks_step(dirs, out, weights, signing_key, extraction_graph)

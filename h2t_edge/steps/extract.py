@@ -64,6 +64,13 @@ def _onnx_metadata(onnx_path: str | Path, session=None) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def _precision_record(onnx_path: str | Path, session=None) -> dict | None:
+    """The precision record of an extraction graph built by `steps.precision` (None: fp32 export)."""
+    from h2t_edge.steps.precision import record_from_metadata
+
+    return record_from_metadata(_onnx_metadata(onnx_path, session), onnx_path)
+
+
 def read_layout(onnx_path: str | Path, session=None) -> Layout:
     """The feature layout stored in an exported backbone's ONNX metadata."""
     meta = _onnx_metadata(onnx_path, session)
@@ -483,6 +490,7 @@ def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: 
                                  f"{missing}; export it again with every target size you need")
             targets = {t: (Layout(multi["layouts"][str(t)]), multi["outputs"][str(t)]) for t in cache_dirs}
         onnx_sha256 = file_sha256(onnx_path)
+        precision = _precision_record(onnx_path, session)
         batches = _batch_rows(len(dataset), batch_size)
         writers = {}
         for key, (layout, outputs) in targets.items():
@@ -490,7 +498,9 @@ def _extract(onnx_path, dataset: ImageDataset, cache_dirs: dict, *, batch_size: 
                 "format": CACHE_FORMAT,
                 "version": CACHE_VERSION,
                 "backbone": {"name": layout.backbone, "weights": layout.weights,
-                             "onnx_sha256": onnx_sha256, "onnx": str(onnx_path.resolve())},
+                             "onnx_sha256": onnx_sha256, "onnx": str(onnx_path.resolve()),
+                             # a graph built at a precision (`steps.precision`): what the features are
+                             **({"precision": precision} if precision is not None else {})},
                 "layout": layout,
                 "dataset": {"source": dataset.source, "fingerprint": dataset.fingerprint()},
                 "images": list(dataset.paths),

@@ -93,6 +93,16 @@ def kept_head(head_dir: Path, key: FitKey) -> TaskHead | None:
     return head if head.report.get("fit_key") == key.to_dict() else None
 
 
+def backbone_identity(cache: FeatureCache) -> dict:
+    """What a task records of the graph its features came from: name, weights, sha256, and for a
+    graph built at a precision its record with the graph's path (`compile` cuts the task graph
+    from that file, checked by the sha256)."""
+    backbone = {k: v for k, v in cache.manifest["backbone"].items() if k != "onnx"}
+    if "precision" in backbone:
+        backbone["precision"] = {**backbone["precision"], "graph": cache.manifest["backbone"]["onnx"]}
+    return backbone
+
+
 def head_from_fit(result, cache: FeatureCache, task: str, offset: int, grid, key: FitKey | None = None) -> TaskHead:
     """The task artifact of a `FitResult` on `cache`; `offset` shifts its columns (LINEAR reads the
     pre-logits, which start at `offset` in the cache's columns)."""
@@ -104,7 +114,7 @@ def head_from_fit(result, cache: FeatureCache, task: str, offset: int, grid, key
         weight=result.head.weight,
         bias=result.head.bias,
         layout=cache.layout,
-        backbone={k: v for k, v in cache.manifest["backbone"].items() if k != "onnx"},
+        backbone=backbone_identity(cache),
         config={**result.config, "grid": grid.to_dict()},
         report={"cv_table": result.cv_table, "fit_seconds": result.fit_seconds,
                 "train_examples": int(cache.valid.sum()), "cache_manifest_sha256": cache_identity(cache),

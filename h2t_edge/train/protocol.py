@@ -42,6 +42,7 @@ from h2t_edge.steps.compile import compile_step
 from h2t_edge.steps.export import cached_export, cached_export_path
 from h2t_edge.steps.extract import FeatureCache, extract_features_multi, is_feature_cache
 from h2t_edge.steps.fit import FitKey, check_same_backbone, head_from_fit, load_fit_record, save_fit_record
+from h2t_edge.steps.precision import PrecisionGraph, check_supported, precision_graph, runner_options
 from runtime.io import atomic_write_json, file_sha256, read_json
 
 Log = Callable[[str], None]
@@ -295,7 +296,9 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
           cls_token: str = "pool", guard: bool = True, cache_dir: str | Path | None = None,
           batch_size: int = 32, dtype: str = "float16", on_error: str = "raise",
           progress: Progress | None = None, log: Log | None = None,
-          taps_from: str | Path | None = None) -> TrainReport:
+          taps_from: str | Path | None = None, precision: str = "fp32", backend: str = "onnxruntime",
+          calibration: str | None = None, calibration_images: int | None = None,
+          compare_fp32: bool = True) -> TrainReport:
     """Export, extract, fit over target sizes with the LINEAR guard, compile, test, report.
 
     dataset / test: a folder of class subfolders or a .csv/.jsonl manifest (the test set is read
@@ -305,6 +308,12 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     model.json (compiled), candidates/ (every CV fit), report.json and report.html.
     taps_from: a deployment (`deploy` folder, compiled graph or task folder) whose taps alone HEAD2TOE
     may read, so that the task adds no tap to that device (`allowed_device_taps`).
+    precision / backend: what the task will run at and on. Other than fp32 on onnxruntime, the
+    extraction graph is built at that precision (`steps.precision.precision_graph`; int8 calibrated
+    on `calibration_images` training images with method `calibration`), the features are extracted
+    through it, every fit runs on them, and the compiled graph is cut from that same graph.
+    compare_fp32 (with a precision): also fit the chosen target size on fp32 features and report
+    both side by side (CV and test accuracy, measured batch-1 latency of both compiled graphs).
     """
     from h2t_edge.core.datasets import load_dataset
     from h2t_edge.train.report import write_report
@@ -326,6 +335,7 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
     allowed = None
     if taps_from is not None:  # before the export: a wrong deployment fails fast
         allowed = allowed_device_taps(taps_from, log, backbone=backbone)
+    check_supported(precision, backend)  # before the export too
 
     # export: one graph, every T
     start = time.perf_counter()
@@ -339,27 +349,17 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         log(f"exported {onnx}")
     timings["export"] = time.perf_counter() - start
 
-    # extract: one backbone pass per split, one cache per T
-    caches = {}
-    first = {}  # split -> one of its caches (every T's cache has the same images, valid rows, skips)
-    for split, ds in (("train", train_ds), ("test", test_ds)):
-        if ds is None:
-            continue
-        root = work / "features" / onnx.stem / f"{split}-{ds.fingerprint()[:12]}"
+    # the extraction graph at the deployed precision (the export itself for fp32 on onnxruntime)
+    graph_at = PrecisionGraph(onnx, None)
+    if (precision, backend) != ("fp32", "onnxruntime"):
         start = time.perf_counter()
-        bar = (lambda done, total, s=split: progress(f"extract {s}", done, total)) if progress else None
-        ran = []
-        caches[split] = extract_features_multi(
-            onnx, ds, {t: root / f"T{t}" for t in sizes}, batch_size=batch_size, dtype=dtype,
-            on_error=on_error, progress=lambda done, total: (ran.append(done), bar and bar(done, total)))
-        timings[f"extract {split}"] = time.perf_counter() - start
-        if len(ran) <= 1:  # only the opening call: every batch was there already
-            skipped.append(f"extract {split}")
-        first[split] = next(iter(caches[split].values()))
-        bad = first[split].manifest["skipped"]
-        log(f"features {split}: {len(ds)} images x T {sizes} in {root}"
-            + (f"; skipped {len(bad)} unreadable (first: {bad[0]['path']}; all listed in the cache's "
-               "manifest.json)" if bad else ""))
+        graph_at = precision_graph(onnx, precision, backend, _readable_paths(train_ds, on_error),
+                                   _preprocess_of(onnx), method=calibration, images=calibration_images, log=log)
+        timings["precision graph"] = time.perf_counter() - start
+
+    # extract: one backbone pass per split, one cache per T
+    caches, first = _extract_splits(graph_at, {"train": train_ds, "test": test_ds}, work, sizes, timings, skipped,
+                                    batch_size=batch_size, dtype=dtype, on_error=on_error, progress=progress, log=log)
 
     # fit: every T, both HEAD2TOE variants, LINEAR; choose by CV
     start = time.perf_counter()
@@ -382,7 +382,8 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
         log(f"kept compiled graph {graph}")
     else:
         log(f"compiling {selection.chosen.key} ...")
-        compiled = compile_step(selection.model_dir, graph, weights if weights != "bundled" else None)
+        compiled = compile_step(selection.model_dir, graph, weights if weights != "bundled" else None,
+                                extraction_graph=graph_at.path if graph_at.record is not None else None)
         atomic_write_json(record, {"head_sha256": head_sha, "graph_sha256": file_sha256(compiled.path),
                                    "seconds": compiled.seconds})
         log(f"compiled {selection.chosen.key} to {graph}")
@@ -397,10 +398,108 @@ def train(dataset: str | Path, task_dir: str | Path, *, test: str | Path | None 
                          int(first["train"].valid.sum()), int(first["test"].valid.sum()) if "test" in first else 0,
                          train_ds.classes, [s["path"] for c in first.values() for s in c.manifest["skipped"]],
                          taps_from=taps_from)
+    settings["precision"] = {"precision": graph_at.precision, "backend": graph_at.backend,
+                             "record": graph_at.record}
+    comparison = None
+    if graph_at.record is not None and compare_fp32:
+        start = time.perf_counter()
+        comparison = compare_with_fp32(task_dir, onnx, graph_at, selection, {"train": train_ds, "test": test_ds},
+                                       work, grid=grid, guard=guard, batch_size=batch_size, dtype=dtype,
+                                       on_error=on_error, progress=progress, log=log, allowed_taps=allowed,
+                                       weights=weights)
+        timings["fp32 comparison"] = time.perf_counter() - start
     start = time.perf_counter()
-    report = write_report(task_dir, selection, caches["train"], settings, timings, confusion)
+    report = write_report(task_dir, selection, caches["train"], settings, timings, confusion, comparison)
     timings["report"] = time.perf_counter() - start
     return TrainReport(task_dir, selection, graph, timings, report, skipped)
+
+
+def _extract_splits(graph, datasets: dict, work: Path, sizes: Sequence[int], timings: dict, skipped: list, *,
+                    batch_size: int, dtype: str, on_error: str, progress, log: Log) -> tuple[dict, dict]:
+    """One backbone pass per split through `graph` (a `PrecisionGraph`), one cache per T under
+    WORK/features/<graph stem>/; returns ({split: {T: cache}}, {split: one of its caches})."""
+    caches, first = {}, {}  # first: every T's cache of a split has the same images, valid rows, skips
+    for split, ds in datasets.items():
+        if ds is None:
+            continue
+        root = work / "features" / graph.path.stem / f"{split}-{ds.fingerprint()[:12]}"
+        start = time.perf_counter()
+        bar = (lambda done, total, s=split: progress(f"extract {s}", done, total)) if progress else None
+        ran = []
+        caches[split] = extract_features_multi(
+            graph.path, ds, {t: root / f"T{t}" for t in sizes}, batch_size=batch_size, dtype=dtype,
+            on_error=on_error, progress=lambda done, total: (ran.append(done), bar and bar(done, total)),
+            backend=graph.backend, backend_options=graph.runner_options())
+        timings[f"extract {split}" + ("" if graph.record is None else f" ({graph.precision})")] = \
+            time.perf_counter() - start
+        if len(ran) <= 1:  # only the opening call: every batch was there already
+            skipped.append(f"extract {split}")
+        first[split] = next(iter(caches[split].values()))
+        bad = first[split].manifest["skipped"]
+        log(f"features {split}: {len(ds)} images x T {list(sizes)} in {root}"
+            + (f"; skipped {len(bad)} unreadable (first: {bad[0]['path']}; all listed in the cache's "
+               "manifest.json)" if bad else ""))
+    return caches, first
+
+
+def _preprocess_of(onnx_path: Path):
+    from h2t_edge.steps.extract import read_multi_layout
+    from runtime.preprocess import PreprocessConfig
+
+    layout = next(iter(read_multi_layout(onnx_path)["layouts"].values()))
+    return PreprocessConfig.from_dict(layout["preprocess"], source=f"{onnx_path} layout")
+
+
+def _readable_paths(ds, on_error: str) -> list[Path]:
+    """The dataset's images for calibration; with on_error='skip', those that decode."""
+    from runtime.errors import ImageError
+    from runtime.preprocess import load_image
+
+    paths = [Path(p) for p in ds.paths]
+    if on_error != "skip":
+        return paths
+    readable = []
+    for p in paths:
+        try:
+            load_image(p)
+        except ImageError:
+            continue
+        readable.append(p)
+    return readable
+
+
+def compare_with_fp32(task_dir: Path, onnx: Path, graph_at, selection: Selection, datasets: dict, work: Path, *,
+                      grid, guard: bool, batch_size: int, dtype: str, on_error: str, progress, log: Log,
+                      allowed_taps, weights: str) -> dict:
+    """fp32 beside the deployed precision, for the report: the chosen target size fitted on fp32
+    features (same grid, guard and rule, in TASK_DIR/fp32/), both compiled graphs timed at batch 1
+    on the deployed backend (`serving.bench.measure`). Returns the comparison record."""
+    from h2t_edge.serving.bench import BenchCase, measure
+
+    t = selection.chosen.target_size
+    log(f"fp32 comparison: extracting fp32 features at T={t} and fitting them ...")
+    fp32 = PrecisionGraph(onnx, None)
+    caches, _ = _extract_splits(fp32, datasets, work, [t], {}, [], batch_size=batch_size, dtype=dtype,
+                                on_error=on_error, progress=progress, log=log)
+    root = task_dir / "fp32"
+    reference = fit_target_sizes(caches["train"], root, grid=grid, task=task_dir.name, guard=guard,
+                                 progress=progress, log=log, allowed_taps=allowed_taps)
+    if "test" in caches:
+        _test_candidates(reference, caches["test"])
+    compiled = compile_step(reference.model_dir, root / "model.onnx", weights if weights != "bundled" else None)
+    rows = {}
+    for name, chosen, path, rec in (("fp32", reference.chosen, compiled.path, None),
+                                    (graph_at.precision, selection.chosen, task_dir / "model.onnx", graph_at.record)):
+        hint = {"precision": "fp32"} | (runner_options(rec) if graph_at.backend != "onnxruntime" else {})
+        timing = measure(BenchCase(name, Path(path), graph_at.backend, hint.get("precision", "fp32")),
+                         batch=8, warmup=5, repeat=30)
+        rows[name] = {"chosen": chosen.key, "cv_accuracy": chosen.cv_accuracy, "cv_se": chosen.cv_se,
+                      "test_accuracy": chosen.test_accuracy, "n_features": chosen.n_features,
+                      "latency_ms_p50": timing["p50_ms"], "graph": str(path)}
+    rows[graph_at.precision]["latency_ratio"] = rows[graph_at.precision]["latency_ms_p50"] / rows["fp32"]["latency_ms_p50"]
+    from runtime.cpu import cpu_info
+
+    return {"backend": graph_at.backend, "precision": graph_at.precision, "rows": rows, "machine": cpu_info()}
 
 
 def _test_candidates(selection: Selection, test_caches: dict[int, FeatureCache]) -> np.ndarray:

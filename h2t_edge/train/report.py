@@ -103,9 +103,11 @@ def figure_nc1(report: dict) -> str:
 
 
 def write_report(task_dir: Path, selection, train_caches: dict, settings: dict, timings: dict,
-                 confusion: np.ndarray | None) -> dict:
-    """Write TASK_DIR/report.json and TASK_DIR/report.html; returns the report dictionary."""
+                 confusion: np.ndarray | None, precision: dict | None = None) -> dict:
+    """Write TASK_DIR/report.json and TASK_DIR/report.html; returns the report dictionary.
+    precision: `train.protocol.compare_with_fp32`'s record (fp32 beside the deployed precision)."""
     report = build_report(Path(task_dir), selection, train_caches, settings, timings, confusion)
+    report["precision"] = precision
     atomic_write_json(Path(task_dir) / "report.json", report)
     atomic_write_text(Path(task_dir) / "report.html", render_html(report))
     return report
@@ -353,6 +355,7 @@ def render_html(report: dict) -> str:
                   f"share of the selected features of {html.escape(report['nc1']['candidate'])}: "
                   f'<b data-key="nc1.spearman_nc1_vs_share">{"–" if rho is None else f"{rho:+.2f}"}</b> '
                   "(negative: the more collapsed layers are the more selected).</p>"]
+    parts += _precision_section(report.get("precision"))
     parts += ["<h2>Timings (s)</h2><table>"]
     parts += [f"<tr><td>{html.escape(k)}</td>{_cell(f'timings.{k}', f'{v:.1f}')}</tr>"
               for k, v in report["timings"].items()]
@@ -360,6 +363,35 @@ def render_html(report: dict) -> str:
     parts += [f"<tr><td>{html.escape(label)}</td>{_cell(key, text)}</tr>" for key, label, text in settings_rows]
     parts += ["</table></body></html>"]
     return "\n".join(parts) + "\n"
+
+
+def _precision_section(precision: dict | None) -> list[str]:
+    """fp32 and the deployed precision side by side (`train --precision`)."""
+    if not precision:
+        return []
+    rows = ["<h2>Precision: fp32 beside " + html.escape(precision["precision"]) + " on "
+            + html.escape(precision["backend"]) + "</h2>",
+            "<p>The deployed model was fitted on features of the extraction graph at the deployed precision; the fp32 "
+            "row fits the same target size on fp32 features. Latency: the compiled task graph at batch 1 on "
+            f"{html.escape(precision['backend'])}, p50, measured on {html.escape(_machine(precision.get('machine')))}."
+            "</p>", "<table><tr><th>precision</th><th>chosen</th><th>CV acc %</th><th>CV SE %</th><th>test acc %</th>"
+            "<th>features</th><th>batch-1 ms</th></tr>"]
+    for name, r in precision["rows"].items():
+        base = f"precision.rows.{name}"
+        rows.append(f"<tr><td>{html.escape(name)}</td>{_cell(f'{base}.chosen', r['chosen'])}"
+                    + _cell(f"{base}.cv_accuracy", _pct(r["cv_accuracy"])) + _cell(f"{base}.cv_se", _pct(r["cv_se"]))
+                    + _cell(f"{base}.test_accuracy", _pct(r["test_accuracy"]))
+                    + _cell(f"{base}.n_features", str(r["n_features"]))
+                    + _cell(f"{base}.latency_ms_p50", f"{r['latency_ms_p50']:.2f}") + "</tr>")
+    return rows + ["</table>"]
+
+
+def _machine(info: dict | None) -> str:
+    if not info:
+        return "an unrecorded machine"
+    from runtime.cpu import describe
+
+    return describe(info)
 
 
 def json_text(value) -> str:
