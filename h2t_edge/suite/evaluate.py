@@ -33,6 +33,7 @@ import numpy as np
 
 from exporters import DEFAULT_BACKBONE
 from h2t_edge.core.errors import H2TEdgeError
+from h2t_edge.core.machine import measured_on
 from h2t_edge.core.plots import save_figure
 from h2t_edge.selection import FitResult, SearchGrid, choose_best, fit_head2toe, predict_logits
 from h2t_edge.selection.methods import HEAD2TOE, LINEAR, TABLE1_METHODS, get_method
@@ -147,7 +148,7 @@ def run_eval(
                     record = _evaluate(method, data, feats, run_grid, log)
                     record.update(task=name, group=data.spec.group, method=method, backbone=backbone,
                                   seed=seed, protocol=protocol, solver=run_grid.solver, n_train=len(data.train),
-                                  n_test=len(data.test))
+                                  n_test=len(data.test), **measured_on())
                     records.append(record)
                     done.add(record_key(record))
                     _save(json_path, records)
