@@ -27,7 +27,7 @@ from h2t_edge.core.machine import describe
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 # A marker line, optionally followed by its rendering (README.md) up to the end marker.
-MARKER = re.compile(r"<!-- results ([\w-]+) -->\n(?:.*?<!-- end results -->\n)?", re.DOTALL)
+MARKER = re.compile(r"<!-- results ([\w-]+) -->\n(?:(?:(?!<!-- results ).)*?<!-- end results -->\n)?", re.DOTALL)
 END = "<!-- end results -->"
 
 
@@ -254,7 +254,8 @@ def trust_load() -> Figure:
     rows = [[labels[k], f"{v:.1f}"] for k, v in data["median_ms"].items()]
     rows.append(["checked / unchecked", ratio(data["ratio_checked_to_unchecked"])])
     return Figure(["load", "median ms"], rows, ("trust.json",),
-                  f"A task graph of {data['graph_bytes'] / 1e6:.1f} MB (EfficientNet-Lite0), {data['repeat']} loads each.")
+                  f"A task graph of {data['graph_bytes'] / 1e6:.1f} MB (EfficientNet-Lite0), "
+                  f"{data['repeat']} loads each.")
 
 
 def serving() -> Figure:
@@ -299,13 +300,22 @@ def finetune() -> Figure:
                   f"fine-tuning for {s['epochs']} epochs ({s['layer']} block).")
 
 
+def finetune_200ep() -> Figure:
+    data = load("finetune_200ep.json")
+    rows = [[r["task"], r["method"], pct(r["test_accuracy"]), f"{r['fit_seconds']:.0f}", f"{r['task_bytes']:,}",
+             f"{r['penultimate_nc1']:.3f}"] for r in data["records"]]
+    return Figure(["task", "method", "test %", "fit s", "bytes per task", "penultimate NC1"], rows,
+                  ("finetune_200ep.json",), f"The paper's {data['settings']['epochs']} epochs, seed 0.")
+
+
 def backbones() -> Figure:
     rows = [[r["backbone"], str(r["input_size"][-1]), r["weights"], str(r["taps"]), f"{r['features_t512']:,}",
              f"{r['features_t8192']:,}", f"{r['parameters'] / 1e6:.1f} M", f"{r['onnx_bytes'] / 1e6:.1f}",
              f"{r['images_per_second']:.1f}"] for r in load("backbones.json")["rows"]]
     return Figure(["backbone", "input", "weights", "taps", "features T=512", "features T=8192", "parameters",
                    "ONNX MB", "images/s"], rows, ("backbones.json",),
-                  "All taps at T = 512, ONNX Runtime CPU, batch 32, preprocessing not included.")
+                  "All taps at T = 512, ONNX Runtime CPU, batch 32, preprocessing not included. "
+                  + load("backbones.json").get("note", ""))
 
 
 def screening() -> Figure:
@@ -321,7 +331,8 @@ def soak() -> Figure:
              str(d["inexact"]), f"{d['rss_mib']['growth_after_warmup']:.1f} (bound {d['rss_bound_mib']})"]]
     return Figure(["requests", "images", "requests/s", "unexpected errors", "inexact answers",
                    "memory growth after warm-up, MiB"], rows, ("soak.json",),
-                  f"One `Predictor`, {d['threads']} threads, {d['seconds']:.0f} s of mixed requests (`benchmarks/soak.py`).")
+                  f"One `Predictor`, {d['threads']} threads, {d['seconds']:.0f} s of mixed requests "
+                  "(`benchmarks/soak.py`).")
 
 
 def index() -> Figure:
@@ -331,7 +342,7 @@ def index() -> Figure:
 
 FIGURES: dict[str, Callable[[], Figure]] = {f.__name__.replace("_", "-"): f for f in (
     headline, fit_speed, train_timings, deploy_aware_rules, deploy_aware_device, deploy_graphs, backends,
-    trust_load, serving, model_search, finetune, backbones, screening, soak, index)}
+    trust_load, serving, model_search, finetune, finetune_200ep, backbones, screening, soak, index)}
 
 
 def main(paths: list[str]) -> None:
