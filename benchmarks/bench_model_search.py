@@ -285,8 +285,8 @@ def report_markdown(data: dict) -> str:
               "search plus the HEAD2TOE fits of the hybrid picks (linear proxy where it ran, else kNN). Fit "
               "seconds come from the fits phase, run under the shared lock but with other jobs running "
               "outside it on some cells, so they vary 3-8x between like cells. These are quick-grid fits; a "
-              "paper-grid HEAD2TOE fit takes 5.5-7 min at T = 512 (vtab_lite0.json, paper solver), so there the search is a smaller "
-              "share. Train extraction time is the measured "
+              "paper-grid HEAD2TOE fit takes 5.5-7 min at T = 512 (vtab_lite0.json, paper solver), so there "
+              "the search is a smaller share. Train extraction time is the measured "
               "train+test extraction scaled by the share of training images.", "",
               "| task | extraction | proxies | search | search + hybrid fits | fit every backbone | search / fit all |",
               "|---|---:|---:|---:|---:|---:|---:|"]
