@@ -365,7 +365,9 @@ def report_markdown(records: list[dict], title: str = DEFAULT_TITLE) -> str:
             row.append("–" if mean is None else f"**{100 * mean:.1f}**")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", _caption(records, cells, backbone, all_tasks), ""]
-        lines += [f"## {backbone}: fit + CV seconds per method (median over seeds, 2 CPU cores)", "",
+        machines = sorted({r["machine"] for r in records if r.get("backbone") == backbone and r.get("machine")})
+        lines += [f"## {backbone}: fit + CV seconds per method (median over seeds; "
+                  f"{'; '.join(machines) or 'machine not recorded'})", "",
                   "| method | " + " | ".join(all_tasks) + " | total |",
                   "|---|" + "---:|" * (len(all_tasks) + 1)]
         for method in methods:
