@@ -36,7 +36,7 @@ class Figure:
     header: list[str]
     rows: list[list[str]]
     sources: tuple[str, ...]  # file names under benchmarks/results
-    note: str = ""  # what the numbers are (protocol, units), without numbers of its own
+    note: str = ""  # what the numbers are (protocol, units); any figure in it comes from the data too
 
 
 @cache
