@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +24,7 @@ import numpy as np
 from exporters.backbones import list_backbones, load_backbone
 from exporters.export import export_backbone
 from exporters.pooling import plan_tap_pool
+from h2t_edge.core.machine import measured_on
 
 BATCH = 32
 RESULTS = Path(__file__).parent / "results"
@@ -100,7 +99,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="A sentence for the results, e.g. what else ran on the machine.")
     args = parser.parse_args()
     names = args.only or [s.name for s in list_backbones()]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, onnxruntime {__import__('onnxruntime').__version__}."
+    measured = measured_on()
+    machine = f"{measured['machine']}, onnxruntime {__import__('onnxruntime').__version__}."
     rows = []
     with tempfile.TemporaryDirectory() as work:
         for name in names:
@@ -110,7 +110,7 @@ def main() -> None:
             Path(work, f"{name}.onnx").unlink()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "backbones.json").write_text(
-        json.dumps({"machine": machine, "note": args.note, "rows": rows}, indent=2) + "\n")
+        json.dumps({**measured, "machine": machine, "note": args.note, "rows": rows}, indent=2) + "\n")
     (RESULTS / "backbones.md").write_text(markdown(rows, machine, args.note))
     print(markdown(rows, machine, args.note))
 

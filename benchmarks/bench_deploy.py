@@ -24,13 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 
 from h2t_edge.serving.bench import BenchCase, measure_in_subprocess
+from h2t_edge.core.machine import measured_on
 from runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 TASKS = ("dspr_loc", "digits", "count2d")
@@ -211,7 +210,7 @@ def tapped_bytes(graph: Path) -> int:
 
 def format_md(rows: list[dict], meta: dict) -> str:
     lines = [
-        f"EfficientNet-Lite0 (bundled weights), T = 512, {meta['cpu_count']} cores ({meta['machine']}), {meta['date']}. "
+        f"EfficientNet-Lite0 (bundled weights), T = 512, {meta['machine']}, {meta['date']}. "
         f"Batch-1 p50 latency and batch-{meta['batch']} throughput; best of {meta['rounds']} interleaved rounds; "
         "ratios against the plain backbone on the same backend in this run. F=0.01 / F=0.2 graphs and 7 of the "
         "10 tasks use random selections (see benchmarks/bench_deploy.py).", "",
@@ -300,8 +299,8 @@ def main() -> None:
     rows = derive(measure_all(graphs, args.batch, args.repeat, args.rounds))
     h2t_label = next(g for g in graphs if g.startswith("HEAD2TOE task graph, CV"))
     meta.update({
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), "batch": args.batch, "rounds": args.rounds,
-        "repeat": args.repeat, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **measured_on(), "cpu_count": os.cpu_count(), "batch": args.batch, "rounds": args.rounds,
+        "repeat": args.repeat,
         "plain_bytes": graphs[PLAIN].stat().st_size, "tapped_bytes": tapped_bytes(graphs[TAPS]),
         "profile": {name: profile_ops(graphs[g], 1) for name, g in
                     (("backbone", PLAIN), ("HEAD2TOE (CV F)", h2t_label), ("extraction", TAPS))},

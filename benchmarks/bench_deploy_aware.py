@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from runtime.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from h2t_edge.core.machine import measured_on
 
 OUT = ROOT / "benchmarks" / "results" / "deploy_aware"
 RULES = ("path", "default", "budget-1.02")
@@ -236,8 +235,7 @@ def main() -> None:
         rows = measure_all(graphs, 1, args.repeat, 2)
         atomic_write_json(OUT.with_suffix(".json"), {
             "format": "h2t-edge/bench-deploy-aware", "version": 1, "rows": rows, "info": info,
-            "machine": f"{os.cpu_count()} cores ({platform.machine()})",
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})
+            **measured_on()})
     atomic_write_text(OUT.with_suffix(".md"), markdown(read_json(OUT.with_suffix(".json"), "deploy-aware results")))
     print(f"wrote {OUT.with_suffix('.md')}")
 

@@ -37,6 +37,7 @@ from exporters.backbones import load_backbone
 from exporters.export import feature_layout, select_taps
 from exporters.finetune_graph import FineTunedModel, paper_layer, summarize, tuning_units
 from h2t_edge.research.diagnose import build_diagnosis, nc1, nc1_per_tap, write_diagnosis
+from h2t_edge.core.machine import measured_on
 from h2t_edge.suite.evaluate import best_cv_accuracy, grid_for, holdout_accuracy, task_features
 from h2t_edge.research.finetune import FineTuneConfig, finetuned_logits, prefix_activations, train_finetuned
 from h2t_edge.selection import fit_head2toe, fit_linear
@@ -153,7 +154,7 @@ def run(args) -> None:
                     record = _linear_and_head2toe(task, seed, method, args, layout, bb)
                 else:
                     record = _finetune(task, seed, method, args, bb)
-                record.update(task=task, seed=seed, method=method, load=os.getloadavg()[0])
+                record.update(task=task, seed=seed, method=method, load=os.getloadavg()[0], **measured_on())
                 records.append(record)
                 _save(records, settings)
                 print(f"{task} seed {seed} {method}: test {100 * record['test_accuracy']:.1f}%, fit "

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
+from h2t_edge.core.machine import measured_on
 
 OUT = ROOT / "benchmarks" / "results" / "fit_speed"
 FORMAT = "h2t-edge/bench-fit-speed"
@@ -136,7 +137,7 @@ def run_suite(tasks, seeds, paper_steps, work: Path, log) -> None:
                           "steps": list(grid.steps) if engine == "paper" else None, "fit_seconds": seconds,
                           "candidates": int(x.shape[1]), "methods": {r["method"]: r for r in rows},
                           "guard": guard["method"], "load_end": os.getloadavg()[0],
-                          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                          **measured_on()}
                 results["suite"].append(record)
                 _save(results, report=False)  # the table: `report`, or at the end
                 h2t = record["methods"]["HEAD2TOE"]

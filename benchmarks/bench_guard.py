@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from h2t_edge.suite.evaluate import backbone_export, feature_caches, best_cv_accuracy, grid_for, holdout_accuracy
+from h2t_edge.core.machine import measured_on
 from h2t_edge.selection import HEAD2TOE_KEEP, fit_head2toe_variants, fit_linear
 from h2t_edge.suite.tasks.registry import GROUPS, build_task, list_tasks
 from h2t_edge.train.protocol import Candidate, choose
@@ -63,7 +64,7 @@ def run_cell(task: str, seed: int, protocol: str, target_size: int, precision: s
     return {"task": task, "group": data.spec.group, "seed": seed, "protocol": protocol, "precision": precision,
             "target_size": target_size,
             "n_test": int(len(yt)), "methods": methods, "chosen": chosen,
-            "load": os.getloadavg()[0]}
+            "load": os.getloadavg()[0], **measured_on()}
 
 
 def _precision(entry: dict) -> str:

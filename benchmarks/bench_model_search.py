@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from h2t_edge.core.machine import measured_on
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "mobilenetv2_100")
@@ -211,7 +212,7 @@ def build_report(tasks: list[str], work: Path, target_size: int) -> dict:
     return {"meta": {"backbones": list(BACKBONES), "target_size": target_size, "grid": "quick", "seed": 0,
                      "proxies": {p: PROXIES[p][0] for p in PROXIES}, "knn_k": 1, "linear_folds": 3,
                      "latency": "ONNX Runtime CPU, batch 1, p50 of 50 runs, backbone with all taps at T",
-                     "date": time.strftime("%Y-%m-%d %H:%M"), "cpu_count": os.cpu_count()},
+                     **measured_on(), "cpu_count": os.cpu_count()},
             "summary": summary, "tasks": out_tasks}
 
 
@@ -284,8 +285,8 @@ def report_markdown(data: dict) -> str:
               "search plus the HEAD2TOE fits of the hybrid picks (linear proxy where it ran, else kNN). Fit "
               "seconds come from the fits phase, run under the shared lock but with other jobs running "
               "outside it on some cells, so they vary 3-8x between like cells. These are quick-grid fits; a "
-              "paper-grid HEAD2TOE fit takes 5.5-7 min at T = 512 (README), so there the search is a smaller "
-              "share. Train extraction time is the measured "
+              "paper-grid HEAD2TOE fit takes 5.5-7 min at T = 512 (vtab_lite0.json, paper solver), so there "
+              "the search is a smaller share. Train extraction time is the measured "
               "train+test extraction scaled by the share of training images.", "",
               "| task | extraction | proxies | search | search + hybrid fits | fit every backbone | search / fit all |",
               "|---|---:|---:|---:|---:|---:|---:|"]

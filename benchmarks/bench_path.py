@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from h2t_edge.selection import SearchGrid, fit_head2toe_path, fit_head2toe_variants
+from h2t_edge.core.machine import measured_on
 from h2t_edge.suite.evaluate import backbone_export, best_cv_accuracy, feature_caches, holdout_accuracy
 from h2t_edge.suite.tasks import build_task
 from runtime.io import atomic_write_json, atomic_write_text
@@ -105,7 +106,7 @@ def main() -> None:
                  "variants": {name: {"cv_accuracy": best_cv_accuracy(r), "test_accuracy": holdout_accuracy(r, xt, yt),
                                      "config": r.config} for name, r in results.items()},
                  "stats": stats or None, "cpus": os.cpu_count(), "load": round(os.getloadavg()[0], 2),
-                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                 **measured_on()}
         print(json.dumps({k: v for k, v in entry.items() if k != "stats"}))
         entries = [e for e in entries if tuple(e[k] for k in KEY) != tuple(entry[k] for k in KEY)] + [entry]
         atomic_write_json(RESULTS.with_suffix(".json"), entries)

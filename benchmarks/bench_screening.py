@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from h2t_edge.suite.evaluate import best_cv_accuracy, holdout_accuracy, task_features
+from h2t_edge.core.machine import measured_on
 from h2t_edge.selection import SearchGrid, fit_head2toe
 from runtime.io import atomic_write_json, atomic_write_text
 
@@ -81,7 +82,7 @@ def main() -> None:
                  "grid": args.grid, "seed": args.seed, "budget": budget, "fit_seconds": round(seconds, 1),
                  "cv_accuracy": best_cv_accuracy(result), "test_accuracy": holdout_accuracy(result, xt, yt),
                  "config": result.config, "overlap": overlap, "cpus": os.cpu_count(),
-                 "load": round(os.getloadavg()[0], 2)}
+                 "load": round(os.getloadavg()[0], 2), **measured_on()}
         print(json.dumps(entry))
         entries = [e for e in entries if tuple(e[k] for k in KEY) != tuple(entry[k] for k in KEY)] + [entry]
         atomic_write_json(RESULTS.with_suffix(".json"), entries)

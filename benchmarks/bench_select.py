@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from h2t_edge.selection import SearchGrid, fit_head2toe
+from h2t_edge.core.machine import measured_on
 
 RESULTS = Path(__file__).parent / "results" / "select.json"
 
@@ -65,7 +65,7 @@ def main() -> None:
              "classes": args.classes, "seconds": round(seconds, 2),
              "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
              "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-             "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+             "torch": torch.__version__, **measured_on(),
              "config": result.config}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(RESULTS.read_text()) if RESULTS.exists() else []

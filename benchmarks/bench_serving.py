@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import threading
 import time
@@ -31,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from h2t_edge.steps.extract_ray import RayBatches
+from h2t_edge.core.machine import measured_on
 from h2t_edge.steps.extract import FeatureCache, extract_features
 from h2t_edge.pipeline import compile_step, export_step, fit_step
 from h2t_edge.selection import SearchGrid
@@ -245,7 +244,7 @@ def main() -> None:
     serving, stats = bench_serving({"dsprites_x": graph, "tiny": work / "tiny.onnx"},
                                    {"dsprites_x": lite0_images, "tiny": tiny_images}, args.requests, args.warmup)
     extraction = bench_extraction(backbone, data["train"], work / "extract", args.shard_batches, batch_size=32)
-    result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+    result = {**measured_on(),
               "serving": serving, "triton_stats": stats, "extraction": extraction}
     atomic_write_json(results / "serving.json", result)
     write_markdown(result, results / "serving.md")

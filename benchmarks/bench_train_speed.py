@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from h2t_edge.core.machine import measured_on  # noqa: E402
 from runtime.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "train_speed"
@@ -58,8 +59,7 @@ def run(task: str, grid_name: str, budget: int, precision: str, guard: bool, wor
         "candidates": {c.key: {"cv_accuracy": c.cv_accuracy, "test_accuracy": c.test_accuracy,
                                "n_features": c.n_features, "candidates": c.candidates,
                                "fit_seconds": c.fit_seconds} for c in sel.candidates},
-        "cpu_count": os.cpu_count(), "load_end": os.getloadavg()[0], "date": time.strftime("%Y-%m-%d %H:%M UTC",
-                                                                                           time.gmtime()),
+        "cpu_count": os.cpu_count(), "load_end": os.getloadavg()[0], **measured_on(),
     }
 
 

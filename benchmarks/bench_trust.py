@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 
+from h2t_edge.core.machine import measured_on
 from runtime.io import atomic_write_json, atomic_write_text, read_json
 
 
@@ -106,14 +105,14 @@ def main() -> None:
         "graph": str(graph), "graph_bytes": graph.stat().st_size, "repeat": args.repeat,
         "median_ms": ms, "ratio_checked_to_unchecked": ms["checked"] / ms["unchecked"],
         "checks_share_of_load": ms["checks_only"] / ms["checked"],
-        "machine": platform.machine(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        **measured_on(),
         "samples_ms": {"checked": [1000 * s for s in checked], "unchecked": [1000 * s for s in unchecked]},
     }
     atomic_write_json(args.out.with_suffix(".json"), result)
     md = (f"# Cost of the load-time checks (`{Path(__file__).name}`)\n\n"
           f"Demo-sized task graph ({result['graph_bytes'] / 1e6:.1f} MB, EfficientNet-Lite0, F = 0.2), "
           f"ONNX Runtime CPU, {args.repeat} alternating loads each, {result['date']}, "
-          f"{result['cpu_count']} CPUs.\n\n"
+          f"{result['machine']}.\n\n"
           "| load | median ms |\n|---|---:|\n"
           f"| `Predictor.load` with every check (seal, graph sha256, signature, version record) | "
           f"{ms['checked']:.1f} |\n"

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from h2t_edge.core.machine import measured_on
 from runtime.errors import ImageError
 from runtime.predictor import Predictor
 
@@ -203,7 +204,7 @@ def soak(graph: Path, seconds: float, threads: int, max_requests: int, warmup: f
                     "growth_after_warmup": round(float(rss[after][-1] - rss[after][0]), 1),
                     "slope_after_warmup_mib_per_min": round(slope, 2)},
         "rss_samples": [[round(float(a), 1), round(float(b), 1)] for a, b in samples],
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "python": platform.python_version(), **measured_on(),
     }
 
 
@@ -223,7 +224,7 @@ def write_results(result: dict, bound: float) -> None:
         f"{result['threads']} threads for {result['seconds']} s"
         + (f" (paced: at most {result['rate_limit_per_second']} requests/s)" if result["rate_limit_per_second"] else "")
         + f" on {Path(result['graph']).name} "
-        f"({result['graph_bytes'] / 1e6:.1f} MB, onnxruntime CPU, 1 intra-op thread), {result['machine']['cpus']} CPUs.\n\n"
+        f"({result['graph_bytes'] / 1e6:.1f} MB, onnxruntime CPU, 1 intra-op thread), {result['machine']}.\n\n"
         "| requests | images | req/s | unexpected errors | expected skips | expected raises | inexact | RSS start | "
         "RSS after warm-up | RSS end | RSS max | growth after warm-up (bound) | slope |\n"
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"

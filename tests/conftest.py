@@ -37,3 +37,21 @@ def photos(tmp_path_factory):
         Image.fromarray(np.asarray(getattr(skimage.data, name)())).save(path)
         out[name] = path
     return out
+
+
+@pytest.fixture(scope="session")
+def built_site(tmp_path_factory):
+    """The documentation site built with `mkdocs build --strict`: (site folder, build log)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    site = tmp_path_factory.mktemp("site")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+           "NO_MKDOCS_2_WARNING": "1"}
+    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(root / "mkdocs.yml"),
+                          "-d", str(site)], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
+    return site, run.stdout + run.stderr

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from h2t_edge.core.errors import H2TEdgeError
+from h2t_edge.core.machine import measured_on
 from h2t_edge.selection import names
 from runtime.io import atomic_write_json, atomic_write_text
 
@@ -213,8 +213,8 @@ def run_bench(
     if progress:
         progress("bench", len(cases), len(cases))
     _add_ratios(rows)
-    meta = {"machine": platform.machine(), "cpu_count": os.cpu_count(), "batch": batch, "warmup": warmup,
-            "repeat": repeat, "task": str(task_root.resolve()), "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = {**measured_on(), "cpu_count": os.cpu_count(), "batch": batch, "warmup": warmup,
+            "repeat": repeat, "task": str(task_root.resolve())}
     atomic_write_json(out / "bench.json", {"meta": meta, "rows": rows})
     atomic_write_text(out / "bench.md", format_table(rows, meta) + "\n")
     return rows
@@ -253,7 +253,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 
 def format_table(rows: list[dict], meta: dict) -> str:
-    lines = [f"Batch-1 latency and batch-{meta['batch']} throughput, {meta['cpu_count']} cores, {meta['date']}; "
+    lines = [f"Batch-1 latency and batch-{meta['batch']} throughput, {meta['machine']}, {meta['date']}; "
              "ratios against the plain backbone on the same backend and precision.", "",
              "| graph | backend | precision | taps read | bytes | p50 ms | p90 ms | p99 ms | images/s | peak MB "
              "| latency vs backbone | throughput vs backbone |",

@@ -135,8 +135,8 @@ def fit_step(
     methods: Sequence[str] = (HEAD2TOE, LINEAR), grid=None, progress: Progress | None = None,
     allowed_taps: Sequence[str] | None = None,
 ) -> FitReport:
-    """Fit the requested methods on a feature cache; writes OUT/<method>/ task artifacts and
-    OUT/report.json with the CV tables. A method whose artifact OUT/<method>/ is already there, from
+    """Fit the requested methods on a feature cache; writes `OUT/<method>/` task artifacts and
+    OUT/report.json with the CV tables. A method whose artifact `OUT/<method>/` is already there, from
     the same cache, task and grid, is kept, not refitted: rerunning an interrupted fit resumes it.
     allowed_taps: HEAD2TOE reads only these taps (and the pre-logits); see `device_taps`."""
     from h2t_edge.selection import SearchGrid  # torch: imported when a fit runs, not with the pipeline

@@ -33,6 +33,7 @@ import numpy as np
 
 from exporters import DEFAULT_BACKBONE
 from h2t_edge.core.errors import H2TEdgeError
+from h2t_edge.core.machine import measured_on
 from h2t_edge.core.plots import save_figure
 from h2t_edge.selection import FitResult, SearchGrid, choose_best, fit_head2toe, predict_logits
 from h2t_edge.selection.methods import HEAD2TOE, LINEAR, TABLE1_METHODS, get_method
@@ -147,7 +148,7 @@ def run_eval(
                     record = _evaluate(method, data, feats, run_grid, log)
                     record.update(task=name, group=data.spec.group, method=method, backbone=backbone,
                                   seed=seed, protocol=protocol, solver=run_grid.solver, n_train=len(data.train),
-                                  n_test=len(data.test))
+                                  n_test=len(data.test), **measured_on())
                     records.append(record)
                     done.add(record_key(record))
                     _save(json_path, records)
@@ -364,7 +365,9 @@ def report_markdown(records: list[dict], title: str = DEFAULT_TITLE) -> str:
             row.append("–" if mean is None else f"**{100 * mean:.1f}**")
             lines.append("| " + " | ".join(row) + " |")
         lines += ["", _caption(records, cells, backbone, all_tasks), ""]
-        lines += [f"## {backbone}: fit + CV seconds per method (median over seeds, 2 CPU cores)", "",
+        machines = sorted({r["machine"] for r in records if r.get("backbone") == backbone and r.get("machine")})
+        lines += [f"## {backbone}: fit + CV seconds per method (median over seeds; "
+                  f"{'; '.join(machines) or 'machine not recorded'})", "",
                   "| method | " + " | ".join(all_tasks) + " | total |",
                   "|---|" + "---:|" * (len(all_tasks) + 1)]
         for method in methods:

@@ -2,6 +2,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from h2t_edge.core.machine import measured_on
 from h2t_edge.serving.bench import BACKBONE, HEAD2TOE, BenchCase, _add_ratios, measure_in_subprocess, format_table, measure
 
 
@@ -34,7 +35,7 @@ def test_worker_process_and_ratios(tmp_path):
     _add_ratios(rows)
     assert rows[0]["latency_vs_backbone"] == 1.0 and rows[0]["speedup_vs_ort_fp32"] == 1.0
     np.testing.assert_allclose(rows[1]["latency_vs_backbone"], rows[1]["p50_ms"] / rows[0]["p50_ms"])
-    table = format_table(rows, {"batch": 4, "cpu_count": 2, "date": "now"})
+    table = format_table(rows, {"batch": 4, **measured_on()})
     assert table.count("\n| ") == 3 and "HEAD2TOE task graph" in table
 
 

@@ -299,6 +299,19 @@ def _lookup(data, dotted: str):
     return node
 
 
+def _checked_in_chromium(page: Path, profile: Path) -> dict:
+    """Open `page` (with CHECK added) in headless Chromium and return what CHECK found in the DOM."""
+    page.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
+    dom = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+         "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'<pre id="h2t-check">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    return json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&")) | {"dom": dom}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
 def test_report_renders_in_headless_chromium(trained, tmp_path):
@@ -306,16 +319,8 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
     page = (out / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained
     checked = tmp_path / "report.html"
-    checked.write_text(page.replace("</body>", CHECK + "</body>"))
-    profile = tmp_path / "profile"
-    dom = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
-         "--virtual-time-budget=5000", "--dump-dom", checked.as_uri()],
-        capture_output=True, text=True, timeout=120).stdout
-    found = re.search(r'<pre id="h2t-check">(.*?)</pre>', dom, re.S)
-    assert found, dom[-2000:]
-    check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    checked.write_text(page)
+    check = _checked_in_chromium(checked, tmp_path / "profile")
     data = json.loads((out / "report.json").read_text())
     assert data["nc1"] is not None  # a HEAD2TOE-family candidate exists: its NC1 figure is the fifth
     assert data["trade"] and all(0.99 <= r["latency"] < 2 for r in data["trade"])  # the path solver's rows
@@ -329,3 +334,26 @@ def test_report_renders_in_headless_chromium(trained, tmp_path):
             assert float(text) == pytest.approx(value, abs=0.051), key
         elif isinstance(value, str):
             assert text == value, key
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium)")
+@pytest.mark.parametrize("page, expected, images", [
+    ("getting-started", ["h2t-edge train data/train -o my-task", "h2t-edge predict my-task/model.onnx",
+                         "h2t-edge deploy my-task/model"], 0),
+    ("reference/cli", ["h2t-edge train", "--latency-budget", "h2t-edge keys generate", "--sign-key"], 0),
+    ("", ["Headline results", "HEAD2TOE test %", "Measured:"], 1),  # the flow picture
+])
+def test_site_pages_render_in_headless_chromium(built_site, tmp_path, page, expected, images):
+    """The built documentation site, as a reader's browser shows it: the page and its images load."""
+    site, _ = built_site
+    source = site / page / "index.html"
+    checked = source.with_name(f"h2t-check-{tmp_path.name}.html")  # beside it: its relative links hold
+    checked.write_text(source.read_text())
+    try:
+        check = _checked_in_chromium(checked, tmp_path / "profile")
+    finally:
+        checked.unlink()
+    assert check["images"] >= images and check["broken"] == [], check
+    text = re.sub(r"<[^>]+>", "", check["dom"]).replace("&amp;", "&").replace("&gt;", ">")
+    for phrase in expected:
+        assert phrase in text, phrase

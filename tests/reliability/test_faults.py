@@ -135,6 +135,7 @@ def _records_without_timing(path: Path) -> list[dict]:
     records = json.loads(path.read_text())["results"]
     for r in records:
         r.pop("fit_seconds")
+        r.pop("date")  # when it was measured (h2t_edge.core.machine.measured_on)
         for run in r.get("per_target_size", []):
             run.pop("fit_seconds")
     return records
