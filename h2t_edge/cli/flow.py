@@ -136,9 +136,13 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @options.MAX_ACCURACY_OPTION
 @options.LATENCY_BUDGET_OPTION
 @options.TAPS_FROM_OPTION
+@options.precision_option(default=None, help=(
+    "The precision the head will run at: refuse caches not extracted at it (their manifest's backbone.precision; "
+    "`train --precision` builds such caches). Default: no check."))
+@options.backend_option(help="With --precision: the backend the caches must have been extracted for.")
 @quiet_option()
 def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_precision, solver, device,
-        max_accuracy, latency_budget, taps_from, quiet) -> None:
+        max_accuracy, latency_budget, taps_from, precision, backend, quiet) -> None:
     """Select features (group lasso) and fit the task head, choosing F, lambda, lr and steps by CV.
 
     With one CACHE: writes OUTPUT/head2toe/ and OUTPUT/linear/ (task.json + head.safetensors) and
@@ -153,7 +157,8 @@ def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_prec
     result = fit_task(caches, out, task=task, methods=methods, target_sizes=target_sizes,
                       grid=options.make_grid(grid, max_candidates, fit_precision, solver, device, max_accuracy,
                                              latency_budget),
-                      progress=bars, taps_from=taps_from)
+                      progress=bars, taps_from=taps_from, precision=precision,
+                      backend=backend if precision is not None else None)
     bars.close()
     if isinstance(result, Selection):
         click.echo(render.selection_summary(result, out))
@@ -165,15 +170,19 @@ def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_prec
 @click.argument("task_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @output_option(dir_okay=False, required=True, help="Task graph .onnx path.")
 @click.option("--weights", default=None, help="Override the backbone weights source recorded in the task.")
+@click.option("--extraction-graph", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="For tasks fitted at a precision (`train --precision`): the extraction graph they were fitted on, "
+                   "when it moved from the path the task records (checked by its sha256).")
 @SIGN_KEY_OPTION
-def compile_(task_dirs, output, weights, sign_key) -> None:
+def compile_(task_dirs, output, weights, extraction_graph, sign_key) -> None:
     """Fuse the truncated backbone, pooling, feature gather and head into one ONNX graph.
 
     With several TASK_DIRS (fitted on the same exported backbone) the graph runs the backbone once
-    and has one logits output per task, named after it."""
+    and has one logits output per task, named after it. Tasks fitted at a precision are cut from
+    the extraction graph they were fitted on: same nodes, same quantization parameters."""
     from h2t_edge.steps.compile import compile_any
 
-    report = compile_any(task_dirs, output, weights, options.signing_key(sign_key))
+    report = compile_any(task_dirs, output, weights, options.signing_key(sign_key), extraction_graph)
     click.echo(render.compile_summary(report, multi_task=len(task_dirs) > 1))
 
 

@@ -205,14 +205,14 @@ def _int8(source: Path, backend: str, train_images: Sequence[Path], preprocess, 
 def feature_fidelity(source: Path, model, batches: Sequence[np.ndarray], backend: str) -> dict:
     """How close `model`'s features stay to the fp32 `source`'s on `batches`: mean cosine of the
     concatenated outputs per image and the relative L2 error of the worst output. Both run on ONNX
-    Runtime's CPU kernels (OpenVINO/TensorRT graphs: the QDQ arithmetic as ONNX Runtime does it)."""
-    import onnxruntime as ort
+    Runtime's CPU kernels with the runtime's session options (OpenVINO/TensorRT graphs: the QDQ
+    arithmetic as ONNX Runtime does it)."""
+    from runtime.backends.onnxruntime import SessionLoader
 
     if not batches:
         return {"feature_cosine": None, "feature_rel_error_max": None}
-    options = ort.SessionOptions()
-    reference = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
-    reduced = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    reference = SessionLoader(str(source), providers=["CPUExecutionProvider"])()
+    reduced = SessionLoader(model.SerializeToString(), providers=["CPUExecutionProvider"])()
     name = reference.get_inputs()[0].name
     a = [np.concatenate(o) for o in zip(*(reference.run(None, {name: b}) for b in batches))]
     q = [np.concatenate(o) for o in zip(*(reduced.run(None, {name: b}) for b in batches))]

@@ -497,9 +497,9 @@ def compare_with_fp32(task_dir: Path, onnx: Path, graph_at, selection: Selection
                       "test_accuracy": chosen.test_accuracy, "n_features": chosen.n_features,
                       "latency_ms_p50": timing["p50_ms"], "graph": str(path)}
     rows[graph_at.precision]["latency_ratio"] = rows[graph_at.precision]["latency_ms_p50"] / rows["fp32"]["latency_ms_p50"]
-    from runtime.cpu import cpu_info
+    from h2t_edge.core.machine import measured_on
 
-    return {"backend": graph_at.backend, "precision": graph_at.precision, "rows": rows, "machine": cpu_info()}
+    return {"backend": graph_at.backend, "precision": graph_at.precision, "rows": rows, **measured_on()}
 
 
 def _test_candidates(selection: Selection, test_caches: dict[int, FeatureCache]) -> np.ndarray:
@@ -540,18 +540,40 @@ def summary_table(result: TrainReport) -> str:
 def fit_task(caches: Sequence[str | Path], out: str | Path, *, task: str | None = None,
              methods: Sequence[str] = (HEAD2TOE, LINEAR), target_sizes: Sequence[int] = (), grid=None,
              guard: bool = True, progress: Progress | None = None, log: Log | None = None,
-             taps_from: str | Path | None = None):
+             taps_from: str | Path | None = None, precision: str | None = None, backend: str | None = None):
     """`h2t-edge fit`: one feature cache gives `fit_step` (the given methods, a FitReport); several
     caches of the same images at different target sizes, or a folder of `T<size>/` caches, give
     `fit_caches` (HEAD2TOE and HEAD2TOE+LINEAR at each T and LINEAR once, the best CV kept in
-    OUT/model/; a Selection)."""
+    OUT/model/; a Selection). precision / backend: the deployment the head is for; every cache must
+    have been extracted through the graph built for it (`check_cache_precision`)."""
     from h2t_edge.steps.fit import fit_step
 
+    if precision is not None or backend is not None:
+        check_cache_precision(caches, precision or "fp32", backend or "onnxruntime")
     allowed = None if taps_from is None else allowed_device_taps(taps_from, log)
     if len(caches) > 1 or target_sizes or not is_feature_cache(caches[0]):
         return fit_caches(caches, out, target_sizes=target_sizes, grid=grid, task=task, guard=guard,
                           progress=progress, log=log, allowed_taps=allowed)
     return fit_step(caches[0], out, task=task, methods=methods, grid=grid, progress=progress, allowed_taps=allowed)
+
+
+def check_cache_precision(paths: Sequence[str | Path], precision: str, backend: str) -> None:
+    """Refuse caches whose features were not computed at `precision` on `backend` (a head fitted on
+    them would not be fitted on what the device computes), naming the cache and the fix."""
+    from h2t_edge.steps.extract import read_manifest
+
+    check_supported(precision, backend)
+    roots = []
+    for p in map(Path, paths):
+        roots += [p] if is_feature_cache(p) else sorted(c for c in p.glob("T*") if is_feature_cache(c))
+    for root in roots:
+        record = read_manifest(root)["backbone"].get("precision")
+        got = ("fp32", "onnxruntime") if record is None else (record["precision"], record["backend"])
+        if got != (precision, backend):
+            raise TrainError(f"feature cache {root} holds {got[0]} features from {got[1]}, not {precision} on {backend}: "
+                             f"a head fitted on them would not see what the device computes. Fix: `h2t-edge train "
+                             f"DATA -o TASK --precision {precision} --backend {backend}` builds the graph and extracts "
+                             "through it")
 
 
 def allowed_device_taps(taps_from: str | Path, log: Log | None = None, backbone: str | None = None) -> list[str]:

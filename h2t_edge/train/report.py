@@ -373,7 +373,7 @@ def _precision_section(precision: dict | None) -> list[str]:
             + html.escape(precision["backend"]) + "</h2>",
             "<p>The deployed model was fitted on features of the extraction graph at the deployed precision; the fp32 "
             "row fits the same target size on fp32 features. Latency: the compiled task graph at batch 1 on "
-            f"{html.escape(precision['backend'])}, p50, measured on {html.escape(_machine(precision.get('machine')))}."
+            f"{html.escape(precision['backend'])}, p50, measured on {html.escape(precision.get('machine', '?'))}."
             "</p>", "<table><tr><th>precision</th><th>chosen</th><th>CV acc %</th><th>CV SE %</th><th>test acc %</th>"
             "<th>features</th><th>batch-1 ms</th></tr>"]
     for name, r in precision["rows"].items():
@@ -384,14 +384,6 @@ def _precision_section(precision: dict | None) -> list[str]:
                     + _cell(f"{base}.n_features", str(r["n_features"]))
                     + _cell(f"{base}.latency_ms_p50", f"{r['latency_ms_p50']:.2f}") + "</tr>")
     return rows + ["</table>"]
-
-
-def _machine(info: dict | None) -> str:
-    if not info:
-        return "an unrecorded machine"
-    from runtime.cpu import describe
-
-    return describe(info)
 
 
 def json_text(value) -> str:
