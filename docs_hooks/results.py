@@ -340,9 +340,55 @@ def index() -> Figure:
     return Figure(["result", "measured"], rows, (), "Every result file, with the date and machine it records.")
 
 
+PRECISION_ROWS = ("fp32", "fp16 (after)", "bf16 (after)", "int8 (after)", "int8 (fitted)")
+
+
+def precision() -> Figure:
+    """precision.json: test accuracy per task and backend, mean ± SE over seeds, and the paired gap."""
+    records = load("precision.json")["accuracy"]
+    cells: dict[tuple, list[dict]] = {}
+    for r in records:
+        cells.setdefault((r["task"], r["backend"]), []).append(r)
+    rows = []
+    for (task, backend), rs in cells.items():
+        rows.append([task, backend, str(len(rs))]
+                    + [mean_se([r[k] for r in rs]) if all(k in r for r in rs) else "–" for k in PRECISION_ROWS]
+                    + [mean_se([r["int8 (fitted)"] - r["fp32"] for r in rs])])
+    for backend in sorted({b for _, b in cells}):
+        per_task = [rs for (_, b), rs in cells.items() if b == backend]
+        rows.append([f"mean over {len(per_task)} tasks", backend, ""]
+                    + [mean_se([statistics.fmean(r[k] for r in rs) for rs in per_task])
+                       if all(k in r for rs in per_task for r in rs) else "–" for k in PRECISION_ROWS]
+                    + [mean_se([statistics.fmean(r["int8 (fitted)"] - r["fp32"] for r in rs) for rs in per_task])])
+    return Figure(["task", "backend", "seeds", *PRECISION_ROWS, "gap (fitted - fp32)"], rows, ("precision.json",),
+                  "Test accuracy %, HEAD2TOE at T = 512, mean ± SE over seeds. *after*: the fp32-fitted head on the "
+                  "features of the graph at that precision (`build-engine` of an fp32 task graph); *fitted*: "
+                  "`train --precision int8` (the head fitted on the int8 graph's own features).")
+
+
+def precision_latency() -> Figure:
+    rows = [[r["task"], r["backend"], r["precision"], f"{r['p50_ms']:.2f}", ratio(r["latency_ratio"]),
+             f"{r['images_per_s']:.0f}", ratio(r["throughput_ratio"])] for r in load("precision.json")["latency"]]
+    return Figure(["task", "backend", "precision", "batch-1 p50 ms", "vs fp32", "images/s at batch 32", "vs fp32"],
+                  rows, ("precision.json",), "The compiled task graph of the int8-fitted head, cut from the "
+                  "extraction graph at each precision (`exporters.attach`).")
+
+
+def calibration() -> Figure:
+    data = load("calibration.json")
+    rows = [[r["task"], r["method"], str(r["images"]), f"{r['cosine']:.4f}", f"{r['rel_error_median']:.3f}",
+             f"{r['rel_error_max']:.3f}", f"{r['calibration_seconds']:.0f}"] for r in data["rows"]]
+    choice = data["choice"]
+    return Figure(["task", "method", "images", "mean cosine to fp32", "median rel. error", "worst rel. error",
+                   "calibration s"], rows, ("calibration.json",),
+                  f"Pooled tap features of held-out training images, int8 against fp32. Chosen: {choice['method']} on "
+                  f"{choice['images']} images, the cheapest recipe within 0.002 of the best mean cosine.")
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {f.__name__.replace("_", "-"): f for f in (
     headline, fit_speed, train_timings, deploy_aware_rules, deploy_aware_device, deploy_graphs, backends,
-    trust_load, serving, model_search, finetune, finetune_200ep, backbones, screening, soak, index)}
+    trust_load, serving, model_search, finetune, finetune_200ep, backbones, screening, soak, index, precision,
+    precision_latency, calibration)}
 
 
 def main(paths: list[str]) -> None:

@@ -10,6 +10,7 @@ per task, float32[batch, C_t], named in the sidecar's "tasks" list with that tas
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -336,6 +337,7 @@ class Predictor:
         path = Path(path)
         sidecar = read_task_sidecar(path, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
                                     version_record=version_record)
+        backend_options = fitted_precision_options(sidecar, path, backend, backend_options)
         runner = create_runner(path, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
         return cls(runner, sidecar, path)
 
@@ -490,6 +492,24 @@ class Predictor:
         # One probe inference: the class count and finite scores show only in the outputs, and a
         # loaded Predictor must never give labels from a mismatched or damaged graph.
         self.predict_tasks(np.zeros((1, *expected), dtype=np.float32))
+
+
+def fitted_precision_options(sidecar: TaskSidecar, path: Path, backend: str, options: Mapping[str, Any]) -> dict:
+    """A graph fitted at a precision (its sidecar's `precision` record, `train --precision`) runs as
+    fitted: OpenVINO gets the recorded inference precision unless one is given; another backend
+    than the recorded one computes other features than the head was fitted on, which is said."""
+    options = dict(options)
+    record = sidecar.extra.get("precision")
+    if not isinstance(record, Mapping):
+        return options
+    if record.get("backend") != backend:
+        warnings.warn(f"{path} was fitted on {record.get('precision')} features computed by {record.get('backend')}; "
+                      f"{backend} computes other features than its head was fitted on. Load it with "
+                      f"backend={record.get('backend')!r} (predict --backend {record.get('backend')})",
+                      RuntimeWarning, stacklevel=3)
+    elif backend == "openvino" and record.get("precision") in ("fp16", "bf16"):
+        options.setdefault("precision", record["precision"])
+    return options
 
 
 def runner_options(backend: str, providers, intra_op_threads: int | None, options: Mapping[str, Any]) -> dict:

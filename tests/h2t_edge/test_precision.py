@@ -154,7 +154,7 @@ def test_train_int8_records_and_deploys_what_it_fitted(trained_int8):
     from h2t_edge.train.protocol import open_caches
     from runtime.predictor import Predictor
 
-    report, root, test_dir, _ = trained_int8
+    report, root, _, _ = trained_int8
     task_dir = root / "task"
     sidecar = json.loads((task_dir / "model.json").read_text())
     assert sidecar["precision"]["precision"] == "int8" and sidecar["precision"]["backend"] == "onnxruntime"
@@ -167,7 +167,7 @@ def test_train_int8_records_and_deploys_what_it_fitted(trained_int8):
     head = TaskHead.load(report.selection.model_dir)
     features_root = next((root / "cache" / "features").glob("*int8*"))
     test_cache = open_caches([next(features_root.glob("test-*"))])[T]
-    x, y = test_cache.arrays()
+    x, _ = test_cache.arrays()
     with Predictor.load(task_dir / "model.onnx") as predictor:
         got = predictor.predict_paths(list(test_cache.manifest["images"]))
     expected = head.logits(x).argmax(1)
