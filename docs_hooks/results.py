@@ -382,7 +382,7 @@ def calibration() -> Figure:
     return Figure(["task", "method", "images", "mean cosine to fp32", "median rel. error", "worst rel. error",
                    "calibration s"], rows, ("calibration.json",),
                   f"Pooled tap features of held-out training images, int8 against fp32. Chosen: {choice['method']} on "
-                  f"{choice['images']} images, the cheapest recipe within 0.002 of the best mean cosine.")
+                  f"{choice['images']} images, the best mean cosine over the tasks.")
 
 
 FIGURES: dict[str, Callable[[], Figure]] = {f.__name__.replace("_", "-"): f for f in (

@@ -173,6 +173,12 @@ def _sha256(blob: bytes) -> str:
 
 
 def _backbone_blob(head: TaskHead, backbone_onnx: str | Path | None, weights: str | None) -> bytes:
+    record = head.backbone.get("precision")
+    if record is not None:  # its features came from a graph at a precision, not from this export
+        raise DeployError(f"task {head.task!r} was fitted on {record['precision']} features computed by "
+                          f"{record['backend']}; a shared-backbone folder ships the fp32 export. Compile its tasks into "
+                          "one multi-task graph instead, cut from the graph they were fitted on: "
+                          "`h2t-edge compile TASK_DIR... -o tasks.onnx`")
     if backbone_onnx is not None:
         blob = Path(backbone_onnx).read_bytes()
         if _sha256(blob) != head.backbone.get("onnx_sha256"):

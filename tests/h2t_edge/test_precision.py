@@ -205,3 +205,69 @@ def test_build_engine_refuses_a_build_that_drifts(trained_int8, monkeypatch, tmp
     kept = engines.build_engine(graph, "onnxruntime", "int8", out, calib=train_dir, calib_limit=16, accept_drop=True)
     sidecar = json.loads(kept.sidecar.read_text())
     assert out.exists() and sidecar["build"]["check"]["accepted_drop"] is True
+
+
+def test_multitask_cut_keeps_each_head(int8_graph, export, task):
+    """Several heads on one pass of the int8 graph: each output is its head on the fitted features."""
+    _, cfg, layout = export
+    model = onnx.load(str(int8_graph.path))
+    rng = np.random.default_rng(1)
+    heads = []
+    for name in ("a", "b"):
+        idx = np.sort(rng.choice(layout["total_features"], 30, replace=False))
+        heads.append(HeadSpec(name, idx, rng.normal(size=(30, 2)).astype(np.float32),
+                              rng.normal(size=2).astype(np.float32)))
+    cut, _ = attach_heads(model, T, heads, single=False)
+    assert [o.name for o in cut.graph.output] == ["a", "b"]
+    x = _images(task, cfg, 6)
+    outputs = dict(zip([o.name for o in model.graph.output], _run(model, x)))
+    multi = json.loads({p.key: p.value for p in model.metadata_props}["h2t_edge.multi_layout"])
+    features = np.concatenate([outputs[o] for o in multi["outputs"][str(T)]], axis=1)
+    for head, got in zip(heads, _run(cut, x)):
+        np.testing.assert_allclose(got, features[:, head.features] @ head.weight + head.bias, atol=1e-4, rtol=1e-4)
+
+
+def test_tensorrt_int8_graph_is_explicit_and_parses(export, task):
+    """TensorRT int8 (checked statically here: no GPU): symmetric QDQ with zero points of 0, from the
+    same calibration images, and the cut task graph passes TensorRT's ONNX parser rules."""
+    from exporters.trt_check import check_tensorrt
+    from onnx import numpy_helper
+
+    path, cfg, layout = export
+    graph = precision_graph(path, "int8", "tensorrt", [Path(p) for p in task["train"].paths], cfg, images=16,
+                            method="minmax")
+    assert graph.runner_options() == {"precision": "int8"}
+    model = onnx.load(str(graph.path))
+    inits = {t.name: t for t in model.graph.initializer}
+    zero_points = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2] in inits]
+    assert zero_points and all(not z.any() and z.dtype == np.int8 for z in zero_points)
+    idx = np.arange(0, layout["total_features"], 97)
+    cut, _ = attach_heads(model, T, [HeadSpec("t", idx, np.ones((len(idx), 2), np.float32), np.zeros(2, np.float32))])
+    assert check_tensorrt(cut).ok
+
+
+@pytest.mark.slow
+def test_openvino_int8_fits_and_runs_what_it_extracted(export, task, tmp_path):
+    """OpenVINO int8 by NNCF: features extracted on OpenVINO, and the cut task graph run on OpenVINO
+    computes them."""
+    pytest.importorskip("nncf", reason="OpenVINO int8 needs NNCF (pip install nncf)")
+    from h2t_edge.core.datasets import load_dataset
+    from h2t_edge.steps.extract import extract_features_multi
+    from runtime.backends import create_runner
+
+    path, cfg, layout = export
+    graph = precision_graph(path, "int8", "openvino", [Path(p) for p in task["train"].paths], cfg, images=16)
+    assert graph.record["calibration"]["method"] == "nncf" and graph.runner_options() == {"precision": "fp32"}
+    test_dir = Path(task["test"].paths[0]).parent.parent
+    ds = load_dataset(test_dir)
+    cache = extract_features_multi(graph.path, ds, {T: tmp_path / "cache"}, dtype="float32", backend="openvino",
+                                   backend_options=graph.runner_options())[T]
+    x, _ = cache.arrays()
+    idx = np.sort(np.random.default_rng(2).choice(layout["total_features"], 40, replace=False))
+    cut, _ = attach_heads(onnx.load(str(graph.path)), T, [HeadSpec("t", idx, np.eye(40, dtype=np.float32),
+                                                                    np.zeros(40, np.float32))])
+    with create_runner(cut.SerializeToString(), "openvino", precision="fp32") as runner:
+        images = np.stack([preprocess_image(load_image(p), cfg) for p in ds.paths[:8]])
+        got = runner.infer({"images": images})["logits"]
+    np.testing.assert_allclose(got, x[:8, idx], atol=1e-4, rtol=1e-4)
