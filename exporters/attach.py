@@ -33,12 +33,10 @@ _PREFIX = "h2t_head"
 
 
 @dataclass(frozen=True)
-class CutSummary:
-    """What the cut kept of the extraction graph (parameters: initializer elements, any dtype)."""
+class GraphSummary:
+    """What a task-graph compiler kept of the backbone: taps used and parameter counts."""
 
     taps_used: list[str]
-    nodes_kept: int
-    nodes_total: int
     backbone_parameters_kept: int
     backbone_parameters_total: int
     head_parameters: int
@@ -46,6 +44,14 @@ class CutSummary:
     @property
     def backbone_fraction_dropped(self) -> float:
         return 1.0 - self.backbone_parameters_kept / max(1, self.backbone_parameters_total)
+
+
+@dataclass(frozen=True)
+class CutSummary(GraphSummary):
+    """What the cut kept of the extraction graph (parameters: initializer elements, any dtype)."""
+
+    nodes_kept: int = 0
+    nodes_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -178,8 +184,8 @@ def attach_heads(model: onnx.ModelProto, target_size: int, heads: Sequence,
     out.metadata_props.extend(p for p in model.metadata_props if p.key != MULTI_LAYOUT_KEY)
     g = out.graph
     head = _parameters_of(t for t in inits if t.name.endswith(("/weight", "/bias")))
-    summary = CutSummary(used, len(g.node) - len(nodes), len(graph.node), _parameters(g) - _parameters_of(inits),
-                         _parameters(graph), head)
+    summary = CutSummary(used, _parameters(g) - _parameters_of(inits), _parameters(graph), head,
+                         nodes_kept=len(g.node) - len(nodes), nodes_total=len(graph.node))
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:

@@ -14,15 +14,13 @@ import pytest
 
 from exporters.attach import HeadSpec, attach_heads
 from exporters.quantize import quantize_int8_qdq, trunk_nodes
-from h2t_edge.selection import SearchGrid
 from h2t_edge.steps.precision import PrecisionError, check_supported, precision_graph, split_calibration
 from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 from runtime.backends.onnxruntime import SessionLoader
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
 
 T = 16
-TINY = SearchGrid(lrs=(0.1,), steps=(60,), l21s=(1e-3, 1e-5), fractions=(0.005, 0.05), folds=2, batch_size=32,
-                  choice="accuracy")
+from test_train import TINY  # noqa: E402  (same folder, on sys.path: the tiny grid the train tests use)
 
 
 @pytest.fixture(scope="module")
