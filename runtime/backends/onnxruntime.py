@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import BatchProfile, Dim, InputSpec, Loader, Runner
+from .base import BatchProfile, Dim, InputSpec, Loader, ModelBytes, Runner
 
 # Most preferred first; CPU always works and comes last.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -60,7 +60,7 @@ _ORT_DTYPES = {
     "tensor(bool)": np.bool_,
 }
 
-ModelSource = Union[str, os.PathLike, bytes]
+ModelSource = Union[str, os.PathLike, bytes, ModelBytes]
 
 
 def _import_onnxruntime():
@@ -164,7 +164,8 @@ def tensorrt_ep_options(
 class SessionLoader:
     """Lazily builds an `onnxruntime.InferenceSession` (a Polygraphy-style loader).
 
-    model: path to an .onnx file, or the serialized model bytes.
+    model: path to an .onnx file, the serialized model bytes, or verified `ModelBytes` (handed to
+        ONNX Runtime as they are: the path is not opened again).
     providers: 'auto' (every provider that initializes, best first) or explicit names.
     intra_op_threads: threads per operator (None: ORT's default, one per physical core).
     provider_options: provider name -> its options dict (e.g. {'CUDAExecutionProvider':
@@ -187,6 +188,8 @@ class SessionLoader:
 
     @property
     def model_name(self) -> str:
+        if isinstance(self.model, ModelBytes):
+            return self.model.source
         return "<in-memory model>" if isinstance(self.model, bytes) else str(self.model)
 
     def resolve_providers(self) -> list[str]:
@@ -207,7 +210,7 @@ class SessionLoader:
     def __call__(self):
         """Build and return the `onnxruntime.InferenceSession`."""
         ort = _import_onnxruntime()
-        if not isinstance(self.model, bytes) and not Path(self.model).is_file():
+        if not isinstance(self.model, (bytes, ModelBytes)) and not Path(self.model).is_file():
             raise ArtifactError(f"ONNX model {self.model} does not exist; check the path")
         providers = self.resolve_providers()
         options = ort.SessionOptions()
@@ -217,7 +220,8 @@ class SessionLoader:
         options.add_session_config_entry(*_ORT_X64_QUANT_PRECISION)
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = int(self.intra_op_threads)
-        model = self.model if isinstance(self.model, bytes) else str(self.model)
+        model = (self.model.data if isinstance(self.model, ModelBytes)
+                 else self.model if isinstance(self.model, bytes) else str(self.model))
         provider_specs = [(p, dict(self.provider_options.get(p, {}))) for p in providers]
         try:
             return ort.InferenceSession(model, sess_options=options, providers=provider_specs)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_task import TASK_PREPROCESS, build_task_graph, sealed_sidecar
+from tiny_task import TASK_PREPROCESS, build_task_graph, file_blake3, sealed_sidecar
 
 from runtime.errors import ArtifactError
 from runtime.io import atomic_write_bytes, file_sha256
@@ -27,6 +27,7 @@ from runtime.trust import (
     RollbackError,
     SignatureError,
     SigningKey,
+    VersionRecord,
     content_digest,
     seal,
 )
@@ -91,10 +92,10 @@ def test_stripped_digest_is_refused(tmp_path):
 
 
 def test_stripped_graph_hash_is_refused(tmp_path):
-    """Deleting graph_sha256 (and re-hashing the sidecar) no longer deletes the check."""
+    """Deleting graph_blake3 (and re-hashing the sidecar) no longer deletes the check."""
     graph = _write_graph(tmp_path, "cats", 0)
-    side = _edit_sidecar(graph, lambda d: d.pop("graph_sha256"), reseal=True)
-    _refused(IntegrityError, f"{side}: field 'graph_sha256' must be a sha256", lambda: Predictor.load(graph))
+    side = _edit_sidecar(graph, lambda d: d.pop("graph_blake3"), reseal=True)
+    _refused(IntegrityError, f"{side}: field 'graph_blake3' must be a blake3", lambda: Predictor.load(graph))
 
 
 def test_edited_sidecar_is_refused(tmp_path):
@@ -142,7 +143,7 @@ def test_a_file_swapped_in_from_another_artifact_is_refused(tmp_path, keys, swap
         shutil.copy(dogs, cats)
     else:
         shutil.copy(dogs.with_suffix(".json"), cats.with_suffix(".json"))
-    _refused(IntegrityError, f"task graph {cats} does not match the graph_sha256",
+    _refused(IntegrityError, f"task graph {cats} does not match the graph_blake3",
              lambda: Predictor.load(cats, trusted_keys=[keys["trusted_pub"]]))
 
 
@@ -158,7 +159,7 @@ def test_rollback_is_refused_where_the_device_keeps_a_version_record(tmp_path, k
     record = tmp_path / "device" / "versions.json"
     old = _write_graph(tmp_path / "v1", "cats", 0, keys["trusted"], issued=100)
     new = _write_graph(tmp_path / "v2", "cats", 1, keys["trusted"], issued=200)
-    load = {"trusted_keys": [keys["trusted_pub"]], "version_record": record}
+    load = {"trusted_keys": [keys["trusted_pub"]], "version_record": VersionRecord.create(record)}
     Predictor.load(old, **load).close()
     Predictor.load(new, **load).close()  # an update: recorded
     assert json.loads(record.read_text())["tasks"] == {"cats": 200}
@@ -181,7 +182,8 @@ def test_old_format_keeps_the_checks_it_had(tmp_path):
     """--allow-unverified lifts only what the old format lacked: a digest or graph hash it does
     carry is still checked, as that format's loader checked it."""
     graph = _write_graph(tmp_path, "cats", 0)
-    side = _edit_sidecar(graph, lambda d: (d.update(version=1), d.pop("issued")), reseal=True)
+    side = _edit_sidecar(graph, lambda d: (d.update(version=1, graph_sha256=file_sha256(graph)), d.pop("issued"),
+                                           d.pop("graph_blake3")), reseal=True)  # as that format wrote it
     _edit_sidecar(graph, lambda d: d.update(classes=d["classes"][::-1]))  # its digest no longer matches
     with pytest.warns(RuntimeWarning, match="UNVERIFIED"):
         _refused(IntegrityError, f"{side} was changed", lambda: Predictor.load(graph, allow_unverified=True))
@@ -204,7 +206,7 @@ def _multi_task_graph(tmp_path: Path, key) -> Path:
              {"task": "dogs", "classes": single["classes"][::-1], "outputs": {"logits": "probabilities"}}]
     sidecar = {"format": single["format"], "version": MULTITASK_SIDECAR_VERSION, "tasks": tasks,
                "preprocess": single["preprocess"], "input": "images", "backbone": single["backbone"],
-               "graph_sha256": file_sha256(graph)}
+               "graph_blake3": file_blake3(graph)}
     graph.with_suffix(".json").write_text(json.dumps(seal(sidecar, key)))
     return graph
 
@@ -231,11 +233,11 @@ def test_engine_attacks(tmp_path, keys):
     _edit_sidecar(engine, lambda d: d["build"].update(precision="fp32"), reseal=True)  # the record lies
     _refused(SignatureError, f"{side}: the signature does not verify", lambda: Predictor.load(engine, **trusted))
     side.write_text(original)
-    _edit_sidecar(engine, lambda d: d["build"].pop("artifact_sha256"), reseal=True)
-    _refused(IntegrityError, "build.artifact_sha256", lambda: Predictor.load(engine))
+    _edit_sidecar(engine, lambda d: d["build"].pop("artifact_blake3"), reseal=True)
+    _refused(IntegrityError, "build.artifact_blake3", lambda: Predictor.load(engine))
     side.write_text(original)
     shutil.copy(graph, engine)  # another valid graph in place of the engine
-    _refused(IntegrityError, f"engine {engine} does not match the build.artifact_sha256",
+    _refused(IntegrityError, f"engine {engine} does not match the build.artifact_blake3",
              lambda: Predictor.load(engine, **trusted))
 
 
@@ -263,7 +265,7 @@ def test_tensorrt_engine_record_attacks(tmp_path):
     _refused(IntegrityError, "has no content_sha256", lambda: check_engine_record(engine, "10.0", "GPU"))
     record.write_text(json.dumps(data))
     engine.write_bytes(b"another engine")
-    _refused(ArtifactError, "does not match the checksum", lambda: check_engine_record(engine, "10.0", "GPU"))
+    _refused(ArtifactError, "does not match the engine_blake3", lambda: check_engine_record(engine, "10.0", "GPU"))
 
 
 # -- serving ---------------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def test_the_triton_model_file_checks_its_model_again_at_load(tmp_path, keys, mo
     _refused(SignatureError, f"{side}: the signature does not verify", lambda: TritonPythonModel().initialize(args))
     (model_dir / "1" / "model.onnx").write_bytes(_write_graph(tmp_path / "d", "cats", 3).read_bytes())
     side.write_text(json.dumps(seal(data, keys["trusted"])))
-    _refused(IntegrityError, "does not match the graph_sha256", lambda: TritonPythonModel().initialize(args))
+    _refused(IntegrityError, "does not match the graph_blake3", lambda: TritonPythonModel().initialize(args))
     assert file_sha256(good) != file_sha256(model_dir / "1" / "model.onnx")
 
 
