@@ -94,10 +94,19 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{what} {path} does not exist; check the path or re-create it") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {what} {path}: {exc}") from exc
+    return parse_json(data, path, what)
+
+
+def parse_json(data: bytes, path: str | os.PathLike, what: str) -> Any:
+    """Parse the bytes of a JSON file read from `path` (ArtifactError naming it, as `read_json`)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ArtifactError(f"cannot read {what} {path}: {exc}") from exc
     try:
         return json.loads(text)

@@ -20,7 +20,7 @@ import numpy as np
 from .backends import create_runner
 from .backends.base import ModelBytes, Runner
 from .errors import ArtifactError, ImageError
-from .io import read_json
+from .io import parse_json, read_json
 from .preprocess import PreprocessConfig, load_image, preprocess_image
 from .schema import is_name
 from .trust import (
@@ -31,7 +31,7 @@ from .trust import (
     VersionRecord,
     digest_field,
     read_file,
-    read_verified,
+    verify_bytes,
     verify_seal,
     warn_unverified,
 )
@@ -229,7 +229,8 @@ def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike |
 def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None, *,
               trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
               allow_unverified: bool = False,
-              version_record: VersionRecord | str | os.PathLike | None = None) -> VerifiedTask:
+              version_record: VersionRecord | str | os.PathLike | None = None,
+              files: Mapping[Path, bytes] | None = None) -> VerifiedTask:
     """The one reader of task-graph sidecars: the checked sidecar of the task graph (or engine) PATH
     and the graph's bytes, read once; hand `.model` to the backend, never PATH.
 
@@ -239,8 +240,10 @@ def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = 
     $H2T_EDGE_TRUSTED_KEYS) a sidecar not signed by one of them; with a version record (here or
     $H2T_EDGE_VERSION_RECORD) an older artifact of a task than the device already loaded. Each error
     names the file and the fix. A sidecar from before sealing (versions 1 and 2) loads only with
-    `allow_unverified`, loudly. sidecar_file: where the sidecar is (default: next to the graph)."""
+    `allow_unverified`, loudly. sidecar_file: where the sidecar is (default: next to the graph).
+    files: path -> bytes already read once (and checked) by the caller; those files are not read again."""
     path = Path(path)
+    files = files or {}
     if not path.is_file():
         raise ArtifactError(f"task graph {path} does not exist; pass the .onnx written by the compiler")
     sidecar_file = Path(sidecar_file) if sidecar_file is not None else sidecar_path(path)
@@ -249,7 +252,8 @@ def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = 
             f"task sidecar {sidecar_file} is missing; it must sit next to {path.name} with the "
             "same stem. Copy it along with the graph or re-compile the task"
         )
-    raw = read_json(sidecar_file, "task sidecar")
+    raw = (parse_json(files[sidecar_file], sidecar_file, "task sidecar") if sidecar_file in files
+           else read_json(sidecar_file, "task sidecar"))
     trusted = TrustedKeys.resolve(trusted_keys)
     record = VersionRecord.resolve(version_record)
     fix = "re-compile the task (and rebuild its engine)"
@@ -266,12 +270,13 @@ def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = 
             verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix)
         sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
         if "graph_sha256" in raw or isinstance(raw.get("build"), Mapping):
-            return VerifiedTask(sidecar, raw, read_artifact(path, raw, sidecar_file, legacy=True))
-        return VerifiedTask(sidecar, raw, _model_bytes(path, read_file(path, what="task graph", fix=fix), raw))
+            return VerifiedTask(sidecar, raw, read_artifact(path, raw, sidecar_file, legacy=True, files=files))
+        data = files[path] if path in files else read_file(path, what="task graph", fix=fix)
+        return VerifiedTask(sidecar, raw, _model_bytes(path, data, raw))
     if isinstance(raw, dict):
         verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix, trusted=trusted)
     sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
-    model = read_artifact(path, raw, sidecar_file, legacy=version in SHA256_VERSIONS)
+    model = read_artifact(path, raw, sidecar_file, legacy=version in SHA256_VERSIONS, files=files)
     if record is not None:
         record.check_and_update([t.task for t in sidecar.tasks], raw.get(ISSUED_FIELD), sidecar_file)
     return VerifiedTask(sidecar, raw, model)
@@ -283,27 +288,31 @@ def _model_bytes(path: Path, data: bytes, raw: Mapping[str, Any], weights: bytes
 
 
 def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike, *,
-                  legacy: bool = False) -> ModelBytes:
+                  legacy: bool = False, files: Mapping[Path, bytes] | None = None) -> ModelBytes:
     """The graph or engine at `path`, read once and checked against the digest its sidecar recorded:
     `build.artifact_blake3` (an engine from `h2t-edge build-engine`; an OpenVINO IR's weights too, as
     `build.weights_blake3`) or else `graph_blake3` (a compiled task graph); one of them is mandatory.
-    legacy: a sidecar of the previous sealed format, whose digests are the `*_sha256` fields."""
-    path = Path(path)
+    legacy: a sidecar of the previous sealed format, whose digests are the `*_sha256` fields.
+    files: path -> bytes the caller has read already (checked here all the same, not read again)."""
+    path, files = Path(path), files or {}
     build = sidecar.get("build")
     fix = "re-compile the task or rebuild the engine"
+
+    def checked(file: Path, record: Mapping[str, Any], name: str, field: str, what: str) -> bytes:
+        data = files[file] if file in files else read_file(file, what=what, fix=fix)
+        return verify_bytes(data, record.get(name), field=field, path=file, descriptor=sidecar_file, fix=fix,
+                            what=what)
+
     if isinstance(build, Mapping):
-        field = digest_field("artifact", legacy=legacy)
-        data = read_verified(path, build.get(field), field=f"build.{field}", descriptor=sidecar_file, fix=fix,
-                             what="engine")
+        name = digest_field("artifact", legacy=legacy)
+        data = checked(path, build, name, f"build.{name}", "engine")
         weights = None
         if path.suffix == ".xml":  # the IR's weights are the .bin beside it
-            field = digest_field("weights", legacy=legacy)
-            weights = read_verified(path.with_suffix(".bin"), build.get(field), field=f"build.{field}",
-                                    descriptor=sidecar_file, fix=fix, what="engine weights")
+            name = digest_field("weights", legacy=legacy)
+            weights = checked(path.with_suffix(".bin"), build, name, f"build.{name}", "engine weights")
         return _model_bytes(path, data, sidecar, weights)
-    field = digest_field("graph", legacy=legacy)
-    data = read_verified(path, sidecar.get(field), field=field, descriptor=sidecar_file, fix=fix, what="task graph")
-    return _model_bytes(path, data, sidecar)
+    name = digest_field("graph", legacy=legacy)
+    return _model_bytes(path, checked(path, sidecar, name, name, "task graph"), sidecar)
 
 
 @dataclass

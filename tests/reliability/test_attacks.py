@@ -287,27 +287,102 @@ def test_export_triton_verifies_every_graph_before_it_enters_the_repository(tmp_
         export_repository([tampered], repo)
 
 
-def test_the_triton_model_file_checks_its_model_again_at_load(tmp_path, keys, monkeypatch):
-    from h2t_edge.serving.triton_python_model import TritonPythonModel
-    from h2t_edge.serving.triton_repo import SIDECAR_FILE, export_repository
+def _python_model(tmp_path, keys, monkeypatch):
+    """A signed python-backend model folder and the `initialize` args Triton would pass for it."""
+    from google.protobuf import json_format
+
+    from h2t_edge.serving.triton_repo import export_repository, parse_config
 
     good = _write_graph(tmp_path / "a", "cats", 0, keys["trusted"])
-    model_dir, = export_repository([good], tmp_path / "repo", backend="python", trusted_keys=[keys["trusted_pub"]])
-    config = json.dumps({"parameters": {"h2t_edge.graph_file": {"string_value": "model.onnx"}},
-                         "input": [{"name": "images"}], "output": [{"name": "logits"}]})
-    args = {"model_config": config, "model_repository": str(model_dir), "model_version": "1"}
+    model_dir, = export_repository([good], tmp_path / "repo", backend="python", trusted_keys=[keys["trusted_pub"]],
+                                   signing_key=keys["trusted"])
+    config = parse_config((model_dir / "config.pbtxt").read_text())
+    # Triton hands the model its config as JSON; protobuf's JSON form has the same fields
+    args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(model_dir), "model_version": "1"}
     monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys["trusted_pub"]))
+    return model_dir, args
+
+
+def test_the_triton_model_file_checks_its_model_again_at_load(tmp_path, keys, monkeypatch):
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, TritonPythonModel
+    from h2t_edge.serving.triton_repo import SIDECAR_FILE
+
+    model_dir, args = _python_model(tmp_path, keys, monkeypatch)
     TritonPythonModel().initialize(args)  # loads
     side = model_dir / SIDECAR_FILE
-    data = json.loads(side.read_text())
+    original = side.read_text()
+    data = json.loads(original)
     data["classes"] = data["classes"][::-1]
     data["content_sha256"] = content_digest(data)
     side.write_text(json.dumps(data))  # edited inside the repository, digest recomputed
+    _refused(IntegrityError, f"{side} does not match the files.{SIDECAR_FILE}_blake3 recorded in "
+             f"{model_dir / MANIFEST_FILE}", lambda: TritonPythonModel().initialize(args))
+    _relist_triton(model_dir, keys["trusted"])  # even with the manifest signed again, the sidecar's signature
     _refused(SignatureError, f"{side}: the signature does not verify", lambda: TritonPythonModel().initialize(args))
+    side.write_text(original)
     (model_dir / "1" / "model.onnx").write_bytes(_write_graph(tmp_path / "d", "cats", 3).read_bytes())
-    side.write_text(json.dumps(seal(data, keys["trusted"])))
+    _relist_triton(model_dir, keys["trusted"])
     _refused(IntegrityError, "does not match the graph_blake3", lambda: TritonPythonModel().initialize(args))
-    assert file_sha256(good) != file_sha256(model_dir / "1" / "model.onnx")
+
+
+def _relist_triton(model_dir: Path, key) -> None:
+    """The model's manifest signed again over the files there now (to reach the checks behind it)."""
+    from runtime.io import json_bytes
+    from runtime.trust import file_digest
+
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, model_files
+
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    manifest["files"] = {rel: file_digest((model_dir / rel).read_bytes()) for rel in model_files(model_dir)}
+    (model_dir / MANIFEST_FILE).write_bytes(json_bytes(seal(manifest, key)))
+
+
+@pytest.mark.parametrize("attack", ["labels", "config", "model_code", "extra_file", "deleted_file",
+                                    "unsigned_manifest", "config_loaded"])
+def test_every_file_of_a_triton_model_is_covered(tmp_path, keys, monkeypatch, attack):
+    """Issue 28: editing labels.txt, the preprocessing in config.pbtxt or the model code, adding or deleting a
+    file, an unsigned (re-hashed) manifest, or a config Triton loaded that differs from the signed one: refused."""
+    from h2t_edge.core.errors import ServingError
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, TritonPythonModel
+    from h2t_edge.serving.triton_repo import verify_repository
+
+    model_dir, args = _python_model(tmp_path, keys, monkeypatch)
+    manifest = model_dir / MANIFEST_FILE
+    error, match = IntegrityError, f"does not match the files.{{}}_blake3 recorded in {manifest}"
+    if attack == "labels":
+        labels = model_dir / "labels.txt"
+        labels.write_text(labels.read_text().replace("cat", "dog"))
+        match = match.format("labels.txt")
+    elif attack == "config":
+        config = model_dir / "config.pbtxt"
+        config.write_text(config.read_text().replace("0.485", "0.9"))  # the preprocessing contract
+        match = match.format("config.pbtxt")
+    elif attack == "model_code":
+        code = model_dir / "1" / "model.py"
+        code.write_text(code.read_text() + "\nimport os  # appended\n")
+        match = match.format("1/model.py")
+    elif attack == "extra_file":
+        (model_dir / "1" / "helper.py").write_text("print('planted')\n")
+        match = r"does not hold the files .* lists: missing \[\], not listed \['1/helper.py'\]"
+    elif attack == "deleted_file":
+        (model_dir / "labels.txt").unlink()
+        match = r"missing \['labels.txt'\]"
+    elif attack == "unsigned_manifest":
+        data = json.loads(manifest.read_text())
+        data.pop("signature")
+        data["content_sha256"] = content_digest(data)
+        manifest.write_text(json.dumps(data))
+        error, match = SignatureError, f"{manifest} is not signed"
+    else:  # Triton read another config.pbtxt than the one on disk now (swapped back after its read)
+        loaded = json.loads(args["model_config"])
+        loaded["parameters"]["h2t_edge.preprocess"]["string_value"] = "{}"
+        args = {**args, "model_config": json.dumps(loaded)}
+        match = "the config Triton loaded"
+    _refused(error, match, lambda: TritonPythonModel().initialize(args))
+    if attack != "config_loaded":  # what `serve` checks before it starts the server
+        with pytest.raises(ServingError, match=match):
+            verify_repository(model_dir.parent, [keys["trusted_pub"]])
 
 
 def test_predict_cli_takes_trusted_keys_and_names_the_refused_file(tmp_path, keys):
