@@ -358,3 +358,65 @@ def file_blake3_of(blob: bytes) -> str:
         f.write(blob)
         f.flush()
         return file_blake3(Path(f.name))
+
+
+# -- 2. a deployment lists its heads ------------------------------------------------------------------
+
+
+def _named_task(tiny_root, folder: Path, name: str) -> Path:
+    """The tiny fitted task under another task name (re-sealed as `fit` writes it)."""
+    from runtime.schema import content_sha256
+
+    shutil.copytree(tiny_root["task"] / "head2toe", folder)
+    meta = json.loads((folder / "task.json").read_text())
+    meta["task"] = name
+    meta["content_sha256"] = content_sha256(meta, "content_sha256")
+    (folder / "task.json").write_text(json.dumps(meta))
+    return folder
+
+
+@pytest.mark.parametrize("attack", ["deleted", "extra", "renamed", "manifest_unsigned"])
+def test_a_deployment_refuses_a_missing_extra_or_renamed_head(tiny_root, tmp_path, key, attack):
+    from h2t_edge.steps.deploy import package_shared_step
+    from runtime.heads import HEADS_MANIFEST, SharedBackbonePredictor
+
+    signing, pub = key
+    device = tmp_path / "device"
+    tasks = [_named_task(tiny_root, tmp_path / n, n) for n in ("first", "second")]
+    package_shared_step(tasks, device, backbone_onnx=tiny_root["backbone"], signing_key=signing)
+    with SharedBackbonePredictor.load(device, trusted_keys=[pub]) as p:
+        assert [t.task for t in p.tasks] == ["first", "second"]
+    heads = device / "heads"
+    error, match = IntegrityError, f"{heads} does not hold the heads {device / HEADS_MANIFEST} lists"
+    if attack == "deleted":  # the red team's case: `predict` used to run the others without a word
+        (heads / "second.json").unlink()
+        (heads / "second.safetensors").unlink()
+    elif attack == "extra":
+        shutil.copy(heads / "second.json", heads / "third.json")
+    elif attack == "renamed":
+        for suffix in (".json", ".safetensors"):
+            (heads / f"second{suffix}").rename(heads / f"third{suffix}")
+    else:
+        data = json.loads((device / HEADS_MANIFEST).read_text())
+        del data["heads"]["second"], data["signature"]
+        data["content_sha256"] = trust.content_digest(data)
+        (device / HEADS_MANIFEST).write_text(json.dumps(data))
+        error, match = SignatureError, f"{device / HEADS_MANIFEST} is not signed"
+    with pytest.raises(error, match=match):
+        SharedBackbonePredictor.load(device, trusted_keys=[pub])
+
+
+def test_adding_a_head_re_signs_the_deployment_manifest(tiny_root, tmp_path, key):
+    from h2t_edge.steps.deploy import package_shared_step
+    from runtime.heads import SharedBackbonePredictor
+
+    signing, pub = key
+    device = tmp_path / "device"
+    package_shared_step([_named_task(tiny_root, tmp_path / "first", "first")], device,
+                        backbone_onnx=tiny_root["backbone"], signing_key=signing)
+    package_shared_step([_named_task(tiny_root, tmp_path / "second", "second")], device, signing_key=signing)
+    with SharedBackbonePredictor.load(device, trusted_keys=[pub]) as p:
+        assert [t.task for t in p.tasks] == ["first", "second"]
+    package_shared_step([_named_task(tiny_root, tmp_path / "third", "third")], device)  # without the key
+    with pytest.raises(SignatureError, match="heads.json is not signed"):
+        SharedBackbonePredictor.load(device, trusted_keys=[pub])
