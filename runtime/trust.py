@@ -290,14 +290,86 @@ def read_file(path: str | os.PathLike, *, what: str, fix: str) -> bytes:
         raise IntegrityError(f"cannot read {what} {path} ({exc}); {fix}") from None
 
 
+_PIPELINE_BYTES = 32 << 20  # larger files are hashed while they are read (measured: a gain from ~100 MB)
+_CHUNK = 4 << 20
+
+
+def read_hashed(path: str | os.PathLike, *, what: str, fix: str) -> tuple[bytes, str]:
+    """The bytes of `path`, read once, and their BLAKE3, computed while the file is read: a reader
+    thread fills the buffer chunk by chunk while this thread hashes the chunks already in (both release
+    the GIL), so a large file costs about max(read, hash), not their sum. The digest is of exactly the
+    bytes returned, whatever happens to the file meanwhile."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _PIPELINE_BYTES:
+                data = f.read()
+                return data, file_digest(data)
+            return _read_and_hash(f, size, path)
+    except (OSError, MemoryError) as exc:
+        raise IntegrityError(f"cannot read {what} {path} ({exc}); {fix}") from None
+
+
+def _read_and_hash(f, size: int, path) -> tuple[bytes, str]:
+    import ctypes
+    import threading
+
+    import blake3
+
+    # An uninitialized bytes object of `size` (what C extensions build and fill before anyone sees it):
+    # engines take `bytes`, and filling one in place avoids a second copy of the whole file.
+    new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    new_bytes.argtypes, new_bytes.restype = [ctypes.c_void_p, ctypes.c_ssize_t], ctypes.py_object
+    as_string = ctypes.pythonapi.PyBytes_AsString
+    as_string.argtypes, as_string.restype = [ctypes.py_object], ctypes.c_void_p
+    data = new_bytes(None, size)
+    view = memoryview((ctypes.c_char * size).from_address(as_string(data))).cast("B")
+    done, failed, ready = [0], [], threading.Condition()
+
+    def reader() -> None:
+        position = 0
+        try:
+            while position < size:
+                n = f.readinto(view[position:position + _CHUNK])
+                if not n:
+                    raise OSError(f"{path} became shorter while it was read")
+                position += n
+                with ready:
+                    done[0] = position
+                    ready.notify()
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, which raises it
+            with ready:
+                failed.append(exc)
+                ready.notify()
+
+    thread = threading.Thread(target=reader, name="h2t-read", daemon=True)
+    thread.start()
+    hasher, hashed = blake3.blake3(max_threads=blake3.blake3.AUTO), 0
+    try:
+        while hashed < size:
+            with ready:
+                ready.wait_for(lambda: done[0] > hashed or failed)
+                if failed:
+                    raise failed[0]
+                upto = done[0]
+            hasher.update(view[hashed:upto])
+            hashed = upto
+    finally:
+        thread.join()
+        view.release()
+    return data, hasher.hexdigest()
+
+
 def verify_bytes(blob: bytes, expected: Any, *, field: str, path: str | os.PathLike,
-                 descriptor: str | os.PathLike, fix: str, what: str = "file", algorithm: str | None = None) -> bytes:
+                 descriptor: str | os.PathLike, fix: str, what: str = "file", algorithm: str | None = None,
+                 digest: str | None = None) -> bytes:
     """Refuse `blob` (read from `path`) unless its digest is `expected`, recorded in `descriptor` as
-    `field`; the algorithm is the field's suffix (`_blake3` or `_sha256`) unless given. Returns `blob`."""
+    `field`; the algorithm is the field's suffix (`_blake3` or `_sha256`) unless given. `digest`: the
+    blob's digest where the caller computed it while reading (`read_hashed`). Returns `blob`."""
     algorithm = algorithm or field.rsplit("_", 1)[-1]
     if not is_digest(expected):
         raise IntegrityError(f"{descriptor}: field '{field}' must be a {algorithm} (64 lowercase hex digits); {fix}")
-    if file_digest(blob, algorithm) != expected:
+    if (digest or file_digest(blob, algorithm)) != expected:
         raise IntegrityError(f"{what} {path} does not match the {field} recorded in {descriptor} (it changed after "
                              f"it was written, or it was swapped in from another artifact); {fix}")
     return blob
@@ -307,8 +379,12 @@ def read_verified(path: str | os.PathLike, expected: Any, *, field: str, descrip
                   what: str = "file") -> bytes:
     """The bytes of `path`, read once and refused unless they match `expected` (`field` of `descriptor`).
     Hand these bytes to whatever uses the file: never open the path again."""
-    return verify_bytes(read_file(path, what=what, fix=fix), expected, field=field, path=path,
-                        descriptor=descriptor, fix=fix, what=what)
+    if not field.endswith("_blake3"):
+        return verify_bytes(read_file(path, what=what, fix=fix), expected, field=field, path=path,
+                            descriptor=descriptor, fix=fix, what=what)
+    data, digest = read_hashed(path, what=what, fix=fix)
+    return verify_bytes(data, expected, field=field, path=path, descriptor=descriptor, fix=fix, what=what,
+                        digest=digest)
 
 
 def digest_field(name: str, *, legacy: bool) -> str:

@@ -37,13 +37,18 @@ class ModelBytes:
     weights: Optional[bytes] = None
     record: Optional[Mapping[str, Any]] = None
 
-    def __post_init__(self) -> None:
+    def refuse_external_data(self) -> None:
+        """Refuse an ONNX graph that keeps tensors in external files: an engine given bytes resolves them
+        against the working directory, and no digest covers them. (ONNX Runtime is told instead to look
+        for them in an empty folder, which costs no scan of the bytes: `external_data_error`.)"""
         if self.kind == "onnx" and _EXTERNAL_DATA_KEY in self.data:
-            # An engine given bytes resolves external files against the working directory, and no
-            # digest covers them: such a graph is refused, never half-verified.
-            raise ArtifactError(f"ONNX graph {self.source} keeps tensors in external data files, which no digest "
-                                "covers; save the graph with its weights inside it (onnx.save_model(..., "
-                                "save_as_external_data=False)) and compile it again")
+            raise external_data_error(self.source)
+
+
+def external_data_error(source: str) -> ArtifactError:
+    return ArtifactError(f"ONNX graph {source} keeps tensors in external data files, which no digest covers; "
+                         "save the graph with its weights inside it (onnx.save_model(..., "
+                         "save_as_external_data=False)) and compile it again")
 
 # A dimension of an input shape: an int, or a name (str) where the model leaves it dynamic.
 Dim = Union[int, str]

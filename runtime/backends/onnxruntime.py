@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import BatchProfile, Dim, InputSpec, Loader, ModelBytes, Runner
+from .base import BatchProfile, Dim, InputSpec, Loader, ModelBytes, Runner, external_data_error
 
 # Most preferred first; CPU always works and comes last.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -61,6 +61,18 @@ _ORT_DTYPES = {
 }
 
 ModelSource = Union[str, os.PathLike, bytes, ModelBytes]
+
+# A graph given as bytes has no folder of its own, and ONNX Runtime would resolve its external data files
+# against the working directory, where no digest covers them: point it at an empty private folder
+# instead, so any external reference fails (at no cost to graphs without one).
+_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+@functools.cache
+def _empty_folder() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="h2t-no-external-data-")  # 0700, ours, never written to
 
 
 def _import_onnxruntime():
@@ -222,10 +234,14 @@ class SessionLoader:
             options.intra_op_num_threads = int(self.intra_op_threads)
         model = (self.model.data if isinstance(self.model, ModelBytes)
                  else self.model if isinstance(self.model, bytes) else str(self.model))
+        if isinstance(model, bytes):
+            options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, _empty_folder())
         provider_specs = [(p, dict(self.provider_options.get(p, {}))) for p in providers]
         try:
             return ort.InferenceSession(model, sess_options=options, providers=provider_specs)
         except Exception as exc:  # ORT raises its own pybind exception types for bad models
+            if "External data path" in str(exc):
+                raise external_data_error(self.model_name) from None
             raise ArtifactError(
                 f"ONNX Runtime cannot load model {self.model_name}: {exc}; "
                 "the file is corrupt or not an ONNX model, re-create it"

@@ -93,9 +93,11 @@ class CompiledModelLoader:
     def _read(self, core, ov):
         """The ov.Model: from memory (bytes, ModelBytes; an IR with its weights) or from a path."""
         if isinstance(self.model, ModelBytes):
+            self.model.refuse_external_data()
             weights = np.frombuffer(self.model.weights or b"", np.uint8)
             return core.read_model(self.model.data, ov.Tensor(weights))
         if isinstance(self.model, bytes):  # ONNX bytes with an empty weights tensor
+            ModelBytes(self.model, self.model_name).refuse_external_data()
             return core.read_model(self.model, ov.Tensor(np.empty(0, np.uint8)))
         return core.read_model(str(self.model))
 

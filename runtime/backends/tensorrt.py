@@ -258,6 +258,7 @@ class EngineLoader:
     def _source(self) -> tuple[str, bytes]:
         """(kind, bytes) of the model, each file read once: an engine checked against its record, or ONNX."""
         if isinstance(self.model, ModelBytes):
+            self.model.refuse_external_data()
             if self.model.kind == "engine":
                 self.key = check_engine_key(self.model.record or {}, self.model.source, tensorrt_version(), gpu_name())
             return self.model.kind, self.model.data
@@ -266,7 +267,9 @@ class EngineLoader:
         if self.model.suffix in (".engine", ".plan"):
             self.key, data = read_engine(self.model, tensorrt_version(), gpu_name(), self.trusted_keys)
             return "engine", data
-        return "onnx", ModelBytes(read_file(self.model, what="ONNX model", fix="check the path"), str(self.model)).data
+        model = ModelBytes(read_file(self.model, what="ONNX model", fix="check the path"), str(self.model))
+        model.refuse_external_data()
+        return "onnx", model.data
 
     def __call__(self) -> bytes:
         """The serialized engine (bytes)."""

@@ -420,3 +420,16 @@ def test_adding_a_head_re_signs_the_deployment_manifest(tiny_root, tmp_path, key
     package_shared_step([_named_task(tiny_root, tmp_path / "third", "third")], device)  # without the key
     with pytest.raises(SignatureError, match="heads.json is not signed"):
         SharedBackbonePredictor.load(device, trusted_keys=[pub])
+
+
+def test_a_large_file_is_hashed_while_it_is_read(tmp_path):
+    """read_hashed's pipeline (a reader thread filling the buffer, this thread hashing behind it) gives
+    exactly the file's bytes and their BLAKE3; a file cut short while it is read is an IntegrityError."""
+    blob = os.urandom(trust._PIPELINE_BYTES + 12345)
+    path = tmp_path / "big.onnx"
+    path.write_bytes(blob)
+    data, digest = trust.read_hashed(path, what="task graph", fix="re-compile")
+    assert data == blob and digest == trust.file_digest(blob) and type(data) is bytes
+    assert trust.read_verified(path, digest, field="graph_blake3", descriptor="x.json", fix="f") == blob
+    with pytest.raises(IntegrityError, match=f"task graph {path} does not match the graph_blake3"):
+        trust.read_verified(path, "0" * 64, field="graph_blake3", descriptor="x.json", fix="f", what="task graph")
