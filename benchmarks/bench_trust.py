@@ -18,7 +18,6 @@ medians are compared.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

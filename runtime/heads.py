@@ -253,5 +253,17 @@ class SharedBackbonePredictor(Predictor):
         self.predict_tasks(np.zeros((1, *self.preprocess.input_size), dtype=np.float32))
 
 
-__all__ = ["BACKBONE_FORMAT", "HEAD_FORMAT", "HEADS_MANIFEST", "SHARED_VERSION", "heads_manifest", "read_heads_manifest", "SharedBackbonePredictor", "SharedHead", "TaskOutputs", "layout_sha256",
-           "load_head", "softmax"]
+__all__ = [
+    "BACKBONE_FORMAT",
+    "HEADS_MANIFEST",
+    "HEAD_FORMAT",
+    "SHARED_VERSION",
+    "SharedBackbonePredictor",
+    "SharedHead",
+    "TaskOutputs",
+    "heads_manifest",
+    "layout_sha256",
+    "load_head",
+    "read_heads_manifest",
+    "softmax",
+]

@@ -348,7 +348,7 @@ def _read_and_hash(f, size: int, path) -> tuple[bytes, str]:
     try:
         while hashed < size:
             with ready:
-                ready.wait_for(lambda: done[0] > hashed or failed)
+                ready.wait_for(lambda hashed=hashed: done[0] > hashed or failed)
                 if failed:
                     raise failed[0]
                 upto = done[0]

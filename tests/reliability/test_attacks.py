@@ -328,10 +328,9 @@ def test_the_triton_model_file_checks_its_model_again_at_load(tmp_path, keys, mo
 
 def _relist_triton(model_dir: Path, key) -> None:
     """The model's manifest signed again over the files there now (to reach the checks behind it)."""
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, model_files
     from runtime.io import json_bytes
     from runtime.trust import file_digest
-
-    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, model_files
 
     manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
     manifest["files"] = {rel: file_digest((model_dir / rel).read_bytes()) for rel in model_files(model_dir)}

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from tiny_task import TASK_PREPROCESS, build_task_graph, file_blake3, sealed_sidecar
 
-import runtime.trust as trust
+from runtime import trust
 from runtime.errors import ArtifactError
 from runtime.io import atomic_write_bytes
 from runtime.predictor import Predictor
