@@ -8,7 +8,6 @@ tests/h2t_edge/test_deploy.py, the feature cache's in test_cache_integrity.py).
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import shutil
 import threading
@@ -225,23 +224,27 @@ def test_the_engine_cache_applies_the_trusted_keys(tmp_path, key, monkeypatch):
 # -- the version record ---------------------------------------------------------------------------------
 
 
-def _record_many(path: str, worker: int, count: int) -> None:
-    record = VersionRecord(path)
-    for i in range(count):
-        record.check_and_update([f"w{worker}-t{i}"], 1000 + i, f"worker {worker}")
+_RECORD_MANY = """
+import sys
+from runtime.trust import VersionRecord
+record, worker, count = VersionRecord(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+for i in range(count):
+    record.check_and_update([f"w{worker}-t{i}"], 1000 + i, f"worker {worker}")
+"""
 
 
 def test_concurrent_version_record_writers_lose_no_update(tmp_path):
+    """Four processes (fresh interpreters, not forks of this threaded one) record 50 tasks each at once."""
+    import subprocess
+    import sys
+
     path = tmp_path / "versions.json"
     VersionRecord.create(path)
     workers, count = 4, 50
-    context = multiprocessing.get_context("fork")
-    procs = [context.Process(target=_record_many, args=(str(path), w, count)) for w in range(workers)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert all(p.exitcode == 0 for p in procs)
+    env = {**os.environ, "PYTHONPATH": str(Path(trust.__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", _RECORD_MANY, str(path), str(w), str(count)], env=env)
+             for w in range(workers)]
+    assert [p.wait(timeout=300) for p in procs] == [0] * workers
     assert len(VersionRecord(path).read()) == workers * count  # 200 of 200
 
 
