@@ -37,6 +37,7 @@ from pathlib import Path
 from h2t_edge.core.errors import ServingError
 from h2t_edge.serving.triton_python_model import THREADS_ENV
 from h2t_edge.serving.triton_repo import export_repository, verify_repository
+from runtime.io import atomic_write_bytes
 from runtime.trust import TRUSTED_KEYS_ENV, SigningKey, TrustedKeys
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton (the wheel that ships tritonserver)"
@@ -267,8 +268,9 @@ def serve(
         # Trusted keys make the server's model file refuse unsigned manifests: the repository this run
         # writes (from graphs it has just verified) is signed with a key of this run only, which the
         # server trusts beside the given ones; nothing else can sign for it.
-        session_key = SigningKey.generate()
-        keys.append(str(session_key.save(workdir / f"serve-key-{os.getpid()}")[1].resolve()))
+        session_key = SigningKey.generate()  # its private half never leaves this process
+        public = atomic_write_bytes(workdir / f"serve-key-{os.getpid()}.pub", session_key.public_pem())
+        keys.append(str(public.resolve()))
     export_repository(graphs, repository, backend="python", max_batch_size=max_batch_size,
                       max_queue_delay_us=max_queue_delay_us, instances=instances, trusted_keys=trusted_keys,
                       signing_key=session_key)
