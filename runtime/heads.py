@@ -158,9 +158,12 @@ def heads_manifest(heads: Mapping[str, bytes]) -> dict:
             "heads": {task: file_digest(blob) for task, blob in sorted(heads.items())}}
 
 
-def read_heads_manifest(root: Path, trusted: TrustedKeys | None = None) -> dict[str, str]:
+def read_heads_manifest(root: Path, trusted: TrustedKeys | None = None, record: VersionRecord | None = None,
+                        deployment: str = "") -> dict[str, str]:
     """Task -> BLAKE3 of heads/TASK.json, from ROOT/heads.json (sealed; signed, with trusted keys), after
-    checking that heads/ holds exactly the files it lists: a missing, extra or renamed head is refused."""
+    checking that heads/ holds exactly the files it lists: a missing, extra or renamed head is refused.
+    With a version record, an older heads.json than the device loaded for `deployment` (an older list,
+    with the heads added since deleted) is refused as a rollback."""
     path = root / HEADS_MANIFEST
     fix = f"write the folder again with `h2t-edge deploy TASK_DIR ... -o {root}` (it re-signs {HEADS_MANIFEST})"
     if not path.is_file():
@@ -170,6 +173,8 @@ def read_heads_manifest(root: Path, trusted: TrustedKeys | None = None) -> dict[
             or not isinstance(manifest.get("heads"), dict):
         raise IntegrityError(f"{path}: field 'format' must be {HEADS_MANIFEST_FORMAT!r} with a 'heads' object; {fix}")
     verify_seal(manifest, f"deployment heads manifest {path}", fix=fix, trusted=trusted)
+    if record is not None:
+        record.check_and_update([f"deployment:{deployment}"], manifest.get(ISSUED_FIELD), path)
     listed = manifest["heads"]
     bad = sorted(str(t)[:80] for t in listed if not is_name(t))
     if bad:
@@ -218,7 +223,8 @@ class SharedBackbonePredictor(Predictor):
         layout = meta["layout"]
         if layout_sha256(layout) != meta.get("layout_sha256"):
             raise IntegrityError(f"{meta_file}: field 'layout_sha256' does not match its layout; {fix}")
-        listed = read_heads_manifest(root, trusted)
+        # the list of heads is versioned per backbone graph: an older list is a rollback too
+        listed = read_heads_manifest(root, trusted, record, deployment=str(meta.get("graph_blake3"))[:16])
         heads = [load_head(root / "heads" / f"{task}.json", layout, meta["layout_sha256"], trusted=trusted,
                            record=record, listed=digest) for task, digest in sorted(listed.items())]
         if tasks is not None:

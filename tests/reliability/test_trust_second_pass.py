@@ -436,3 +436,25 @@ def test_a_large_file_is_hashed_while_it_is_read(tmp_path):
     assert trust.read_verified(path, digest, field="graph_blake3", descriptor="x.json", fix="f") == blob
     with pytest.raises(IntegrityError, match=f"task graph {path} does not match the graph_blake3"):
         trust.read_verified(path, "0" * 64, field="graph_blake3", descriptor="x.json", fix="f", what="task graph")
+
+
+def test_an_older_heads_list_with_the_newer_heads_deleted_is_a_rollback(tiny_root, tmp_path, key):
+    """Put back the signed heads.json from before a head was added and delete that head's files: every
+    file agrees with that list, but the device has loaded a newer one."""
+    from h2t_edge.steps.deploy import package_shared_step
+    from runtime.heads import HEADS_MANIFEST, SharedBackbonePredictor
+
+    signing, pub = key
+    device, record = tmp_path / "device", VersionRecord.create(tmp_path / "versions.json")
+    package_shared_step([_named_task(tiny_root, tmp_path / "first", "first")], device,
+                        backbone_onnx=tiny_root["backbone"], signing_key=signing)
+    SharedBackbonePredictor.load(device, trusted_keys=[pub], version_record=record).close()
+    old_list = (device / HEADS_MANIFEST).read_bytes()
+    package_shared_step([_named_task(tiny_root, tmp_path / "second", "second")], device, signing_key=signing)
+    SharedBackbonePredictor.load(device, trusted_keys=[pub], version_record=record).close()
+    (device / HEADS_MANIFEST).write_bytes(old_list)
+    for suffix in (".json", ".safetensors"):
+        (device / "heads" / f"second{suffix}").unlink()
+    SharedBackbonePredictor.load(device, trusted_keys=[pub]).close()  # no record: nothing to compare with
+    with pytest.raises(RollbackError, match=f"{device / HEADS_MANIFEST} holds task 'deployment:.*older"):
+        SharedBackbonePredictor.load(device, trusted_keys=[pub], version_record=record)
