@@ -16,8 +16,15 @@ refuses an unsigned descriptor, one signed by another key, and a bad signature.
 
 **Rollback.** A device may keep a version record (`version_record=` / $H2T_EDGE_VERSION_RECORD): the
 newest `issued` it has loaded per task. An artifact older than that for one of its tasks is refused.
+The record is created explicitly (`VersionRecord.create`, `h2t-edge versions init`); a missing,
+unreadable or malformed record is an error, never "empty", and updates are serialized by `flock`.
 
-`cryptography` is imported only when a key is used: integrity needs hashlib alone.
+**One read.** A loader reads each file once (`read_verified`), checks those bytes and hands the same
+bytes to the engine; nothing reopens a path after its check. File digests are BLAKE3 (`*_blake3`
+fields, hashed on every core); artifacts of the previous sealed formats carry sha256 (`*_sha256`)
+and are checked the old way.
+
+`cryptography` is imported only when a key is used, `blake3` only when a file is checked.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 
 from .errors import ArtifactError
 from .io import atomic_write_bytes, atomic_write_json, read_json
-from .schema import canonical_bytes, is_sha256
+from .schema import canonical_bytes, is_digest, is_sha256
 
 DIGEST_FIELD = "content_sha256"
 SIGNATURE_FIELD = "signature"
@@ -44,6 +51,7 @@ TRUSTED_KEYS_ENV = "H2T_EDGE_TRUSTED_KEYS"  # os.pathsep-separated .pub files
 VERSION_RECORD_ENV = "H2T_EDGE_VERSION_RECORD"  # a JSON file the device keeps
 VERSION_RECORD_FORMAT = "h2t-edge/version-record"
 SIGN_EXTRA = "pip install 'h2t-edge[sign]' (it adds the `cryptography` package)"
+FILE_DIGESTS = ("blake3", "sha256")  # a file digest field ends in its algorithm: graph_blake3, graph_sha256
 
 
 class IntegrityError(ArtifactError):
@@ -178,9 +186,15 @@ class TrustedKeys:
     def resolve(cls, trusted_keys: "TrustedKeys | Sequence[str | os.PathLike] | None" = None) -> "TrustedKeys":
         """`trusted_keys` as given (paths or TrustedKeys), plus the files in $H2T_EDGE_TRUSTED_KEYS."""
         given = trusted_keys if isinstance(trusted_keys, TrustedKeys) else cls.load(list(trusted_keys or ()))
-        env = [p for p in os.environ.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if p.strip()]
-        if not env:
+        setting = os.environ.get(TRUSTED_KEYS_ENV)
+        if setting is None:
             return given
+        env = [p for p in setting.split(os.pathsep) if p.strip()]
+        if not env or len(env) != len(setting.split(os.pathsep)):
+            # A setting that names no key (blank, ':', an empty entry) is a mistake, not "trust nothing".
+            raise SignatureError(f"${TRUSTED_KEYS_ENV} is set to {setting!r}, which names no key (or has an empty "
+                                 f"entry); set it to the signing.pub file(s) to trust, separated by {os.pathsep!r}, "
+                                 "or unset it to check integrity only")
         extra = cls.load(env)
         return cls({**given.keys, **extra.keys}, {**given.sources, **extra.sources})
 
@@ -253,28 +267,153 @@ def verify_seal(data: Mapping[str, Any], source: str | os.PathLike, *, fix: str,
     return True
 
 
-def verify_file(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
-                what: str = "file") -> None:
-    """Refuse `path` unless its sha256 is `expected` (recorded in `descriptor` as `field`)."""
-    from .io import file_sha256
-
-    if not is_sha256(expected):
-        raise IntegrityError(f"{descriptor}: field '{field}' must be a sha256 (64 lowercase hex digits); {fix}")
+def file_digest(blob: bytes | bytearray | memoryview, algorithm: str = "blake3") -> str:
+    """Hex digest of a file's bytes: BLAKE3 over every core (what h2t-edge records now), or sha256
+    (artifacts of the previous sealed formats)."""
+    if algorithm == "sha256":
+        return hashlib.sha256(blob).hexdigest()
+    if algorithm != "blake3":
+        raise ValueError(f"unknown file digest {algorithm!r}; expected one of {FILE_DIGESTS}")
     try:
-        actual = file_sha256(path)
-    except OSError as exc:
+        import blake3
+    except ImportError:
+        raise IntegrityError("checking h2t-edge artifacts needs the `blake3` package; pip install blake3") from None
+    return blake3.blake3(blob, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+def read_file(path: str | os.PathLike, *, what: str, fix: str) -> bytes:
+    """The bytes of `path`, read once (IntegrityError naming the file when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (OSError, MemoryError) as exc:
         raise IntegrityError(f"cannot read {what} {path} ({exc}); {fix}") from None
-    if actual != expected:
+
+
+_PIPELINE_BYTES = 32 << 20  # larger files are hashed while they are read (measured: a gain from ~100 MB)
+_CHUNK = 4 << 20
+
+
+def read_hashed(path: str | os.PathLike, *, what: str, fix: str) -> tuple[bytes, str]:
+    """The bytes of `path`, read once, and their BLAKE3, computed while the file is read: a reader
+    thread fills the buffer chunk by chunk while this thread hashes the chunks already in (both release
+    the GIL), so a large file costs about max(read, hash), not their sum. The digest is of exactly the
+    bytes returned, whatever happens to the file meanwhile."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < _PIPELINE_BYTES:
+                data = f.read()
+                return data, file_digest(data)
+            return _read_and_hash(f, size, path)
+    except (OSError, MemoryError) as exc:
+        raise IntegrityError(f"cannot read {what} {path} ({exc}); {fix}") from None
+
+
+def _read_and_hash(f, size: int, path) -> tuple[bytes, str]:
+    import ctypes
+    import threading
+
+    import blake3
+
+    # An uninitialized bytes object of `size` (what C extensions build and fill before anyone sees it):
+    # engines take `bytes`, and filling one in place avoids a second copy of the whole file.
+    new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+    new_bytes.argtypes, new_bytes.restype = [ctypes.c_void_p, ctypes.c_ssize_t], ctypes.py_object
+    as_string = ctypes.pythonapi.PyBytes_AsString
+    as_string.argtypes, as_string.restype = [ctypes.py_object], ctypes.c_void_p
+    data = new_bytes(None, size)
+    view = memoryview((ctypes.c_char * size).from_address(as_string(data))).cast("B")
+    done, failed, ready = [0], [], threading.Condition()
+
+    def reader() -> None:
+        position = 0
+        try:
+            while position < size:
+                n = f.readinto(view[position:position + _CHUNK])
+                if not n:
+                    raise OSError(f"{path} became shorter while it was read")
+                position += n
+                with ready:
+                    done[0] = position
+                    ready.notify()
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread, which raises it
+            with ready:
+                failed.append(exc)
+                ready.notify()
+
+    thread = threading.Thread(target=reader, name="h2t-read", daemon=True)
+    thread.start()
+    hasher, hashed = blake3.blake3(max_threads=blake3.blake3.AUTO), 0
+    try:
+        while hashed < size:
+            with ready:
+                ready.wait_for(lambda hashed=hashed: done[0] > hashed or failed)
+                if failed:
+                    raise failed[0]
+                upto = done[0]
+            hasher.update(view[hashed:upto])
+            hashed = upto
+    finally:
+        thread.join()
+        view.release()
+    return data, hasher.hexdigest()
+
+
+def verify_bytes(blob: bytes, expected: Any, *, field: str, path: str | os.PathLike,
+                 descriptor: str | os.PathLike, fix: str, what: str = "file", algorithm: str | None = None,
+                 digest: str | None = None) -> bytes:
+    """Refuse `blob` (read from `path`) unless its digest is `expected`, recorded in `descriptor` as
+    `field`; the algorithm is the field's suffix (`_blake3` or `_sha256`) unless given. `digest`: the
+    blob's digest where the caller computed it while reading (`read_hashed`). Returns `blob`."""
+    algorithm = algorithm or field.rsplit("_", 1)[-1]
+    if not is_digest(expected):
+        raise IntegrityError(f"{descriptor}: field '{field}' must be a {algorithm} (64 lowercase hex digits); {fix}")
+    if (digest or file_digest(blob, algorithm)) != expected:
         raise IntegrityError(f"{what} {path} does not match the {field} recorded in {descriptor} (it changed after "
                              f"it was written, or it was swapped in from another artifact); {fix}")
+    return blob
+
+
+def read_verified(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
+                  what: str = "file") -> bytes:
+    """The bytes of `path`, read once and refused unless they match `expected` (`field` of `descriptor`).
+    Hand these bytes to whatever uses the file: never open the path again."""
+    if not field.endswith("_blake3"):
+        return verify_bytes(read_file(path, what=what, fix=fix), expected, field=field, path=path,
+                            descriptor=descriptor, fix=fix, what=what)
+    data, digest = read_hashed(path, what=what, fix=fix)
+    return verify_bytes(data, expected, field=field, path=path, descriptor=descriptor, fix=fix, what=what,
+                        digest=digest)
+
+
+def digest_field(name: str, *, legacy: bool) -> str:
+    """The name of file digest field NAME: NAME_blake3, or NAME_sha256 in a descriptor of the previous
+    sealed format (`legacy`)."""
+    return f"{name}_sha256" if legacy else f"{name}_blake3"
+
+
+def verify_file(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
+                what: str = "file") -> None:
+    """Refuse `path` unless its digest is `expected` (a check only: use `read_verified` for a file
+    whose bytes are then used)."""
+    read_verified(path, expected, field=field, descriptor=descriptor, fix=fix, what=what)
 
 
 # -- rollback ----------------------------------------------------------------------------------------
 
 
+VERSION_MAX = 2**63 - 1  # `issued` is nanoseconds since 1970 in a signed 64-bit integer
+
+
 class VersionRecord:
     """The newest `issued` a device has loaded per task: a JSON file the device keeps (not shipped
-    with artifacts). `check_and_update` refuses an older artifact and records a newer one."""
+    with artifacts). `check_and_update` refuses an older artifact and records a newer one, under an
+    exclusive `flock` on PATH.lock, so concurrent loads lose no update.
+
+    The record fails closed: it is created explicitly (`VersionRecord.create`, `h2t-edge versions
+    init`); once a device uses one, a missing (deleted, dangling), unreadable or malformed record, or a
+    version that is not an integer in 0..2^63-1, is an error, never an empty record."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -284,30 +423,60 @@ class VersionRecord:
         if isinstance(version_record, VersionRecord):
             return version_record
         if version_record is None:
-            version_record = os.environ.get(VERSION_RECORD_ENV) or None
+            setting = os.environ.get(VERSION_RECORD_ENV)
+            if setting is not None and not setting.strip():
+                raise ArtifactError(f"${VERSION_RECORD_ENV} is set but blank; set it to the device's version record "
+                                    "file, or unset it to keep no record")
+            version_record = setting
         return None if version_record is None else cls(version_record)
 
+    @classmethod
+    def create(cls, path: str | os.PathLike) -> "VersionRecord":
+        """Create an empty record at `path` (the explicit first step); refuses one that exists."""
+        record = cls(path)
+        with record._lock():
+            if os.path.lexists(record.path):
+                raise ArtifactError(f"version record {record.path} already exists; a device keeps one record, "
+                                    "do not reset it (a reset would accept rollbacks)")
+            atomic_write_json(record.path, {"format": VERSION_RECORD_FORMAT, "version": 1, "tasks": {}})
+        return record
+
+    def _lock(self):
+        from .io import FileLock
+
+        return FileLock(self.path.with_name(self.path.name + ".lock"), f"version record {self.path}",
+                        "wait for the other load to finish", wait=True)
+
     def read(self) -> dict[str, int]:
+        """The recorded versions (ArtifactError naming the file when it is missing or malformed)."""
+        fix = (f"restore the device's record, or create a new one with `h2t-edge versions init {self.path}` "
+               "(a new record accepts any version once)")
         if not self.path.is_file():
-            return {}
+            raise ArtifactError(f"version record {self.path} does not exist (deleted, or a dangling link); {fix}")
         data = read_json(self.path, "version record")
         if not isinstance(data, dict) or data.get("format") != VERSION_RECORD_FORMAT \
                 or not isinstance(data.get("tasks"), dict):
-            raise ArtifactError(f"{self.path} is not an h2t-edge version record; point {VERSION_RECORD_ENV} at "
-                                "the device's own record file")
-        return {str(k): int(v) for k, v in data["tasks"].items()}
+            raise ArtifactError(f"{self.path} is not an h2t-edge version record (format {VERSION_RECORD_FORMAT!r} "
+                                f"with a 'tasks' object); point {VERSION_RECORD_ENV} at the device's own record, or {fix}")
+        for task, value in data["tasks"].items():
+            if type(value) is not int or not 0 <= value <= VERSION_MAX:
+                raise ArtifactError(f"version record {self.path}: field 'tasks.{task}' is {str(value)[:40]!r}, not an "
+                                    f"integer in 0..{VERSION_MAX}; {fix}")
+        return dict(data["tasks"])
 
     def check_and_update(self, tasks: Sequence[str], issued: Any, source: str | os.PathLike) -> None:
-        if not isinstance(issued, int) or isinstance(issued, bool):
-            raise IntegrityError(f"{source}: field '{ISSUED_FIELD}' is missing or not an integer, so this device's "
-                                 f"version record ({self.path}) cannot rule out a rollback; re-compile the task")
-        known = self.read()
-        for task in tasks:
-            if known.get(task, -1) > issued:
-                raise RollbackError(f"{source} holds task {task!r} issued at {issued}, older than the version this "
-                                    f"device already loaded ({known[task]}, recorded in {self.path}): a rollback; "
-                                    "install the newer artifact")
-        newer = {t: issued for t in tasks if known.get(t, -1) < issued}
-        if newer:
-            atomic_write_json(self.path, {"format": VERSION_RECORD_FORMAT, "version": 1,
-                                          "tasks": {**known, **newer}})
+        if type(issued) is not int or not 0 <= issued <= VERSION_MAX:
+            raise IntegrityError(f"{source}: field '{ISSUED_FIELD}' is missing or not an integer in 0..{VERSION_MAX}, "
+                                 f"so this device's version record ({self.path}) cannot rule out a rollback; "
+                                 "re-compile the task")
+        with self._lock():
+            known = self.read()
+            for task in tasks:
+                if known.get(task, -1) > issued:
+                    raise RollbackError(f"{source} holds task {task!r} issued at {issued}, older than the version "
+                                        f"this device already loaded ({known[task]}, recorded in {self.path}): a "
+                                        "rollback; install the newer artifact")
+            newer = {t: issued for t in tasks if known.get(t, -1) < issued}
+            if newer:
+                atomic_write_json(self.path, {"format": VERSION_RECORD_FORMAT, "version": 1,
+                                              "tasks": {**known, **newer}})

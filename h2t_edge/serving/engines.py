@@ -37,7 +37,7 @@ from runtime.errors import ArtifactError
 from runtime.io import atomic_write_json, file_sha256, read_json
 from runtime.predictor import read_task_sidecar
 from runtime.preprocess import PreprocessConfig
-from runtime.trust import SigningKey
+from runtime.trust import SigningKey, file_digest
 
 BUILD_FORMAT = "h2t-edge/engine-build"
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
@@ -156,8 +156,8 @@ def build_engine(
         "source": str(graph.resolve()),
         "source_sha256": file_sha256(graph),
         "artifact": output.name,
-        "artifact_sha256": file_sha256(output),
-        **({"weights_sha256": file_sha256(output.with_suffix(".bin"))} if output.suffix == ".xml" else {}),
+        "artifact_blake3": file_digest(output.read_bytes()),
+        **({"weights_blake3": file_digest(output.with_suffix(".bin").read_bytes())} if output.suffix == ".xml" else {}),
         "calibration": {"images": sum(len(b) for b in batches), "source": str(calib)} if batches else None,
         "seconds": round(time.perf_counter() - start, 2),
         "versions": {"h2t-edge": __version__, "python": platform.python_version(), **build.pop("versions", {})},
@@ -262,8 +262,9 @@ def _write_sidecar(graph: Path, output: Path, build: dict, signing_key: SigningK
     # An engine's own record (key + checksum, written by the builder) shares the name: keep it.
     if sidecar.is_file() and output.suffix == ".engine":
         record = read_json(sidecar, "engine record")
-        data = {**data, "key": record["key"], "engine_sha256": record["engine_sha256"]}
-    data = {k: v for k, v in data.items() if k != "graph_sha256"}  # the engine is checked by build.artifact_sha256
+        data = {**data, "key": record["key"], "engine_blake3": record["engine_blake3"]}
+    # the engine is checked by build.artifact_blake3
+    data = {k: v for k, v in data.items() if k not in ("graph_sha256", "graph_blake3")}
     data = {**data, "build": build}
     sign(data, signing_key)  # every engine sidecar is sealed; a task sidecar's copy gets a new seal
     return atomic_write_json(sidecar, data)
@@ -333,6 +334,6 @@ def _build_tensorrt(graph: Path, output: Path, precision: str, batches, profile:
     loader = trt_backend.EngineLoader(source, precision, profile, batches or None, cache_dir)
     engine = loader()
     output.write_bytes(engine)
-    trt_backend.write_engine_record(output, loader.key)
+    trt_backend.write_engine_record(output, loader.key, engine)
     return {"method": method, "profile": profile.to_dict(), "gpu": loader.key.gpu_name,
             "engine_source": str(source), "versions": {"tensorrt": trt.__version__}}

@@ -19,6 +19,37 @@ from ..errors import ArtifactError
 # Any zero-argument callable that returns what a runner needs, e.g. `SessionLoader`.
 Loader = Callable[[], Any]
 
+# Every ONNX tensor stored outside the graph names its file under this key (StringStringEntryProto
+# key = "location"), so a graph whose bytes lack it has no external data.
+_EXTERNAL_DATA_KEY = b"\x0a\x08location"
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model as its verified bytes: `data` (ONNX, OpenVINO IR XML or a serialized engine, as `kind`
+    says) and, for an IR, its `weights` (.bin). Loaders hand exactly these bytes to the engine and
+    never open `source` (where they were read, for messages) again. `record`: the verified descriptor
+    (an engine's key, for its TensorRT version and GPU check)."""
+
+    data: bytes
+    source: str
+    kind: str = "onnx"  # "onnx", "ir" or "engine"
+    weights: Optional[bytes] = None
+    record: Optional[Mapping[str, Any]] = None
+
+    def refuse_external_data(self) -> None:
+        """Refuse an ONNX graph that keeps tensors in external files: an engine given bytes resolves them
+        against the working directory, and no digest covers them. (ONNX Runtime is told instead to look
+        for them in an empty folder, which costs no scan of the bytes: `external_data_error`.)"""
+        if self.kind == "onnx" and _EXTERNAL_DATA_KEY in self.data:
+            raise external_data_error(self.source)
+
+
+def external_data_error(source: str) -> ArtifactError:
+    return ArtifactError(f"ONNX graph {source} keeps tensors in external data files, which no digest covers; "
+                         "save the graph with its weights inside it (onnx.save_model(..., "
+                         "save_as_external_data=False)) and compile it again")
+
 # A dimension of an input shape: an int, or a name (str) where the model leaves it dynamic.
 Dim = Union[int, str]
 
