@@ -14,7 +14,9 @@ import pytest
 
 from exporters.attach import HeadSpec, attach_heads
 from exporters.quantize import quantize_int8_qdq, trunk_nodes
-from h2t_edge.steps.precision import PrecisionError, check_supported, precision_graph, split_calibration
+from h2t_edge.steps.precision import (
+    PrecisionError, _files_sha256, check_supported, precision_graph, precision_graph_path, split_calibration,
+)
 from h2t_edge.suite.tasks.dsprites import build_dsprites_task
 from runtime.backends.onnxruntime import SessionLoader
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
@@ -125,6 +127,17 @@ def test_unsupported_pairs_name_the_fix():
     with pytest.raises(PrecisionError, match="bf16 runs on --backend openvino"):
         check_supported("bf16", "onnxruntime")
     check_supported("int8", "openvino")
+
+
+def test_int8_graphs_are_keyed_by_their_calibration_images(int8_graph, export, task):
+    """A cache folder shared between tasks never hands one task another's calibration."""
+    path, cfg, _ = export
+    again = precision_graph(path, "int8", "onnxruntime", [Path(p) for p in task["train"].paths], cfg, images=16,
+                            method="minmax")
+    assert again.path == int8_graph.path  # the same images: kept
+    other = [Path(p) for p in task["test"].paths]
+    assert precision_graph_path(path, "int8", "onnxruntime", "minmax", 16,
+                                _files_sha256(split_calibration(other, 16)[0])) != int8_graph.path
 
 
 def test_calibration_and_held_out_draws_are_disjoint():
