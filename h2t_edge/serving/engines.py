@@ -130,6 +130,13 @@ def build_engine(
         )
     if precision == "int8" and calib is None:
         raise EngineBuildError("--precision int8 needs calibration images: pass --calib DIR (a folder of task images)")
+    task_graph = graph.with_suffix(".json").is_file()
+    if task_graph:
+        _check_source(graph)  # build only from a graph that is what its sidecar says, before any work
+        if precision != "fp32" and check is None and calib is None and not accept_drop:
+            raise EngineBuildError(f"a {precision} build of a task graph is checked against its source on held-out "
+                                   "images: pass --check DIR (a folder of task images, class subfolders for "
+                                   "accuracy), or --accept-drop to build it unchecked")
     output = Path(output) if output is not None else default_output(graph, backend, precision)
     output.parent.mkdir(parents=True, exist_ok=True)
     batches, held_out = [], []
@@ -150,7 +157,7 @@ def build_engine(
         build |= _build_openvino(graph, output, precision, batches)
     else:
         build |= _build_tensorrt(graph, output, precision, batches, BatchProfile.up_to(max_batch), cache_dir)
-    if precision != "fp32" and graph.with_suffix(".json").is_file():
+    if precision != "fp32" and task_graph:
         build["check"] = _checked(graph, output, backend, precision, check, calib, held_out, accept_drop)
     build |= {
         "source": str(graph.resolve()),
@@ -246,15 +253,20 @@ def _labels(images: list, folder, classes: list) -> np.ndarray | None:
     return np.asarray(labels)
 
 
+def _check_source(graph: Path) -> None:
+    """The task graph and its sidecar, checked as the runtime checks them (EngineBuildError)."""
+    try:
+        read_task_sidecar(graph, graph.with_suffix(".json"))
+    except ArtifactError as exc:
+        raise EngineBuildError(str(exc)) from exc
+
+
 def _write_sidecar(graph: Path, output: Path, build: dict, signing_key: SigningKey | None = None) -> Path:
     """OUTPUT.json: the task sidecar of GRAPH (checked, as the runtime checks it) with the build
     record added, sealed again (signed with `signing_key` when given): the engine's own sidecar."""
     task_sidecar = graph.with_suffix(".json")
     if task_sidecar.is_file():
-        try:
-            read_task_sidecar(graph, task_sidecar)  # build only from a graph that is what its sidecar says
-        except ArtifactError as exc:
-            raise EngineBuildError(str(exc)) from exc
+        _check_source(graph)  # again: the build took a while, the files may have changed
         data = read_json(task_sidecar, "task sidecar")
     else:
         data = {"format": BUILD_FORMAT, "version": 1}
