@@ -223,8 +223,9 @@ def check_build(graph: Path, output: Path, backend: str, precision: str, images:
     cfg = graph_preprocess(graph)
     labels = _labels(images, folder, tasks[0]["classes"]) if len(tasks) == 1 else None
     x = np.stack([preprocess_image(load_image(p), cfg) for p in images])
-    hint = {"openvino": {"precision": precision if precision in ("fp16", "bf16") else "fp32"},
-            "tensorrt": {"precision": precision}}.get(backend, {})
+    from h2t_edge.steps.precision import runner_options
+
+    hint = runner_options({"precision": precision, "backend": backend})  # how the built graph runs
     preds = {}
     for name, (path, on, options) in {"source": (graph, "onnxruntime", {}), "built": (output, backend, hint)}.items():
         with create_runner(path, on, **options) as runner:
@@ -311,7 +312,7 @@ def _build_openvino(graph: Path, output: Path, precision: str, batches) -> dict:
         from exporters.quantize import quantize_int8_nncf
 
         staged = output.with_suffix(".nncf.onnx")
-        report = quantize_int8_nncf(graph, staged, batches)
+        quantize_int8_nncf(graph, staged, batches)
         source = onnx.load(str(staged))
         staged.unlink()
         method = ("OpenVINO IR from NNCF's int8 QDQ ONNX (trunk only; pooling, normalization and head fp32); "

@@ -102,7 +102,8 @@ def record_from_metadata(meta: dict[str, str], source: str | Path) -> dict | Non
         record = json.loads(meta[PRECISION_KEY])
     except ValueError as exc:
         raise PrecisionError(f"{source}: its {PRECISION_KEY} metadata is not JSON ({exc}); {fix}") from None
-    if not isinstance(record, dict) or record.get("precision") not in PRECISIONS or record.get("backend") not in BACKENDS:
+    if (not isinstance(record, dict) or record.get("precision") not in PRECISIONS
+            or record.get("backend") not in BACKENDS):
         raise PrecisionError(f"{source}: its {PRECISION_KEY} metadata names no known precision and backend; {fix}")
     return record
 
@@ -202,7 +203,8 @@ def _int8(source: Path, backend: str, calib: list[Path], held: list[Path], prepr
         if backend == "openvino":
             report = quantize_int8_nncf(source, staged, batches)
         else:
-            report = quantize_int8_qdq(source, staged, batches, target="cpu" if backend == "onnxruntime" else "tensorrt",
+            target = "cpu" if backend == "onnxruntime" else "tensorrt"
+            report = quantize_int8_qdq(source, staged, batches, target=target,
                                        method=method)
         model = onnx.load(str(staged))
     fidelity = feature_fidelity(source, model, calibration_batches(held, preprocess, batch_size=8, limit=None),
