@@ -52,8 +52,10 @@ from .trust import (
     TrustedKeys,
     VersionRecord,
     file_digest,
+    read_checking,
     read_file,
     read_verified,
+    resolve_verify_first,
     verify_bytes,
     verify_seal,
 )
@@ -201,9 +203,11 @@ class SharedBackbonePredictor(Predictor):
              backend: str = "onnxruntime", tasks: Sequence[str] | None = None, *,
              trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
              version_record: VersionRecord | str | os.PathLike | None = None,
+             verify_first: bool | None = None,
              **backend_options: Any) -> "SharedBackbonePredictor":
         """Load DIR/backbone.onnx and the heads in DIR/heads (all, or those named in `tasks`); each
-        file is checked as `Predictor.load` checks a task graph (trusted_keys, version_record)."""
+        file is checked as `Predictor.load` checks a task graph (trusted_keys, version_record,
+        verify_first: the backbone is parsed while its digest is computed unless it is set)."""
         root = Path(path)
         trusted = TrustedKeys.resolve(trusted_keys)
         record = VersionRecord.resolve(version_record)
@@ -218,8 +222,13 @@ class SharedBackbonePredictor(Predictor):
                                  f"older folders were not sealed or had no heads list); {fix}")
         verify_seal(meta, f"shared backbone sidecar {meta_file}", fix=fix, trusted=trusted)
         graph = root / "backbone.onnx"
-        blob = read_verified(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file, fix=fix,
-                             what="backbone graph")
+        if resolve_verify_first(verify_first):
+            blob, checks = read_verified(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
+                                         fix=fix, what="backbone graph"), ()
+        else:  # confirmed by the engine loader before anything runs (`ModelBytes.confirm`)
+            blob, check = read_checking(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
+                                        fix=fix, what="backbone graph")
+            checks = (check,)
         layout = meta["layout"]
         if layout_sha256(layout) != meta.get("layout_sha256"):
             raise IntegrityError(f"{meta_file}: field 'layout_sha256' does not match its layout; {fix}")
@@ -239,7 +248,7 @@ class SharedBackbonePredictor(Predictor):
             "preprocess": meta["preprocess"], "backbone": meta["backbone"],
             "tasks": [{"task": h.task, "classes": list(h.classes), "outputs": {"logits": h.task}} for h in heads],
         }, source=str(meta_file))
-        model = ModelBytes(blob, str(graph), "onnx", record=meta)  # the checked bytes, not the path again
+        model = ModelBytes(blob, str(graph), "onnx", record=meta, checks=checks)  # the bytes read, not the path again
         runner = create_runner(model, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
         return cls(runner, sidecar, heads, graph)
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
 
 from .backends import create_runner
-from .backends.base import ModelBytes, Runner
+from .backends.base import LeasedModel, ModelBytes, Runner
 from .errors import ArtifactError, ImageError
 from .io import parse_json, read_json
 from .preprocess import PreprocessConfig, load_image, preprocess_image
@@ -27,11 +27,15 @@ from .schema import is_name
 from .trust import (
     DIGEST_FIELD,
     ISSUED_FIELD,
+    DigestCheck,
+    FileChanging,
+    FileLease,
     IntegrityError,
     TrustedKeys,
     VersionRecord,
     digest_field,
     read_file,
+    resolve_verify_first,
     verify_bytes,
     verify_seal,
     warn_unverified,
@@ -214,7 +218,7 @@ class VerifiedTask:
 
     sidecar: "TaskSidecar"
     raw: Mapping[str, Any]
-    model: ModelBytes
+    model: ModelBytes | LeasedModel
 
 
 def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None, *,
@@ -231,7 +235,8 @@ def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = 
               trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
               allow_unverified: bool = False,
               version_record: VersionRecord | str | os.PathLike | None = None,
-              files: Mapping[Path, bytes] | None = None) -> VerifiedTask:
+              files: Mapping[Path, bytes] | None = None, parse_while_hashing: bool = False,
+              lease: bool = False) -> VerifiedTask:
     """The one reader of task-graph sidecars: the checked sidecar of the task graph (or engine) PATH
     and the graph's bytes, read once; hand `.model` to the backend, never PATH.
 
@@ -242,7 +247,12 @@ def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = 
     $H2T_EDGE_VERSION_RECORD) an older artifact of a task than the device already loaded. Each error
     names the file and the fix. A sidecar from before sealing (versions 1 and 2) loads only with
     `allow_unverified`, loudly. sidecar_file: where the sidecar is (default: next to the graph).
-    files: path -> bytes already read once (and checked) by the caller; those files are not read again."""
+    files: path -> bytes already read once (and checked) by the caller; those files are not read again.
+    parse_while_hashing: return as soon as the bytes are read, their digest still being computed
+    (`ModelBytes.checks`): the engine loader given `.model` parses them meanwhile and confirms the
+    digest before it returns (`Predictor.load`). Everything else is checked before this returns.
+    lease: an ONNX task graph comes as a leased file where the system grants a lease (`LeasedModel`;
+    ONNX Runtime opens it, nothing is copied), else as bytes."""
     path = Path(path)
     files = files or {}
     if not path.is_file():
@@ -277,30 +287,58 @@ def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = 
     if isinstance(raw, dict):
         verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix, trusted=trusted)
     sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
-    model = read_artifact(path, raw, sidecar_file, legacy=version in SHA256_VERSIONS, files=files)
+    model = read_artifact(path, raw, sidecar_file, legacy=version in SHA256_VERSIONS, files=files,
+                          parse_while_hashing=parse_while_hashing, lease=lease)
     if record is not None:
-        record.check_and_update([t.task for t in sidecar.tasks], raw.get(ISSUED_FIELD), sidecar_file)
+        update = _VersionUpdate(record, [t.task for t in sidecar.tasks], raw.get(ISSUED_FIELD), sidecar_file)
+        if parse_while_hashing:  # the device records the version once the graph is confirmed, not before
+            return VerifiedTask(sidecar, raw, replace(model, checks=(*model.checks, update)))
+        update.verify()
     return VerifiedTask(sidecar, raw, model)
 
 
-def _model_bytes(path: Path, data: bytes, raw: Mapping[str, Any], weights: bytes | None = None) -> ModelBytes:
+@dataclass(frozen=True)
+class _VersionUpdate:
+    """`VersionRecord.check_and_update` as a check of `ModelBytes.checks`, run after the digests."""
+
+    record: VersionRecord
+    tasks: list[str]
+    issued: Any
+    sidecar_file: Path
+
+    def verify(self) -> None:
+        self.record.check_and_update(self.tasks, self.issued, self.sidecar_file)
+
+
+def _model_bytes(path: Path, data: bytes, raw: Mapping[str, Any], weights: bytes | None = None,
+                 checks: tuple = ()) -> ModelBytes:
     kind = {".engine": "engine", ".plan": "engine", ".xml": "ir"}.get(path.suffix, "onnx")
-    return ModelBytes(data, str(path), kind, weights, raw)
+    return ModelBytes(data, str(path), kind, weights, raw, checks)
 
 
 def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike, *,
-                  legacy: bool = False, files: Mapping[Path, bytes] | None = None) -> ModelBytes:
+                  legacy: bool = False, files: Mapping[Path, bytes] | None = None,
+                  parse_while_hashing: bool = False, lease: bool = False) -> ModelBytes | LeasedModel:
     """The graph or engine at `path`, read once and checked against the digest its sidecar recorded:
     `build.artifact_blake3` (an engine from `h2t-edge build-engine`; an OpenVINO IR's weights too, as
     `build.weights_blake3`) or else `graph_blake3` (a compiled task graph); one of them is mandatory.
     legacy: a sidecar of the previous sealed format, whose digests are the `*_sha256` fields.
-    files: path -> bytes the caller has read already (checked here all the same, not read again)."""
+    files: path -> bytes the caller has read already (checked here all the same, not read again).
+    parse_while_hashing: the digests are computed on another thread, and the returned bytes carry
+    them (`ModelBytes.checks`, confirmed by the engine loader before it returns).
+    lease: a task graph (not an engine) not in `files` is leased rather than read where the system
+    grants a lease (`runtime.trust.FileLease`); its digest is of the leased inode's bytes."""
     path, files = Path(path), files or {}
     build = sidecar.get("build")
     fix = "re-compile the task or rebuild the engine"
+    checks: list[DigestCheck] = []
 
     def checked(file: Path, record: Mapping[str, Any], name: str, field: str, what: str) -> bytes:
         data = files[file] if file in files else read_file(file, what=what, fix=fix)
+        if parse_while_hashing:
+            checks.append(DigestCheck(data, record.get(name), field=field, path=file, descriptor=sidecar_file,
+                                      fix=fix, what=what))
+            return data
         return verify_bytes(data, record.get(name), field=field, path=file, descriptor=sidecar_file, fix=fix,
                             what=what)
 
@@ -311,9 +349,21 @@ def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_f
         if path.suffix == ".xml":  # the IR's weights are the .bin beside it
             name = digest_field("weights", legacy=legacy)
             weights = checked(path.with_suffix(".bin"), build, name, f"build.{name}", "engine weights")
-        return _model_bytes(path, data, sidecar, weights)
+        return _model_bytes(path, data, sidecar, weights, tuple(checks))
     name = digest_field("graph", legacy=legacy)
-    return _model_bytes(path, checked(path, sidecar, name, name, "task graph"), sidecar)
+    held = FileLease.take(path) if lease and path not in files else None
+    if held is not None:
+        try:
+            check = DigestCheck(held, sidecar.get(name), field=name, path=path, descriptor=sidecar_file, fix=fix,
+                                what="task graph", threads=1 if parse_while_hashing else None)
+            if not parse_while_hashing:
+                check.verify()
+        except BaseException:
+            held.close()
+            raise
+        return LeasedModel(held, str(path), sidecar, (check, held) if parse_while_hashing else (held,))
+    data = checked(path, sidecar, name, name, "task graph")
+    return _model_bytes(path, data, sidecar, checks=tuple(checks))
 
 
 @dataclass
@@ -369,6 +419,7 @@ class Predictor:
         trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
         allow_unverified: bool = False,
         version_record: VersionRecord | str | os.PathLike | None = None,
+        verify_first: bool | None = None,
         **backend_options: Any,
     ) -> "Predictor":
         """Load `TASK.onnx` and its sidecar `TASK.json` with `backend` ('onnxruntime',
@@ -376,20 +427,34 @@ class Predictor:
 
         providers applies to onnxruntime only; intra_op_threads to onnxruntime and openvino;
         backend_options go to the backend's loader as they are. The sidecar and the graph are
-        read once and checked first (`load_task`), and the backend gets those bytes: trusted_keys (public key files, added to those in
-        $H2T_EDGE_TRUSTED_KEYS) makes a signature by one of them mandatory; version_record (a
-        file the device keeps, or $H2T_EDGE_VERSION_RECORD) refuses rollbacks; allow_unverified
-        loads an unsealed sidecar of the old format, with a warning.
+        read once and checked (`load_task`), and the backend gets those bytes: trusted_keys
+        (public key files, added to those in $H2T_EDGE_TRUSTED_KEYS) makes a signature by one of
+        them mandatory; version_record (a file the device keeps, or $H2T_EDGE_VERSION_RECORD)
+        refuses rollbacks; allow_unverified loads an unsealed sidecar of the old format, with a
+        warning. The backend parses the graph's bytes while their BLAKE3 is computed on another thread, and
+        the runner is handed over (and the version recorded) only once the digest matches: nothing
+        runs before. verify_first (or $H2T_EDGE_VERIFY_FIRST=1) finishes the digest before the
+        backend sees a byte, at the cost of the hash (`benchmarks/results/trust.md`).
         Raises ArtifactError when either file is missing or malformed, and BackendUnavailable
         when the backend or an explicitly requested provider does not initialize.
         """
         path = Path(path)
-        task = load_task(path, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
-                         version_record=version_record)
-        backend_options = fitted_precision_options(task.sidecar, path, backend, backend_options)
-        # The bytes that were checked are the bytes the backend gets: the path is not opened again.
-        options = runner_options(backend, providers, intra_op_threads, backend_options)
-        return cls(create_runner(task.model, backend, **options), task.sidecar, path)
+        parse_while_hashing = not resolve_verify_first(verify_first)
+
+        def load(lease: bool) -> Predictor:
+            task = load_task(path, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
+                             version_record=version_record, parse_while_hashing=parse_while_hashing, lease=lease)
+            options = fitted_precision_options(task.sidecar, path, backend, backend_options)
+            # The bytes that were checked are the bytes the backend gets: the path is not opened again.
+            options = runner_options(backend, providers, intra_op_threads, options)
+            return cls(create_runner(task.model, backend, **options), task.sidecar, path)
+
+        if backend == "onnxruntime":  # ONNX Runtime opens a leased graph file itself: no copy of it
+            try:
+                return load(lease=True)
+            except FileChanging:  # someone asked to write the graph meanwhile: load a copy of its bytes
+                pass
+        return load(lease=False)
 
     # -- properties -------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ SIGNATURE_FIELD = "signature"
 ISSUED_FIELD = "issued"
 ALGORITHM = "ed25519"
 TRUSTED_KEYS_ENV = "H2T_EDGE_TRUSTED_KEYS"  # os.pathsep-separated .pub files
+VERIFY_FIRST_ENV = "H2T_EDGE_VERIFY_FIRST"  # "1": digests finish before an engine parses the bytes
 VERSION_RECORD_ENV = "H2T_EDGE_VERSION_RECORD"  # a JSON file the device keeps
 VERSION_RECORD_FORMAT = "h2t-edge/version-record"
 SIGN_EXTRA = "pip install 'h2t-edge[sign]' (it adds the `cryptography` package)"
@@ -267,9 +268,9 @@ def verify_seal(data: Mapping[str, Any], source: str | os.PathLike, *, fix: str,
     return True
 
 
-def file_digest(blob: bytes | bytearray | memoryview, algorithm: str = "blake3") -> str:
-    """Hex digest of a file's bytes: BLAKE3 over every core (what h2t-edge records now), or sha256
-    (artifacts of the previous sealed formats)."""
+def file_digest(blob: bytes | bytearray | memoryview, algorithm: str = "blake3", threads: int | None = None) -> str:
+    """Hex digest of a file's bytes: BLAKE3 over every core, or over `threads` (what h2t-edge records
+    now), or sha256 (artifacts of the previous sealed formats)."""
     if algorithm == "sha256":
         return hashlib.sha256(blob).hexdigest()
     if algorithm != "blake3":
@@ -278,7 +279,7 @@ def file_digest(blob: bytes | bytearray | memoryview, algorithm: str = "blake3")
         import blake3
     except ImportError:
         raise IntegrityError("checking h2t-edge artifacts needs the `blake3` package; pip install blake3") from None
-    return blake3.blake3(blob, max_threads=blake3.blake3.AUTO).hexdigest()
+    return blake3.blake3(blob, max_threads=threads or blake3.blake3.AUTO).hexdigest()
 
 
 def read_file(path: str | os.PathLike, *, what: str, fix: str) -> bytes:
@@ -366,13 +367,159 @@ def verify_bytes(blob: bytes, expected: Any, *, field: str, path: str | os.PathL
     """Refuse `blob` (read from `path`) unless its digest is `expected`, recorded in `descriptor` as
     `field`; the algorithm is the field's suffix (`_blake3` or `_sha256`) unless given. `digest`: the
     blob's digest where the caller computed it while reading (`read_hashed`). Returns `blob`."""
+    algorithm = _expected_digest(expected, field, descriptor, fix, algorithm)
+    if (digest or file_digest(blob, algorithm)) != expected:
+        raise _mismatch(field, path, descriptor, fix, what)
+    return blob
+
+
+def _expected_digest(expected: Any, field: str, descriptor, fix: str, algorithm: str | None = None) -> str:
+    """The algorithm of digest field `field` (its suffix unless given); refuses a malformed `expected`."""
     algorithm = algorithm or field.rsplit("_", 1)[-1]
     if not is_digest(expected):
         raise IntegrityError(f"{descriptor}: field '{field}' must be a {algorithm} (64 lowercase hex digits); {fix}")
-    if (digest or file_digest(blob, algorithm)) != expected:
-        raise IntegrityError(f"{what} {path} does not match the {field} recorded in {descriptor} (it changed after "
-                             f"it was written, or it was swapped in from another artifact); {fix}")
-    return blob
+    return algorithm
+
+
+def _mismatch(field: str, path, descriptor, fix: str, what: str) -> IntegrityError:
+    return IntegrityError(f"{what} {path} does not match the {field} recorded in {descriptor} (it changed after "
+                          f"it was written, or it was swapped in from another artifact); {fix}")
+
+
+class FileChanging(IntegrityError):
+    """A leased file that someone opened for writing while it was loaded (`FileLease.verify`): the
+    load is done again from a copy of its bytes."""
+
+
+class FileLease:
+    """A read lease (Linux `fcntl(F_SETLEASE, F_RDLCK)`) on a file opened read-only: the kernel grants
+    it only while nobody has the file open for writing (a writable mapping included), and while it is
+    held, whoever opens the file for writing or truncates it waits for its release. So the bytes of the
+    leased inode cannot change while it is held: its digest (`DigestCheck` over a read-only mapping)
+    and an engine that opens `path` (`/proc/self/fd/N`, this very inode, whatever is renamed over the
+    original path) see the same bytes, with no copy of the file. `verify` says whether the lease held
+    throughout (a writer that asked meanwhile ends it: `FileChanging`). `take` returns None where no
+    lease can be had (another OS, a file system without leases, a file this user does not own, a
+    writer that has it open): callers then read the bytes into memory instead."""
+
+    def __init__(self, fd: int, source: str | os.PathLike):
+        import weakref
+
+        self.fd, self.source = fd, str(source)
+        self.size = os.fstat(fd).st_size
+        self.readers: list = []  # threads reading a mapping of the file: the lease outlives them
+        self._close = weakref.finalize(self, _drop_lease, fd)
+
+    @classmethod
+    def take(cls, path: str | os.PathLike) -> FileLease | None:
+        try:
+            import fcntl
+            import signal
+
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (ImportError, OSError):
+            return None
+        try:
+            # A writer's open sends the holder a signal; SIGURG's default is to be ignored (SIGIO's kills).
+            fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
+        except (AttributeError, OSError):
+            os.close(fd)
+            return None
+        return cls(fd, path)
+
+    @property
+    def path(self) -> str:
+        """A path that opens the leased inode itself (not whatever the original path names now)."""
+        return f"/proc/self/fd/{self.fd}"
+
+    def mapped(self):
+        """The file's bytes as a read-only mapping (no copy)."""
+        import mmap
+
+        return mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ) if self.size else b""
+
+    def verify(self) -> None:
+        """FileChanging unless the lease has held until now (nobody asked to write the file)."""
+        import fcntl
+
+        if not self._close.alive or fcntl.fcntl(self.fd, fcntl.F_GETLEASE) != fcntl.F_RDLCK:
+            raise FileChanging(f"{self.source} was opened for writing while it was loaded")
+
+    def close(self) -> None:
+        """Drop the lease and close the file (again: nothing), once its readers are done: a file
+        truncated under a mapping that is still read would kill the process (SIGBUS)."""
+        for reader in self.readers:
+            reader.join()
+        self._close()
+
+
+def _drop_lease(fd: int) -> None:
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    finally:
+        os.close(fd)
+
+
+class DigestCheck:
+    """The check of bytes whose digest is computed on another thread while an engine parses them
+    (`read_checking`). `verify` waits for it and raises IntegrityError unless the digest is the one
+    recorded; whoever hands the bytes to an engine calls it before the engine runs anything
+    (`runtime.backends.base.ModelBytes.confirm`). The digest is of the very bytes object the engine
+    gets: neither the file nor anyone else can change it."""
+
+    def __init__(self, blob: bytes | FileLease, expected: Any, *, field: str, path: str | os.PathLike,
+                 descriptor: str | os.PathLike, fix: str, what: str = "file", threads: int | None = None):
+        import threading
+
+        algorithm = _expected_digest(expected, field, descriptor, fix)
+        self._mismatch = lambda: _mismatch(field, path, descriptor, fix, what)
+        self._expected, self._result = expected, {}
+
+        data = blob.mapped() if isinstance(blob, FileLease) else blob  # mapped here, while the file is open
+
+        def digest() -> None:
+            try:
+                self._result["digest"] = file_digest(data, algorithm, threads)
+            except BaseException as exc:  # noqa: BLE001 - raised by `verify`, on the caller's thread
+                self._result["error"] = exc
+
+        self._thread = threading.Thread(target=digest, name="h2t-digest", daemon=True)
+        if isinstance(blob, FileLease):
+            blob.readers.append(self._thread)
+        self._thread.start()
+
+    def verify(self) -> None:
+        self._thread.join()
+        if "error" in self._result:
+            raise self._result["error"]
+        if self._result["digest"] != self._expected:
+            raise self._mismatch()
+
+
+def resolve_verify_first(verify_first: bool | None = None) -> bool:
+    """`verify_first` as given, else $H2T_EDGE_VERIFY_FIRST: "1" yes, "0" or unset no; any other value
+    is an error (a trust setting that fails closed, never a guess)."""
+    if verify_first is not None:
+        return bool(verify_first)
+    setting = os.environ.get(VERIFY_FIRST_ENV)
+    if setting is None or setting == "0":
+        return False
+    if setting == "1":
+        return True
+    raise IntegrityError(f"${VERIFY_FIRST_ENV} is set to {setting!r}; set it to 1 (finish every digest before "
+                         "an engine parses the bytes) or 0, or unset it")
+
+
+def read_checking(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
+                  what: str = "file") -> tuple[bytes, DigestCheck]:
+    """The bytes of `path`, read once, and their `DigestCheck`, started: an engine may parse the bytes
+    while the digest is computed (on 2 cores that hides the hash), and must not run before
+    `DigestCheck.verify`. `read_verified` checks before it returns instead."""
+    data = read_file(path, what=what, fix=fix)
+    return data, DigestCheck(data, expected, field=field, path=path, descriptor=descriptor, fix=fix, what=what)
 
 
 def read_verified(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,

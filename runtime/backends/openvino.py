@@ -118,10 +118,14 @@ class CompiledModelLoader:
             model = self._read(core, ov)
             compiled = core.compile_model(model, self.device, config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError subclasses for bad models
+            if isinstance(self.model, ModelBytes):
+                self.model.confirm()  # bytes that fail their digest are refused as such, not as a bad model
             raise ArtifactError(
                 f"OpenVINO cannot read or compile {self.model_name}: {exc}; "
                 "the file is corrupt or uses an operator OpenVINO lacks, re-export it"
             ) from None
+        if isinstance(self.model, ModelBytes):
+            self.model.confirm()  # compiled while the digest was computed; nothing runs before it matches
         used = _inference_precision(compiled)
         if used != config["INFERENCE_PRECISION_HINT"]:
             warnings.warn(

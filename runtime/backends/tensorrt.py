@@ -258,6 +258,8 @@ class EngineLoader:
     def _source(self) -> tuple[str, bytes]:
         """(kind, bytes) of the model, each file read once: an engine checked against its record, or ONNX."""
         if isinstance(self.model, ModelBytes):
+            # An engine is deserialized (and ONNX built) from checked bytes only: no overlap here.
+            self.model.confirm()
             self.model.refuse_external_data()
             if self.model.kind == "engine":
                 self.key = check_engine_key(self.model.record or {}, self.model.source, tensorrt_version(), gpu_name())

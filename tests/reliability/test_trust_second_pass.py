@@ -78,8 +78,8 @@ def test_a_graph_swapped_between_check_and_use_is_never_run(tmp_path, key, monke
     evil.write_bytes(_graph_bytes(99))
     digest, swapped = trust.file_digest, []
 
-    def digest_then_swap(blob, algorithm="blake3"):
-        result = digest(blob, algorithm)
+    def digest_then_swap(blob, *args):
+        result = digest(blob, *args)
         if not swapped:
             os.replace(evil, graph)  # the local writer wins the race, every time
             swapped.append(True)
@@ -91,12 +91,10 @@ def test_a_graph_swapped_between_check_and_use_is_never_run(tmp_path, key, monke
         np.testing.assert_allclose(_scores(loaded), expected, rtol=1e-5)  # and the checked graph ran
 
 
-def test_a_writer_racing_many_loads_never_gets_its_graph_run(tmp_path, key):
-    """A thread keeps swapping an unsigned graph in and the good one back (by rename) while the device
-    loads: every load either is refused (it read the unsigned graph) or runs exactly the good graph."""
-    signing, pub = key
-    graph = _signed_graph(tmp_path, signing)
-    good, evil = graph.read_bytes(), _graph_bytes(99)
+def _loads_while_a_writer_alternates(graph: Path, pub: Path, write, evil: bytes, loads: int = 30) -> dict:
+    """`loads` loads of `graph` while a thread keeps writing `evil` and the good bytes back with `write`;
+    each load must run exactly the good graph or be refused. Returns how many ran and were refused."""
+    good = graph.read_bytes()
     with Predictor.load(graph, trusted_keys=[pub]) as first:
         expected = _scores(first)
     stop, outcomes = threading.Event(), {"ran": 0, "refused": 0}
@@ -104,23 +102,31 @@ def test_a_writer_racing_many_loads_never_gets_its_graph_run(tmp_path, key):
     def writer():
         i = 0
         while not stop.is_set():
-            atomic_write_bytes(graph, evil if i % 2 == 0 else good)
+            write(graph, evil if i % 2 == 0 else good)
             i += 1
 
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        for _ in range(30):
+        for _ in range(loads):
             try:
                 with Predictor.load(graph, trusted_keys=[pub]) as p:
                     np.testing.assert_allclose(_scores(p), expected, rtol=1e-5)
                     outcomes["ran"] += 1
-            except IntegrityError:
+            except ArtifactError:  # IntegrityError, or a graph cut short by the writer
                 outcomes["refused"] += 1
     finally:
         stop.set()
         thread.join()
-    assert outcomes["ran"] + outcomes["refused"] == 30
+    assert outcomes["ran"] + outcomes["refused"] == loads
+    return outcomes
+
+
+def test_a_writer_racing_many_loads_never_gets_its_graph_run(tmp_path, key):
+    """A thread keeps swapping an unsigned graph in and the good one back (by rename) while the device
+    loads: every load either is refused (it read the unsigned graph) or runs exactly the good graph."""
+    signing, pub = key
+    _loads_while_a_writer_alternates(_signed_graph(tmp_path, signing), pub, atomic_write_bytes, _graph_bytes(99))
 
 
 def test_a_deployment_backbone_swapped_after_its_check_is_never_run(tiny_root, tmp_path, key, monkeypatch):
@@ -140,9 +146,9 @@ def test_a_deployment_backbone_swapped_after_its_check_is_never_run(tiny_root, t
     evil.write_bytes(tiny_root["backbone12"].read_bytes())  # another (unsigned) backbone export
     digest, swapped = trust.file_digest, []
 
-    def digest_then_swap(blob, algorithm="blake3"):
-        result = digest(blob, algorithm)
-        if not swapped and backbone.read_bytes() == blob:
+    def digest_then_swap(blob, *args):
+        result = digest(blob, *args)
+        if not swapped and backbone.read_bytes() == bytes(blob):
             os.replace(evil, backbone)
             swapped.append(True)
         return result
@@ -152,6 +158,147 @@ def test_a_deployment_backbone_swapped_after_its_check_is_never_run(tiny_root, t
         assert swapped
         for task, (probabilities, _) in loaded.predict_tasks(images).items():
             np.testing.assert_allclose(probabilities, expected[task][0], rtol=1e-5)
+
+
+class _Sessions:
+    """ONNX Runtime sessions made and runs asked for, counted through a subclass of its InferenceSession."""
+
+    def __init__(self, monkeypatch):
+        import onnxruntime as ort
+
+        self.made, self.runs, counts = [], [], self
+
+        class Counting(ort.InferenceSession):
+            def __init__(self, *args, **kwargs):
+                counts.made.append(True)
+                super().__init__(*args, **kwargs)
+
+            def run(self, *args, **kwargs):
+                counts.runs.append(True)
+                return super().run(*args, **kwargs)
+
+        monkeypatch.setattr(ort, "InferenceSession", Counting)
+
+
+def test_a_graph_parsed_while_its_digest_is_computed_never_runs_unless_it_matches(tmp_path, key, monkeypatch):
+    """The default load hands the bytes to ONNX Runtime while their BLAKE3 is computed on another thread.
+    Bytes that fail the digest (here a valid, unsigned graph in place of the signed one) are refused before
+    the session runs anything (not even the probe inference) and before the version record takes the
+    artifact's version."""
+    signing, pub = key
+    graph = _signed_graph(tmp_path, signing)
+    record = VersionRecord.create(tmp_path / "versions.json")
+    graph.write_bytes(_graph_bytes(99))
+    sessions = _Sessions(monkeypatch)
+    with pytest.raises(IntegrityError, match=f"task graph {graph} does not match the graph_blake3"):
+        Predictor.load(graph, trusted_keys=[pub], version_record=record)
+    assert sessions.made and not sessions.runs  # parsed meanwhile, never run
+    assert record.read() == {}  # and not recorded
+    atomic_write_bytes(graph, _graph_bytes(0))  # the signed bytes again: loads, runs, is recorded
+    Predictor.load(graph, trusted_keys=[pub], version_record=record).close()
+    assert sessions.runs and list(record.read()) == ["cats"]
+
+
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_verify_first_finishes_the_digest_before_the_engine_sees_a_byte(tmp_path, key, monkeypatch, how):
+    signing, pub = key
+    graph = _signed_graph(tmp_path, signing)
+    graph.write_bytes(_graph_bytes(99))
+    sessions = _Sessions(monkeypatch)
+    if how == "environment":
+        monkeypatch.setenv(trust.VERIFY_FIRST_ENV, "1")
+    with pytest.raises(IntegrityError, match="does not match the graph_blake3"):
+        Predictor.load(graph, trusted_keys=[pub], verify_first=True if how == "argument" else None)
+    assert not sessions.made
+
+
+@pytest.mark.parametrize("setting", ["", "yes", "true", " 1"])
+def test_a_verify_first_setting_other_than_0_or_1_is_an_error(tmp_path, key, monkeypatch, setting):
+    signing, pub = key
+    monkeypatch.setenv(trust.VERIFY_FIRST_ENV, setting)
+    with pytest.raises(IntegrityError, match=f"\\${trust.VERIFY_FIRST_ENV} is set to"):
+        Predictor.load(_signed_graph(tmp_path, signing), trusted_keys=[pub])
+
+
+def test_a_deployment_backbone_parsed_while_hashing_is_refused_before_it_runs(tiny_root, tmp_path, key,
+                                                                              monkeypatch):
+    from h2t_edge.steps.deploy import package_shared_step
+    from runtime.heads import SharedBackbonePredictor
+
+    signing, pub = key
+    device = tmp_path / "device"
+    package_shared_step([tiny_root["task"] / "head2toe"], device, backbone_onnx=tiny_root["backbone"],
+                        signing_key=signing)
+    (device / "backbone.onnx").write_bytes(tiny_root["backbone12"].read_bytes())
+    sessions = _Sessions(monkeypatch)
+    with pytest.raises(IntegrityError, match="backbone graph .* does not match the graph_blake3"):
+        SharedBackbonePredictor.load(device, trusted_keys=[pub])
+    assert sessions.made and not sessions.runs
+
+
+def _lease_or_skip(path: Path):
+    lease = trust.FileLease.take(path)
+    if lease is None:
+        pytest.skip("this system grants no file lease here (not Linux, or a file system without leases)")
+    return lease
+
+
+def test_a_leased_file_cannot_be_written_until_the_lease_ends(tmp_path):
+    """While the lease holds, a writer's open waits; its request ends the lease (FileChanging), and it
+    writes only after the lease is dropped. A mapping of the leased file keeps the bytes it was taken with."""
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(b"good" * 1000)
+    lease = _lease_or_skip(path)
+    lease.verify()  # held
+    wrote = threading.Event()
+
+    def writer():
+        with open(path, "r+b") as f:  # blocks until the lease is dropped
+            f.write(b"evil")
+        wrote.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert not wrote.wait(0.5) and bytes(lease.mapped()) == b"good" * 1000
+    with pytest.raises(trust.FileChanging, match=f"{path} was opened for writing while it was loaded"):
+        lease.verify()
+    lease.close()
+    thread.join(timeout=30)
+    assert wrote.is_set() and path.read_bytes().startswith(b"evil")
+
+
+def test_no_lease_while_a_writer_has_the_file_open(tmp_path):
+    path = tmp_path / "graph.onnx"
+    path.write_bytes(b"x")
+    _lease_or_skip(path).close()
+    with open(path, "r+b"):
+        assert trust.FileLease.take(path) is None
+
+
+def test_a_graph_open_for_writing_loads_from_a_copy_of_its_bytes(tmp_path, key, monkeypatch):
+    """No lease while a writer holds the file: the load reads the bytes into memory instead, checked."""
+    signing, pub = key
+    graph = _signed_graph(tmp_path, signing)
+    _lease_or_skip(graph).close()
+    with open(graph, "r+b"), Predictor.load(graph, trusted_keys=[pub]) as held_open:
+        scores = _scores(held_open)
+    with Predictor.load(graph, trusted_keys=[pub]) as leased:
+        np.testing.assert_allclose(_scores(leased), scores, rtol=1e-6)
+
+
+def test_a_writer_overwriting_the_graph_in_place_never_gets_its_graph_run(tmp_path, key):
+    """In place, not by rename: a thread keeps rewriting the graph file's bytes (an unsigned graph, then
+    the good one) while the device loads. Each load runs exactly the good graph or is refused."""
+    signing, pub = key
+    graph = _signed_graph(tmp_path, signing)
+    size = graph.stat().st_size
+    evil = _graph_bytes(99)[:size].ljust(size, b"\0")
+
+    def overwrite(path: Path, data: bytes) -> None:
+        with open(path, "r+b") as f:
+            f.write(data)
+
+    _loads_while_a_writer_alternates(graph, pub, overwrite, evil)
 
 
 def test_a_graph_with_external_data_is_refused(tmp_path, key):
