@@ -15,7 +15,8 @@ features of each graph, which is what its compiled task graph outputs.
 
 Part `latency` (one task and seed): batch-1 p50 latency and batch-32 throughput of each compiled
 task graph (cut from the graph at its precision, `exporters.attach`) against fp32 on the same
-backend, with the CPU model and ISA beside them.
+backend, with the CPU model and ISA beside them: each graph timed in a fresh process, the precisions
+in turn over ROUNDS rounds, the median round kept.
 
 Writes benchmarks/results/precision.{json,md}; each record is saved as it ends (a rerun resumes).
 Run it alone on the machine.
@@ -45,6 +46,7 @@ OUT = ROOT / "benchmarks" / "results" / "precision"
 FORMAT = "h2t-edge/bench-precision"
 T = 512
 BACKEND = {"ort": "onnxruntime", "ov": "openvino"}
+ROUNDS = 3  # latency: rounds of every precision in turn, each graph in its own process
 ROWS = ("fp32", "fp16 (after)", "bf16 (after)", "int8 (after)", "int8 (fitted)")
 
 
@@ -147,7 +149,7 @@ def run_latency(task: str, backends, work: Path, seed: int = 0) -> None:
     import onnx
 
     from exporters.attach import HeadSpec, attach_heads
-    from h2t_edge.serving.bench import BenchCase, measure
+    from h2t_edge.serving.bench import BenchCase, measure_in_subprocess
     from h2t_edge.steps.export import cached_export
     from h2t_edge.steps.extract import read_multi_layout
     from h2t_edge.suite.tasks.registry import build_task
@@ -164,16 +166,28 @@ def run_latency(task: str, backends, work: Path, seed: int = 0) -> None:
         int8 = graphs["int8"]
         head = _fit(*_features(int8, data.train, work / "features" / task), len(data.train.classes), seed).head
         spec = HeadSpec("task", np.asarray(head.features), head.weight, head.bias)
-        base = None
+        cases = {}
         for precision, graph in graphs.items():
             model, _ = attach_heads(onnx.load(str(graph.path)), T, [spec])
             path = work / "latency" / f"{task}.{backend}.{precision}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(model.SerializeToString())
-            timing = measure(BenchCase(precision, path, backend, graph.runner_options().get("precision", "fp32")),
-                             batch=32, warmup=10, repeat=100)
-            row = {"task": task, "backend": short, "precision": precision, "p50_ms": timing["p50_ms"],
-                   "images_per_s": timing["images_per_s"], "features": int(len(head.features)), **measured_on()}
+            cases[precision] = BenchCase(precision, path, backend, graph.runner_options().get("precision", "fp32"))
+        # each graph in a fresh process (no thread pool of another session spinning beside it), the
+        # precisions interleaved over ROUNDS rounds; the median round of each is compared
+        timings: dict[str, list[dict]] = {p: [] for p in cases}
+        for _ in range(ROUNDS):
+            for precision, case in cases.items():
+                timings[precision].append(measure_in_subprocess(case, batch=32, warmup=10, repeat=100,
+                                                                providers=["CPUExecutionProvider"]))
+        base = None
+        for precision, runs in timings.items():
+            if any("error" in r for r in runs):
+                raise SystemExit(f"{precision} on {backend}: {[r['error'] for r in runs if 'error' in r][0]}")
+            row = {"task": task, "backend": short, "precision": precision,
+                   "p50_ms": float(np.median([r["p50_ms"] for r in runs])),
+                   "images_per_s": float(np.median([r["images_per_s"] for r in runs])), "rounds": ROUNDS,
+                   "features": int(len(head.features)), **measured_on()}
             if precision == "fp32":
                 base = row
             row["latency_ratio"] = row["p50_ms"] / base["p50_ms"]

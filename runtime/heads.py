@@ -42,12 +42,14 @@ from .predictor import (
     Predictor,
     TaskOutputs,
     TaskSidecar,
+    leased_graph,
     runner_options,
     softmax,
 )
 from .schema import is_name
 from .trust import (
     ISSUED_FIELD,
+    FileChanging,
     IntegrityError,
     TrustedKeys,
     VersionRecord,
@@ -222,13 +224,6 @@ class SharedBackbonePredictor(Predictor):
                                  f"older folders were not sealed or had no heads list); {fix}")
         verify_seal(meta, f"shared backbone sidecar {meta_file}", fix=fix, trusted=trusted)
         graph = root / "backbone.onnx"
-        if resolve_verify_first(verify_first):
-            blob, checks = read_verified(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
-                                         fix=fix, what="backbone graph"), ()
-        else:  # confirmed by the engine loader before anything runs (`ModelBytes.confirm`)
-            blob, check = read_checking(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
-                                        fix=fix, what="backbone graph")
-            checks = (check,)
         layout = meta["layout"]
         if layout_sha256(layout) != meta.get("layout_sha256"):
             raise IntegrityError(f"{meta_file}: field 'layout_sha256' does not match its layout; {fix}")
@@ -248,9 +243,25 @@ class SharedBackbonePredictor(Predictor):
             "preprocess": meta["preprocess"], "backbone": meta["backbone"],
             "tasks": [{"task": h.task, "classes": list(h.classes), "outputs": {"logits": h.task}} for h in heads],
         }, source=str(meta_file))
+        options = runner_options(backend, providers, intra_op_threads, backend_options)
+        first = resolve_verify_first(verify_first)
+        if backend == "onnxruntime":  # as `Predictor.load`: the leased file, else a copy of its bytes
+            try:
+                model = leased_graph(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
+                                     fix=fix, what="backbone graph", record=meta, parse_while_hashing=not first)
+                if model is not None:
+                    return cls(create_runner(model, backend, **options), sidecar, heads, graph)
+            except FileChanging:
+                pass
+        if first:
+            blob, checks = read_verified(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
+                                         fix=fix, what="backbone graph"), ()
+        else:  # confirmed by the engine loader before anything runs (`ModelBytes.confirm`)
+            blob, check = read_checking(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
+                                        fix=fix, what="backbone graph")
+            checks = (check,)
         model = ModelBytes(blob, str(graph), "onnx", record=meta, checks=checks)  # the bytes read, not the path again
-        runner = create_runner(model, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
-        return cls(runner, sidecar, heads, graph)
+        return cls(create_runner(model, backend, **options), sidecar, heads, graph)
 
     def predict_tasks(self, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         outputs = self._infer(images)

@@ -351,19 +351,32 @@ def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_f
             weights = checked(path.with_suffix(".bin"), build, name, f"build.{name}", "engine weights")
         return _model_bytes(path, data, sidecar, weights, tuple(checks))
     name = digest_field("graph", legacy=legacy)
-    held = FileLease.take(path) if lease and path not in files else None
-    if held is not None:
-        try:
-            check = DigestCheck(held, sidecar.get(name), field=name, path=path, descriptor=sidecar_file, fix=fix,
-                                what="task graph", threads=1 if parse_while_hashing else None)
-            if not parse_while_hashing:
-                check.verify()
-        except BaseException:
-            held.close()
-            raise
-        return LeasedModel(held, str(path), sidecar, (check, held) if parse_while_hashing else (held,))
+    leased = (leased_graph(path, sidecar.get(name), field=name, descriptor=sidecar_file, fix=fix, what="task graph",
+                           record=sidecar, parse_while_hashing=parse_while_hashing)
+              if lease and path not in files else None)
+    if leased is not None:
+        return leased
     data = checked(path, sidecar, name, name, "task graph")
     return _model_bytes(path, data, sidecar, checks=tuple(checks))
+
+
+def leased_graph(path: Path, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str, what: str,
+                 record: Mapping[str, Any], parse_while_hashing: bool) -> LeasedModel | None:
+    """The ONNX graph `path` as a leased file (`runtime.trust.FileLease`) whose digest `expected`
+    (`field` of `descriptor`) is being computed (parse_while_hashing: on one core, beside the engine's
+    parse) or is checked already; None where the system grants no lease (read the bytes instead)."""
+    held = FileLease.take(path)
+    if held is None:
+        return None
+    try:
+        check = DigestCheck(held, expected, field=field, path=path, descriptor=descriptor, fix=fix, what=what,
+                            threads=1 if parse_while_hashing else None)
+        if not parse_while_hashing:
+            check.verify()
+    except BaseException:
+        held.close()
+        raise
+    return LeasedModel(held, str(path), record, (check, held) if parse_while_hashing else (held,))
 
 
 @dataclass

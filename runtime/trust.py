@@ -478,11 +478,16 @@ class DigestCheck:
         self._mismatch = lambda: _mismatch(field, path, descriptor, fix, what)
         self._expected, self._result = expected, {}
 
-        data = blob.mapped() if isinstance(blob, FileLease) else blob  # mapped here, while the file is open
+        try:
+            data = blob.mapped() if isinstance(blob, FileLease) else blob  # mapped here, while the file is open
+        except OSError as exc:
+            raise IntegrityError(f"cannot read {what} {path} ({exc}); {fix}") from None
 
         def digest() -> None:
             try:
                 self._result["digest"] = file_digest(data, algorithm, threads)
+            except OSError as exc:
+                self._result["error"] = IntegrityError(f"cannot read {what} {path} ({exc}); {fix}")
             except BaseException as exc:  # noqa: BLE001 - raised by `verify`, on the caller's thread
                 self._result["error"] = exc
 

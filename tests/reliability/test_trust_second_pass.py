@@ -166,12 +166,12 @@ class _Sessions:
     def __init__(self, monkeypatch):
         import onnxruntime as ort
 
-        self.made, self.runs, counts = [], [], self
+        self.made, self.runs, counts = [], [], self  # made: what each session was given (path or bytes)
 
         class Counting(ort.InferenceSession):
-            def __init__(self, *args, **kwargs):
-                counts.made.append(True)
-                super().__init__(*args, **kwargs)
+            def __init__(self, model, *args, **kwargs):
+                counts.made.append(model)
+                super().__init__(model, *args, **kwargs)
 
             def run(self, *args, **kwargs):
                 counts.runs.append(True)
@@ -194,6 +194,8 @@ def test_a_graph_parsed_while_its_digest_is_computed_never_runs_unless_it_matche
         Predictor.load(graph, trusted_keys=[pub], version_record=record)
     assert sessions.made and not sessions.runs  # parsed meanwhile, never run
     assert record.read() == {}  # and not recorded
+    if trust.FileLease.take(graph) is not None:  # (closed when collected)
+        assert str(sessions.made[0]).startswith("/proc/self/fd/")  # the leased inode, no copy
     atomic_write_bytes(graph, _graph_bytes(0))  # the signed bytes again: loads, runs, is recorded
     Predictor.load(graph, trusted_keys=[pub], version_record=record).close()
     assert sessions.runs and list(record.read()) == ["cats"]
@@ -234,6 +236,10 @@ def test_a_deployment_backbone_parsed_while_hashing_is_refused_before_it_runs(ti
     with pytest.raises(IntegrityError, match="backbone graph .* does not match the graph_blake3"):
         SharedBackbonePredictor.load(device, trusted_keys=[pub])
     assert sessions.made and not sessions.runs
+    leased = trust.FileLease.take(device / "backbone.onnx")
+    if leased is not None:  # where leases are granted, ONNX Runtime opened the leased inode, not a copy
+        leased.close()
+        assert str(sessions.made[0]).startswith("/proc/self/fd/")
 
 
 def _lease_or_skip(path: Path):
