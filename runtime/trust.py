@@ -429,6 +429,10 @@ class FileLease:
         return cls(fd, path)
 
     @property
+    def closed(self) -> bool:
+        return not self._close.alive
+
+    @property
     def path(self) -> str:
         """A path that opens the leased inode itself (not whatever the original path names now)."""
         return f"/proc/self/fd/{self.fd}"

@@ -224,6 +224,10 @@ class SessionLoader:
         """Build and return the `onnxruntime.InferenceSession`."""
         ort = _import_onnxruntime()
         checked = isinstance(self.model, (ModelBytes, LeasedModel))
+        if isinstance(self.model, LeasedModel) and self.model.lease.closed:
+            # its descriptor is closed, and the number may name another file by now
+            raise ArtifactError(f"the leased graph {self.model.source} was loaded once already; load it again "
+                                "(Predictor.load) instead of reactivating its runner")
         if not checked and not isinstance(self.model, bytes) and not Path(self.model).is_file():
             raise ArtifactError(f"ONNX model {self.model} does not exist; check the path")
         providers = self.resolve_providers()

@@ -273,6 +273,18 @@ def test_a_leased_file_cannot_be_written_until_the_lease_ends(tmp_path):
     assert wrote.is_set() and path.read_bytes().startswith(b"evil")
 
 
+def test_a_leased_graph_is_not_opened_again_after_its_load(tmp_path, key):
+    """Once loaded, the lease and its descriptor are gone (the number may name another file): reactivating
+    the runner is refused instead of opening /proc/self/fd/N again."""
+    signing, pub = key
+    graph = _signed_graph(tmp_path, signing)
+    _lease_or_skip(graph).close()
+    predictor = Predictor.load(graph, trusted_keys=[pub])
+    predictor.close()
+    with pytest.raises(ArtifactError, match=f"the leased graph {graph} was loaded once already"):
+        predictor.runner.activate()
+
+
 def test_no_lease_while_a_writer_has_the_file_open(tmp_path):
     path = tmp_path / "graph.onnx"
     path.write_bytes(b"x")
