@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 
 from .backends import create_runner
-from .backends.base import ModelBytes
 from .errors import ArtifactError
 from .io import read_json
 from .predictor import (
@@ -42,19 +41,18 @@ from .predictor import (
     Predictor,
     TaskOutputs,
     TaskSidecar,
-    leased_graph,
+    checked_graph,
+    load_with_lease,
     runner_options,
     softmax,
 )
 from .schema import is_name
 from .trust import (
     ISSUED_FIELD,
-    FileChanging,
     IntegrityError,
     TrustedKeys,
     VersionRecord,
     file_digest,
-    read_checking,
     read_file,
     read_verified,
     resolve_verify_first,
@@ -244,24 +242,15 @@ class SharedBackbonePredictor(Predictor):
             "tasks": [{"task": h.task, "classes": list(h.classes), "outputs": {"logits": h.task}} for h in heads],
         }, source=str(meta_file))
         options = runner_options(backend, providers, intra_op_threads, backend_options)
-        first = resolve_verify_first(verify_first)
-        if backend == "onnxruntime":  # as `Predictor.load`: the leased file, else a copy of its bytes
-            try:
-                model = leased_graph(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
-                                     fix=fix, what="backbone graph", record=meta, parse_while_hashing=not first)
-                if model is not None:
-                    return cls(create_runner(model, backend, **options), sidecar, heads, graph)
-            except FileChanging:
-                pass
-        if first:
-            blob, checks = read_verified(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
-                                         fix=fix, what="backbone graph"), ()
-        else:  # confirmed by the engine loader before anything runs (`ModelBytes.confirm`)
-            blob, check = read_checking(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
-                                        fix=fix, what="backbone graph")
-            checks = (check,)
-        model = ModelBytes(blob, str(graph), "onnx", record=meta, checks=checks)  # the bytes read, not the path again
-        return cls(create_runner(model, backend, **options), sidecar, heads, graph)
+        parse_while_hashing = not resolve_verify_first(verify_first)
+
+        def load(lease: bool) -> SharedBackbonePredictor:  # as `Predictor.load`: the bytes checked are the bytes run
+            model = checked_graph(graph, meta.get("graph_blake3"), field="graph_blake3", descriptor=meta_file,
+                                  fix=fix, what="backbone graph", record=meta,
+                                  parse_while_hashing=parse_while_hashing, lease=lease)
+            return cls(create_runner(model, backend, **options), sidecar, heads, graph)
+
+        return load_with_lease(load, backend)
 
     def predict_tasks(self, images: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         outputs = self._infer(images)

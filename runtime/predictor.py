@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import numpy as np
 
@@ -35,12 +35,14 @@ from .trust import (
     VersionRecord,
     digest_field,
     read_file,
+    read_verified,
     resolve_verify_first,
     verify_bytes,
     verify_seal,
     warn_unverified,
 )
 
+T = TypeVar("T")
 SIDECAR_FORMAT = "h2t-edge/task-graph"
 # Versions 5 and 6 are sealed (runtime.trust): content_sha256, the graph's/engine's BLAKE3 and `issued`
 # are mandatory, a signature is checked when keys are trusted. 3 and 4 are the same, with sha256 file
@@ -334,13 +336,10 @@ def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_f
     checks: list[DigestCheck] = []
 
     def checked(file: Path, record: Mapping[str, Any], name: str, field: str, what: str) -> bytes:
-        data = files[file] if file in files else read_file(file, what=what, fix=fix)
-        if parse_while_hashing:
-            checks.append(DigestCheck(data, record.get(name), field=field, path=file, descriptor=sidecar_file,
-                                      fix=fix, what=what))
-            return data
-        return verify_bytes(data, record.get(name), field=field, path=file, descriptor=sidecar_file, fix=fix,
-                            what=what)
+        data, pending = _read_checked(file, record.get(name), field=field, descriptor=sidecar_file, fix=fix,
+                                      what=what, parse_while_hashing=parse_while_hashing, data=files.get(file))
+        checks.extend(pending)
+        return data
 
     if isinstance(build, Mapping):
         name = digest_field("artifact", legacy=legacy)
@@ -351,17 +350,54 @@ def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_f
             weights = checked(path.with_suffix(".bin"), build, name, f"build.{name}", "engine weights")
         return _model_bytes(path, data, sidecar, weights, tuple(checks))
     name = digest_field("graph", legacy=legacy)
-    leased = (leased_graph(path, sidecar.get(name), field=name, descriptor=sidecar_file, fix=fix, what="task graph",
-                           record=sidecar, parse_while_hashing=parse_while_hashing)
-              if lease and path not in files else None)
-    if leased is not None:
-        return leased
-    data = checked(path, sidecar, name, name, "task graph")
-    return _model_bytes(path, data, sidecar, checks=tuple(checks))
+    return checked_graph(path, sidecar.get(name), field=name, descriptor=sidecar_file, fix=fix, what="task graph",
+                         record=sidecar, parse_while_hashing=parse_while_hashing, lease=lease, data=files.get(path))
 
 
-def leased_graph(path: Path, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str, what: str,
-                 record: Mapping[str, Any], parse_while_hashing: bool) -> LeasedModel | None:
+def checked_graph(path: Path, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str, what: str,
+                  record: Mapping[str, Any], parse_while_hashing: bool, lease: bool,
+                  data: bytes | None = None) -> ModelBytes | LeasedModel:
+    """The graph `path` for an engine loader, checked against `expected` (`field` of `descriptor`):
+    with `lease`, as the leased file where the system grants a lease (`LeasedModel`); else its bytes
+    (`data` where the caller has read them). With parse_while_hashing the digest is still being
+    computed, and the loader confirms it before anything runs; else it is checked before this returns."""
+    if lease and data is None:
+        leased = _leased_graph(path, expected, field=field, descriptor=descriptor, fix=fix, what=what,
+                               record=record, parse_while_hashing=parse_while_hashing)
+        if leased is not None:
+            return leased
+    data, checks = _read_checked(path, expected, field=field, descriptor=descriptor, fix=fix, what=what,
+                                 parse_while_hashing=parse_while_hashing, data=data)
+    return _model_bytes(path, data, record, checks=checks)
+
+
+def load_with_lease(load: Callable[[bool], T], backend: str) -> T:
+    """`load(lease)` of a graph: leased on ONNX Runtime (which opens the leased file itself: no copy),
+    done again from a copy of the bytes when someone asked to write the file meanwhile (FileChanging);
+    other backends get the bytes."""
+    if backend == "onnxruntime":
+        try:
+            return load(True)
+        except FileChanging:
+            pass
+    return load(False)
+
+
+def _read_checked(file: Path, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str, what: str,
+                  parse_while_hashing: bool, data: bytes | None = None) -> tuple[bytes, tuple[DigestCheck, ...]]:
+    """(the bytes of `file`, read once unless given as `data`; their digest check still running, or
+    none because they were checked here)."""
+    if parse_while_hashing:
+        data = read_file(file, what=what, fix=fix) if data is None else data
+        return data, (DigestCheck(data, expected, field=field, path=file, descriptor=descriptor, fix=fix,
+                                  what=what),)
+    if data is None:
+        return read_verified(file, expected, field=field, descriptor=descriptor, fix=fix, what=what), ()
+    return verify_bytes(data, expected, field=field, path=file, descriptor=descriptor, fix=fix, what=what), ()
+
+
+def _leased_graph(path: Path, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str, what: str,
+                  record: Mapping[str, Any], parse_while_hashing: bool) -> LeasedModel | None:
     """The ONNX graph `path` as a leased file (`runtime.trust.FileLease`) whose digest `expected`
     (`field` of `descriptor`) is being computed (parse_while_hashing: on one core, beside the engine's
     parse) or is checked already; None where the system grants no lease (read the bytes instead)."""
@@ -462,12 +498,7 @@ class Predictor:
             options = runner_options(backend, providers, intra_op_threads, options)
             return cls(create_runner(task.model, backend, **options), task.sidecar, path)
 
-        if backend == "onnxruntime":  # ONNX Runtime opens a leased graph file itself: no copy of it
-            try:
-                return load(lease=True)
-            except FileChanging:  # someone asked to write the graph meanwhile: load a copy of its bytes
-                pass
-        return load(lease=False)
+        return load_with_lease(load, backend)
 
     # -- properties -------------------------------------------------------------------------
 

@@ -469,7 +469,7 @@ def _drop_lease(fd: int) -> None:
 
 class DigestCheck:
     """The check of bytes whose digest is computed on another thread while an engine parses them
-    (`read_checking`). `verify` waits for it and raises IntegrityError unless the digest is the one
+    (`runtime.predictor.checked_graph`). `verify` waits for it and raises IntegrityError unless the digest is the one
     recorded; whoever hands the bytes to an engine calls it before the engine runs anything
     (`runtime.backends.base.ModelBytes.confirm`). The digest is of the very bytes object the engine
     gets: neither the file nor anyone else can change it."""
@@ -520,15 +520,6 @@ def resolve_verify_first(verify_first: bool | None = None) -> bool:
         return True
     raise IntegrityError(f"${VERIFY_FIRST_ENV} is set to {setting!r}; set it to 1 (finish every digest before "
                          "an engine parses the bytes) or 0, or unset it")
-
-
-def read_checking(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
-                  what: str = "file") -> tuple[bytes, DigestCheck]:
-    """The bytes of `path`, read once, and their `DigestCheck`, started: an engine may parse the bytes
-    while the digest is computed (on 2 cores that hides the hash), and must not run before
-    `DigestCheck.verify`. `read_verified` checks before it returns instead."""
-    data = read_file(path, what=what, fix=fix)
-    return data, DigestCheck(data, expected, field=field, path=path, descriptor=descriptor, fix=fix, what=what)
 
 
 def read_verified(path: str | os.PathLike, expected: Any, *, field: str, descriptor: str | os.PathLike, fix: str,
