@@ -7,8 +7,8 @@ head fitted on such a graph's features is compiled by graph surgery on that same
 
     extraction graph (every tap pooled and normalized at each T; `exporters.multi_export`)
     -> Gather the selected columns of each used tap's output -> Concat -> MatMul + Add (+ Softmax)
-    -> drop every node the new outputs do not need (the taps no head reads, the backbone after the
-       deepest used tap)
+    -> keep only what the new outputs need (`onnx.utils.Extractor`: the taps no head reads and the
+       backbone after the deepest used tap go)
 
 The kept nodes are the extraction graph's own, so on the same images the task graph computes the
 very features the head was fitted on, whatever the precision. No torch here: plain ONNX.
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from onnx.utils import Extractor
 
 from .errors import ExportError
 
@@ -32,12 +33,10 @@ _PREFIX = "h2t_head"
 
 
 @dataclass(frozen=True)
-class CutSummary:
-    """What the cut kept of the extraction graph (parameters: initializer elements, any dtype)."""
+class GraphSummary:
+    """What a task-graph compiler kept of the backbone: taps used and parameter counts."""
 
     taps_used: list[str]
-    nodes_kept: int
-    nodes_total: int
     backbone_parameters_kept: int
     backbone_parameters_total: int
     head_parameters: int
@@ -45,6 +44,14 @@ class CutSummary:
     @property
     def backbone_fraction_dropped(self) -> float:
         return 1.0 - self.backbone_parameters_kept / max(1, self.backbone_parameters_total)
+
+
+@dataclass(frozen=True)
+class CutSummary(GraphSummary):
+    """What the cut kept of the extraction graph (parameters: initializer elements, any dtype)."""
+
+    nodes_kept: int = 0
+    nodes_total: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,7 @@ def attach_heads(model: onnx.ModelProto, target_size: int, heads: Sequence,
         cols = np.searchsorted(union, np.asarray(h.features, dtype=np.int64))
         x = selected
         if len(cols) != len(union):
-            x = f"{_PREFIX}/{i}/columns"
+            x = f"{_PREFIX}/{i}/selected"
             nodes.append(helper.make_node("Gather", [selected, const(f"{i}/columns", cols)], [x],
                                           name=f"{_PREFIX}/{i}/Gather", axis=1))
         logits = OUTPUT_NAMES[1] if single else h.name
@@ -163,20 +170,22 @@ def attach_heads(model: onnx.ModelProto, target_size: int, heads: Sequence,
             outputs.append(helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, [batch_dim, classes]))
         outputs.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, [batch_dim, classes]))
 
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    full = onnx.ModelProto()
+    full.CopyFrom(model)
+    full.graph.node.extend(nodes)
+    full.graph.initializer.extend(inits)
+    del full.graph.output[:]
+    full.graph.output.extend(outputs)
+    # onnx's own subgraph extraction keeps what the new outputs need (as `steps.deploy` prunes)
+    out = Extractor(full).extract_model([i.name for i in graph.input], [o.name for o in outputs])
+    out.ir_version, out.producer_name = model.ir_version, model.producer_name
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.metadata_props.extend(p for p in model.metadata_props if p.key != MULTI_LAYOUT_KEY)
     g = out.graph
-    g.node.extend(nodes)
-    g.initializer.extend(inits)
-    del g.output[:]
-    g.output.extend(outputs)
-    _prune(g)
     head = _parameters_of(t for t in inits if t.name.endswith(("/weight", "/bias")))
-    summary = CutSummary(used, len(g.node) - len(nodes), len(graph.node), _parameters(g) - _parameters_of(inits),
-                         _parameters(graph), head)
-    kept = [p for p in out.metadata_props if p.key != MULTI_LAYOUT_KEY]
-    del out.metadata_props[:]
-    out.metadata_props.extend(kept)
+    summary = CutSummary(used, _parameters(g) - _parameters_of(inits), _parameters(graph), head,
+                         nodes_kept=len(g.node) - len(nodes), nodes_total=len(graph.node))
     try:
         onnx.checker.check_model(out)
     except onnx.checker.ValidationError as exc:
@@ -186,31 +195,3 @@ def attach_heads(model: onnx.ModelProto, target_size: int, heads: Sequence,
 
 def _parameters_of(tensors) -> int:
     return sum(int(np.prod(t.dims)) for t in tensors)
-
-
-def _prune(graph: onnx.GraphProto) -> None:
-    """Remove the nodes, initializers and value infos that no graph output needs."""
-    producer = {o: n for n in graph.node for o in n.output}
-    needed: set[str] = set()
-    live: set[int] = set()
-    stack = [o.name for o in graph.output]
-    while stack:
-        tensor = stack.pop()
-        if tensor in needed:
-            continue
-        needed.add(tensor)
-        node = producer.get(tensor)
-        if node is not None and id(node) not in live:
-            live.add(id(node))
-            stack += [i for i in node.input if i]
-            stack += [i for a in node.attribute if a.type == onnx.AttributeProto.GRAPH for n in a.g.node
-                      for i in n.input]
-    kept = [n for n in graph.node if id(n) in live]
-    del graph.node[:]
-    graph.node.extend(kept)
-    inits = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    infos = [v for v in graph.value_info if v.name in needed]
-    del graph.value_info[:]
-    graph.value_info.extend(infos)

@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from .attach import HeadSpec, split_by_tap
+from .attach import GraphSummary, HeadSpec, split_by_tap
 from .backbones import Backbone, TapSpec
 from .errors import ExportError
 from .export import DEFAULT_OPSET, INPUT_NAME, TappedBackbone, check_probe, export_module
@@ -28,19 +28,11 @@ OUTPUT_NAMES = ("probabilities", "logits")
 
 
 @dataclass(frozen=True)
-class TaskGraphSummary:
+class TaskGraphSummary(GraphSummary):
     """What the compiler kept: taps used, segments kept, and parameter counts."""
 
-    taps_used: list[str]
-    segments_kept: int
-    segments_total: int
-    backbone_parameters_kept: int
-    backbone_parameters_total: int
-    head_parameters: int
-
-    @property
-    def backbone_fraction_dropped(self) -> float:
-        return 1.0 - self.backbone_parameters_kept / max(1, self.backbone_parameters_total)
+    segments_kept: int = 0
+    segments_total: int = 0
 
 
 class LinearHead(nn.Module):

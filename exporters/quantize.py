@@ -116,6 +116,17 @@ class _BatchReader:
         self._next = 0
 
 
+def _calibration_input(source: ModelSource, batches: Sequence[np.ndarray]) -> tuple[onnx.ModelProto, str, str]:
+    """(model, its name, its one image input) of a graph to calibrate on `batches`."""
+    model, name = load_model(source)
+    if not batches:
+        raise GraphError(f"no calibration batches for {name}; pass a folder of task images with --calib")
+    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    if len(inputs) != 1:
+        raise GraphError(f"{name} has inputs {inputs}; int8 calibration feeds graphs with exactly one image input")
+    return model, name, inputs[0]
+
+
 def quantize_int8_qdq(
     source: ModelSource,
     output: Union[str, os.PathLike],
@@ -140,13 +151,8 @@ def quantize_int8_qdq(
         raise GraphError(f"int8 target {target!r} is not one of {QUANTIZE_TARGETS}")
     if method not in CALIBRATION_METHODS:
         raise GraphError(f"calibration method {method!r} is not one of {CALIBRATION_METHODS}")
-    model, name = load_model(source)
-    if not batches:
-        raise GraphError(f"no calibration batches for {name}; pass a folder of task images with --calib")
-    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) != 1:
-        raise GraphError(f"{name} has inputs {inputs}; int8 calibration feeds graphs with exactly one image input")
-    reader = type("Reader", (_BatchReader, CalibrationDataReader), {})(inputs[0], batches)
+    model, name, image_input = _calibration_input(source, batches)
+    reader = type("Reader", (_BatchReader, CalibrationDataReader), {})(image_input, batches)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as scratch:
@@ -192,13 +198,8 @@ def quantize_int8_nncf(source: ModelSource, output: Union[str, os.PathLike],
         import nncf
     except ImportError:
         raise GraphError("OpenVINO int8 is made with NNCF: pip install nncf (or h2t-edge[openvino])") from None
-    model, name = load_model(source)
-    if not batches:
-        raise GraphError(f"no calibration batches for {name}; pass a folder of task images with --calib")
-    inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) != 1:
-        raise GraphError(f"{name} has inputs {inputs}; int8 calibration feeds graphs with exactly one image input")
-    dataset = nncf.Dataset([{inputs[0]: np.ascontiguousarray(b, dtype=np.float32)} for b in batches])
+    model, name, image_input = _calibration_input(source, batches)
+    dataset = nncf.Dataset([{image_input: np.ascontiguousarray(b, dtype=np.float32)} for b in batches])
     logging.disable(logging.WARNING)
     try:
         quantized = nncf.quantize(model, dataset, subset_size=sum(len(b) for b in batches),

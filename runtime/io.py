@@ -94,10 +94,19 @@ def read_json(path: str | os.PathLike, what: str) -> Any:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ArtifactError(f"{what} {path} does not exist; check the path or re-create it") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ArtifactError(f"cannot read {what} {path}: {exc}") from exc
+    return parse_json(data, path, what)
+
+
+def parse_json(data: bytes, path: str | os.PathLike, what: str) -> Any:
+    """Parse the bytes of a JSON file read from `path` (ArtifactError naming it, as `read_json`)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise ArtifactError(f"cannot read {what} {path}: {exc}") from exc
     try:
         return json.loads(text)
@@ -135,24 +144,30 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 class FileLock:
-    """An exclusive, non-blocking `flock` on `path` for as long as the `with` block runs.
+    """An exclusive `flock` on `path` for as long as the `with` block runs (non-blocking by default).
 
     A second holder is refused at once with `error(message)` naming the lock, the process that
     holds it and `fix`, instead of two writers interleaving their output. The kernel drops the
     lock when its holder exits, even on SIGKILL, so a killed run never blocks the next one.
+
+    wait=True: block until the holder lets go instead (short critical sections, e.g. a version record).
     """
 
-    def __init__(self, path: str | os.PathLike, what: str, fix: str, error: type[Exception] = ArtifactError):
-        self.path, self.what, self.fix, self.error = Path(path), what, fix, error
+    def __init__(self, path: str | os.PathLike, what: str, fix: str, error: type[Exception] = ArtifactError,
+                 *, wait: bool = False):
+        self.path, self.what, self.fix, self.error, self.wait = Path(path), what, fix, error, wait
         self._fd: int | None = None
 
     def __enter__(self) -> "FileLock":
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self.error(f"cannot open the lock {self.path} of {self.what} ({exc}); {self.fix}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.read(fd, 64).decode("ascii", "replace").strip() or "another process"
             os.close(fd)

@@ -12,34 +12,43 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import numpy as np
 
 from .backends import create_runner
-from .backends.base import Runner
+from .backends.base import LeasedModel, ModelBytes, Runner
 from .errors import ArtifactError, ImageError
-from .io import read_json
+from .io import parse_json, read_json
 from .preprocess import PreprocessConfig, load_image, preprocess_image
+from .schema import is_name
 from .trust import (
     DIGEST_FIELD,
     ISSUED_FIELD,
+    DigestCheck,
+    FileChanging,
+    FileLease,
     IntegrityError,
     TrustedKeys,
     VersionRecord,
-    verify_file,
+    digest_field,
+    read_file,
+    resolve_verify_first,
+    verify_bytes,
     verify_seal,
     warn_unverified,
 )
 
 SIDECAR_FORMAT = "h2t-edge/task-graph"
-# Versions 3 and 4 are sealed (runtime.trust): content_sha256, graph/engine sha256 and `issued` are
-# mandatory, a signature is checked when keys are trusted. 1 and 2 are the same layouts from before
-# that; they load only with allow_unverified.
-SIDECAR_VERSION = 3
-MULTITASK_SIDECAR_VERSION = 4  # "tasks": [{task, classes, outputs: {logits}}] instead of task/classes/outputs
+# Versions 5 and 6 are sealed (runtime.trust): content_sha256, the graph's/engine's BLAKE3 and `issued`
+# are mandatory, a signature is checked when keys are trusted. 3 and 4 are the same, with sha256 file
+# digests (checked the old way). 1 and 2 are the same layouts from before sealing; they load only with
+# allow_unverified.
+SIDECAR_VERSION = 5
+MULTITASK_SIDECAR_VERSION = 6  # "tasks": [{task, classes, outputs: {logits}}] instead of task/classes/outputs
+SHA256_VERSIONS = {3: SIDECAR_VERSION, 4: MULTITASK_SIDECAR_VERSION}  # sealed, sha256 file digests
 LEGACY_VERSIONS = {1: SIDECAR_VERSION, 2: MULTITASK_SIDECAR_VERSION}  # unsealed version -> its sealed successor
 
 
@@ -123,16 +132,18 @@ class TaskSidecar:
         if d.get("format") != SIDECAR_FORMAT:
             raise bad("format", f"is {d.get('format')!r}, expected {SIDECAR_FORMAT!r}")
         if type(d.get("version")) is not int or d["version"] not in (SIDECAR_VERSION, MULTITASK_SIDECAR_VERSION,
-                                                                       *LEGACY_VERSIONS):
+                                                                       *LEGACY_VERSIONS, *SHA256_VERSIONS):
             raise ArtifactError(
                 f"task sidecar {source}: field 'version' is {d.get('version')!r}, this runtime reads "
                 f"versions {SIDECAR_VERSION} and {MULTITASK_SIDECAR_VERSION}; re-compile the task with a matching h2t-edge"
             )
-        if LEGACY_VERSIONS.get(d["version"], d["version"]) == MULTITASK_SIDECAR_VERSION:
+        if {**LEGACY_VERSIONS, **SHA256_VERSIONS}.get(d["version"], d["version"]) == MULTITASK_SIDECAR_VERSION:
             return cls._multitask_from_dict(d, source, bad)
-        for key in ("task", "input"):
-            if not isinstance(d.get(key), str) or not d[key]:
-                raise bad(key, "must be a non-empty string")
+        if not is_name(d.get("task")):
+            raise bad("task", f"is {str(d.get('task'))[:80]!r}, not a valid task name (letters, digits, '_', '.', '-'; "
+                      "a name is never a path)")
+        if not isinstance(d.get("input"), str) or not d["input"]:
+            raise bad("input", "must be a non-empty string")
         classes = d.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise bad("classes", "must be a non-empty list of strings")
@@ -161,8 +172,9 @@ class TaskSidecar:
         parsed = []
         for i, t in enumerate(tasks):
             where = f"tasks[{i}]"
-            if not isinstance(t, dict) or not isinstance(t.get("task"), str) or not t["task"]:
-                raise bad(where, "must be an object with a non-empty 'task'")
+            if not isinstance(t, dict) or not is_name(t.get("task")):
+                raise bad(where, "must be an object with a valid 'task' name (letters, digits, '_', '.', '-'; a name "
+                          "is never a path)")
             classes = t.get("classes")
             if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
                 raise bad(f"{where}.classes", "must be a non-empty list of strings")
@@ -199,20 +211,50 @@ def _backbone_and_preprocess(d: dict, source: str, bad) -> tuple[dict, Preproces
     return backbone, PreprocessConfig.from_dict(d["preprocess"], source=f"task sidecar {source}")
 
 
+@dataclass(frozen=True)
+class VerifiedTask:
+    """A task graph (or engine) checked by `load_task`: its sidecar, the raw sidecar JSON, and the
+    model's bytes exactly as they were checked, to be handed to the backend (`create_runner`)."""
+
+    sidecar: "TaskSidecar"
+    raw: Mapping[str, Any]
+    model: ModelBytes | LeasedModel
+
+
 def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None, *,
                       trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
                       allow_unverified: bool = False,
                       version_record: VersionRecord | str | os.PathLike | None = None) -> "TaskSidecar":
-    """The checked sidecar of the task graph (or engine) PATH: the one reader of task-graph sidecars.
+    """The checked sidecar of the task graph (or engine) PATH (see `load_task`, which also returns the
+    checked bytes: use it where the graph is then run)."""
+    return load_task(path, sidecar_file, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
+                     version_record=version_record).sidecar
+
+
+def load_task(path: str | os.PathLike, sidecar_file: str | os.PathLike | None = None, *,
+              trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
+              allow_unverified: bool = False,
+              version_record: VersionRecord | str | os.PathLike | None = None,
+              files: Mapping[Path, bytes] | None = None, parse_while_hashing: bool = False,
+              lease: bool = False) -> VerifiedTask:
+    """The one reader of task-graph sidecars: the checked sidecar of the task graph (or engine) PATH
+    and the graph's bytes, read once; hand `.model` to the backend, never PATH.
 
     Refuses a missing graph or sidecar; a sidecar without its seal, edited after it was written, or
-    malformed; a graph or engine whose bytes do not match the sha256 the sidecar records; with
-    trusted keys (here or in $H2T_EDGE_TRUSTED_KEYS) a sidecar not signed by one of them; with a
-    version record (here or $H2T_EDGE_VERSION_RECORD) an older artifact of a task than the device
-    already loaded. Each error names the file and the fix. A sidecar from before sealing (versions
-    1 and 2) loads only with `allow_unverified`, loudly. sidecar_file: where the sidecar is
-    (default: next to the graph, same stem)."""
+    malformed; a graph or engine whose bytes do not match the digest the sidecar records (BLAKE3; sha256
+    in versions 3 and 4); a graph that keeps tensors in external files; with trusted keys (here or in
+    $H2T_EDGE_TRUSTED_KEYS) a sidecar not signed by one of them; with a version record (here or
+    $H2T_EDGE_VERSION_RECORD) an older artifact of a task than the device already loaded. Each error
+    names the file and the fix. A sidecar from before sealing (versions 1 and 2) loads only with
+    `allow_unverified`, loudly. sidecar_file: where the sidecar is (default: next to the graph).
+    files: path -> bytes already read once (and checked) by the caller; those files are not read again.
+    parse_while_hashing: return as soon as the bytes are read, their digest still being computed
+    (`ModelBytes.checks`): the engine loader given `.model` parses them meanwhile and confirms the
+    digest before it returns (`Predictor.load`). Everything else is checked before this returns.
+    lease: an ONNX task graph comes as a leased file where the system grants a lease (`LeasedModel`;
+    ONNX Runtime opens it, nothing is copied), else as bytes."""
     path = Path(path)
+    files = files or {}
     if not path.is_file():
         raise ArtifactError(f"task graph {path} does not exist; pass the .onnx written by the compiler")
     sidecar_file = Path(sidecar_file) if sidecar_file is not None else sidecar_path(path)
@@ -221,8 +263,10 @@ def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike |
             f"task sidecar {sidecar_file} is missing; it must sit next to {path.name} with the "
             "same stem. Copy it along with the graph or re-compile the task"
         )
-    raw = read_json(sidecar_file, "task sidecar")
+    raw = (parse_json(files[sidecar_file], sidecar_file, "task sidecar") if sidecar_file in files
+           else read_json(sidecar_file, "task sidecar"))
     trusted = TrustedKeys.resolve(trusted_keys)
+    record = VersionRecord.resolve(version_record)
     fix = "re-compile the task (and rebuild its engine)"
     version = raw.get("version") if isinstance(raw, dict) else None
     if type(version) is int and version in LEGACY_VERSIONS:
@@ -237,34 +281,89 @@ def read_task_sidecar(path: str | os.PathLike, sidecar_file: str | os.PathLike |
             verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix)
         sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
         if "graph_sha256" in raw or isinstance(raw.get("build"), Mapping):
-            verify_artifact_hash(path, sidecar.extra, sidecar_file)
-        return sidecar
+            return VerifiedTask(sidecar, raw, read_artifact(path, raw, sidecar_file, legacy=True, files=files))
+        data = files[path] if path in files else read_file(path, what="task graph", fix=fix)
+        return VerifiedTask(sidecar, raw, _model_bytes(path, data, raw))
     if isinstance(raw, dict):
         verify_seal(raw, f"task sidecar {sidecar_file}", fix=fix, trusted=trusted)
     sidecar = TaskSidecar.from_dict(raw, source=str(sidecar_file))
-    verify_artifact_hash(path, sidecar.extra, sidecar_file)
-    record = VersionRecord.resolve(version_record)
+    model = read_artifact(path, raw, sidecar_file, legacy=version in SHA256_VERSIONS, files=files,
+                          parse_while_hashing=parse_while_hashing, lease=lease)
     if record is not None:
-        record.check_and_update([t.task for t in sidecar.tasks], raw.get(ISSUED_FIELD), sidecar_file)
-    return sidecar
+        update = _VersionUpdate(record, [t.task for t in sidecar.tasks], raw.get(ISSUED_FIELD), sidecar_file)
+        if parse_while_hashing:  # the device records the version once the graph is confirmed, not before
+            return VerifiedTask(sidecar, raw, replace(model, checks=(*model.checks, update)))
+        update.verify()
+    return VerifiedTask(sidecar, raw, model)
 
 
-def verify_artifact_hash(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike) -> None:
-    """Check the graph or engine at `path` against the sha256 its sidecar recorded when it was written:
-    `build.artifact_sha256` (an engine from `h2t-edge build-engine`; an OpenVINO IR's weights too, as
-    `build.weights_sha256`) or else `graph_sha256` (a compiled task graph). One of them is mandatory."""
-    path = Path(path)
+@dataclass(frozen=True)
+class _VersionUpdate:
+    """`VersionRecord.check_and_update` as a check of `ModelBytes.checks`, run after the digests."""
+
+    record: VersionRecord
+    tasks: list[str]
+    issued: Any
+    sidecar_file: Path
+
+    def verify(self) -> None:
+        self.record.check_and_update(self.tasks, self.issued, self.sidecar_file)
+
+
+def _model_bytes(path: Path, data: bytes, raw: Mapping[str, Any], weights: bytes | None = None,
+                 checks: tuple = ()) -> ModelBytes:
+    kind = {".engine": "engine", ".plan": "engine", ".xml": "ir"}.get(path.suffix, "onnx")
+    return ModelBytes(data, str(path), kind, weights, raw, checks)
+
+
+def read_artifact(path: str | os.PathLike, sidecar: Mapping[str, Any], sidecar_file: str | os.PathLike, *,
+                  legacy: bool = False, files: Mapping[Path, bytes] | None = None,
+                  parse_while_hashing: bool = False, lease: bool = False) -> ModelBytes | LeasedModel:
+    """The graph or engine at `path`, read once and checked against the digest its sidecar recorded:
+    `build.artifact_blake3` (an engine from `h2t-edge build-engine`; an OpenVINO IR's weights too, as
+    `build.weights_blake3`) or else `graph_blake3` (a compiled task graph); one of them is mandatory.
+    legacy: a sidecar of the previous sealed format, whose digests are the `*_sha256` fields.
+    files: path -> bytes the caller has read already (checked here all the same, not read again).
+    parse_while_hashing: the digests are computed on another thread, and the returned bytes carry
+    them (`ModelBytes.checks`, confirmed by the engine loader before it returns).
+    lease: a task graph (not an engine) not in `files` is leased rather than read where the system
+    grants a lease (`runtime.trust.FileLease`); its digest is of the leased inode's bytes."""
+    path, files = Path(path), files or {}
     build = sidecar.get("build")
     fix = "re-compile the task or rebuild the engine"
+    checks: list[DigestCheck] = []
+
+    def checked(file: Path, record: Mapping[str, Any], name: str, field: str, what: str) -> bytes:
+        data = files[file] if file in files else read_file(file, what=what, fix=fix)
+        if parse_while_hashing:
+            checks.append(DigestCheck(data, record.get(name), field=field, path=file, descriptor=sidecar_file,
+                                      fix=fix, what=what))
+            return data
+        return verify_bytes(data, record.get(name), field=field, path=file, descriptor=sidecar_file, fix=fix,
+                            what=what)
+
     if isinstance(build, Mapping):
-        verify_file(path, build.get("artifact_sha256"), field="build.artifact_sha256", descriptor=sidecar_file,
-                    fix=fix, what="engine")
+        name = digest_field("artifact", legacy=legacy)
+        data = checked(path, build, name, f"build.{name}", "engine")
+        weights = None
         if path.suffix == ".xml":  # the IR's weights are the .bin beside it
-            verify_file(path.with_suffix(".bin"), build.get("weights_sha256"), field="build.weights_sha256",
-                        descriptor=sidecar_file, fix=fix, what="engine weights")
-        return
-    verify_file(path, sidecar.get("graph_sha256"), field="graph_sha256", descriptor=sidecar_file, fix=fix,
-                what="task graph")
+            name = digest_field("weights", legacy=legacy)
+            weights = checked(path.with_suffix(".bin"), build, name, f"build.{name}", "engine weights")
+        return _model_bytes(path, data, sidecar, weights, tuple(checks))
+    name = digest_field("graph", legacy=legacy)
+    held = FileLease.take(path) if lease and path not in files else None
+    if held is not None:
+        try:
+            check = DigestCheck(held, sidecar.get(name), field=name, path=path, descriptor=sidecar_file, fix=fix,
+                                what="task graph", threads=1 if parse_while_hashing else None)
+            if not parse_while_hashing:
+                check.verify()
+        except BaseException:
+            held.close()
+            raise
+        return LeasedModel(held, str(path), sidecar, (check, held) if parse_while_hashing else (held,))
+    data = checked(path, sidecar, name, name, "task graph")
+    return _model_bytes(path, data, sidecar, checks=tuple(checks))
 
 
 @dataclass
@@ -320,6 +419,7 @@ class Predictor:
         trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None,
         allow_unverified: bool = False,
         version_record: VersionRecord | str | os.PathLike | None = None,
+        verify_first: bool | None = None,
         **backend_options: Any,
     ) -> "Predictor":
         """Load `TASK.onnx` and its sidecar `TASK.json` with `backend` ('onnxruntime',
@@ -327,19 +427,34 @@ class Predictor:
 
         providers applies to onnxruntime only; intra_op_threads to onnxruntime and openvino;
         backend_options go to the backend's loader as they are. The sidecar and the graph are
-        checked first (`read_task_sidecar`): trusted_keys (public key files, added to those in
-        $H2T_EDGE_TRUSTED_KEYS) makes a signature by one of them mandatory; version_record (a
-        file the device keeps, or $H2T_EDGE_VERSION_RECORD) refuses rollbacks; allow_unverified
-        loads an unsealed sidecar of the old format, with a warning.
+        read once and checked (`load_task`), and the backend gets those bytes: trusted_keys
+        (public key files, added to those in $H2T_EDGE_TRUSTED_KEYS) makes a signature by one of
+        them mandatory; version_record (a file the device keeps, or $H2T_EDGE_VERSION_RECORD)
+        refuses rollbacks; allow_unverified loads an unsealed sidecar of the old format, with a
+        warning. The backend parses the graph's bytes while their BLAKE3 is computed on another thread, and
+        the runner is handed over (and the version recorded) only once the digest matches: nothing
+        runs before. verify_first (or $H2T_EDGE_VERIFY_FIRST=1) finishes the digest before the
+        backend sees a byte, at the cost of the hash (`benchmarks/results/trust.md`).
         Raises ArtifactError when either file is missing or malformed, and BackendUnavailable
         when the backend or an explicitly requested provider does not initialize.
         """
         path = Path(path)
-        sidecar = read_task_sidecar(path, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
-                                    version_record=version_record)
-        backend_options = fitted_precision_options(sidecar, path, backend, backend_options)
-        runner = create_runner(path, backend, **runner_options(backend, providers, intra_op_threads, backend_options))
-        return cls(runner, sidecar, path)
+        parse_while_hashing = not resolve_verify_first(verify_first)
+
+        def load(lease: bool) -> Predictor:
+            task = load_task(path, trusted_keys=trusted_keys, allow_unverified=allow_unverified,
+                             version_record=version_record, parse_while_hashing=parse_while_hashing, lease=lease)
+            options = fitted_precision_options(task.sidecar, path, backend, backend_options)
+            # The bytes that were checked are the bytes the backend gets: the path is not opened again.
+            options = runner_options(backend, providers, intra_op_threads, options)
+            return cls(create_runner(task.model, backend, **options), task.sidecar, path)
+
+        if backend == "onnxruntime":  # ONNX Runtime opens a leased graph file itself: no copy of it
+            try:
+                return load(lease=True)
+            except FileChanging:  # someone asked to write the graph meanwhile: load a copy of its bytes
+                pass
+        return load(lease=False)
 
     # -- properties -------------------------------------------------------------------------
 

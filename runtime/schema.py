@@ -178,6 +178,32 @@ def obj(fields: Mapping[str, Check], optional_fields: Mapping[str, Check] | None
     return check
 
 
+def is_digest(value: Any) -> bool:
+    """Whether `value` is a file digest as h2t-edge writes it (sha256 or BLAKE3): 64 lowercase hex digits."""
+    return is_sha256(value)
+
+
+# The one rule for names that come from artifacts (task, tap, model names): they become file and folder
+# names and URL segments, so a name is one path component of safe characters, never '.', '..', a
+# path or an absolute path.
+NAME_RULE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+def is_name(value: Any) -> bool:
+    """Whether `value` passes NAME_RULE (letters, digits, '_', '.', '-'; 1..128; no leading '.')."""
+    return isinstance(value, str) and bool(NAME_RULE.match(value))
+
+
+def name() -> Check:
+    """A task, tap or model name (NAME_RULE)."""
+    def check(value, where):
+        if not is_name(value):
+            raise SchemaMismatch(where, f"is {str(value)[:80]!r}, not a valid name (1 to 128 letters, digits, '_', "
+                                 "'.', '-', not starting with '.'; a name is never a path)")
+        return value
+    return check
+
+
 def is_sha256(value: Any) -> bool:
     """Whether `value` is a sha256 as h2t-edge writes it: 64 lowercase hex digits."""
     return isinstance(value, str) and bool(_HEX64.match(value))

@@ -198,8 +198,9 @@ def compile_(task_dirs, output, weights, extraction_graph, sign_key) -> None:
 @PRECISION_OPTION
 @TRUSTED_KEY_OPTION
 @click.option("--version-record", type=click.Path(dir_okay=False), default=None,
-              help="This device's record of the newest version loaded per task (a JSON file it keeps; default "
-                   "$H2T_EDGE_VERSION_RECORD): an older artifact of a task is refused as a rollback.")
+              help="This device's record of the newest version loaded per task (a JSON file it keeps, created "
+                   "once with `h2t-edge versions init`; default $H2T_EDGE_VERSION_RECORD): an older artifact of a "
+                   "task is refused as a rollback, and a missing or malformed record is an error.")
 @click.option("--allow-unverified", is_flag=True,
               help="Load a task graph of the format before sealing (no content_sha256), with a warning. "
                    "Never needed for artifacts of this h2t-edge; refused when keys are trusted.")

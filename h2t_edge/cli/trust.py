@@ -28,3 +28,23 @@ def generate(output) -> None:
     key = SigningKey.generate()
     private, public = key.save(output)
     click.echo(f"wrote {private} (private, mode 0600) and {public}; key id {key.key_id}")
+
+
+@cli.group()
+def versions() -> None:
+    """This device's version record: the newest version loaded per task, so rollbacks are refused.
+
+    \b
+      h2t-edge versions init /var/lib/h2t/versions.json      # once, when the device is set up
+      h2t-edge predict task.onnx images/ --version-record /var/lib/h2t/versions.json
+    """
+
+
+@versions.command()
+@click.argument("record", type=click.Path(dir_okay=False))
+def init(record) -> None:
+    """Create an empty version record at RECORD (refused where one exists: a reset would accept rollbacks)."""
+    from runtime.trust import VersionRecord
+
+    VersionRecord.create(record)
+    click.echo(f"wrote {record}: an empty version record; pass it to predict with --version-record")

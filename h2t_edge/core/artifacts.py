@@ -32,7 +32,7 @@ from h2t_edge.core.layout import Layout
 from h2t_edge.core.schemas import TASK
 from runtime.errors import ArtifactError
 from runtime.io import atomic_write_bytes, atomic_write_files, atomic_write_json, json_bytes, read_json
-from runtime.schema import content_sha256, validate
+from runtime.schema import content_sha256, is_name, validate
 from runtime.trust import seal, verify_seal
 
 TASK_FORMAT = "h2t-edge/task"
@@ -220,6 +220,9 @@ class FineTunedTask:
                    if k not in meta]
         if missing:
             raise TaskArtifactError(f"{root / 'task.json'}: field {missing[0]!r} is missing; fine-tune again")
+        if not is_name(meta["task"]):
+            raise TaskArtifactError(f"{root / 'task.json'}: field 'task' is {str(meta['task'])[:80]!r}, not a valid task "
+                                    "name (letters, digits, '_', '.', '-'; a name is never a path); fine-tune again")
         path = root / "tuned.safetensors"
         try:
             blob = path.read_bytes()

@@ -12,8 +12,8 @@ import platform
 import time
 from pathlib import Path
 
-# /proc/cpuinfo flags that decide which kernels ONNX Runtime, OpenVINO and oneDNN pick.
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+# /proc/cpuinfo flags that decide which kernels ONNX Runtime, OpenVINO and oneDNN pick (sha_ni: hashing).
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "sha_ni")
 
 
 def cpu_info(cpuinfo: str | Path = "/proc/cpuinfo") -> dict:

@@ -1,25 +1,24 @@
 """Task-graph sidecars: the one place that builds and writes them.
 
 A compiled task graph `TASK.onnx` travels with `TASK.json`, the runtime's contract: classes,
-preprocessing, outputs, backbone identity and the graph's sha256. Single-task (version 1),
+preprocessing, outputs, backbone identity and the graph's BLAKE3. Single-task (version 1),
 multi-task (version 2) and fine-tuned graphs all get their sidecar from `task_sidecar` /
 `multitask_sidecar` and are written by `write_task_graph`, which always seals the sidecar
 (`runtime.trust.seal`: `issued`, `content_sha256` over its canonical JSON, and with a signing key an
-ed25519 signature over it, which covers the graph's sha256 and the task names), so an edited sidecar
+ed25519 signature over it, which covers the graph's digest and the task names), so an edited sidecar
 of any kind is refused at load. The one checker is the runtime's (`runtime.predictor.read_task_sidecar`),
 because the device checks what it loads without h2t_edge installed.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from runtime.io import atomic_write_files, json_bytes
 from runtime.predictor import MULTITASK_SIDECAR_VERSION, SIDECAR_FORMAT, SIDECAR_VERSION, read_task_sidecar
-from runtime.trust import SigningKey
+from runtime.trust import SigningKey, file_digest
 from runtime.trust import seal as seal_descriptor
 
 INPUT_NAME = "images"
@@ -42,7 +41,7 @@ def task_sidecar(blob: bytes, *, task: str, method: str, classes: Sequence[str],
     return {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "task": task, "method": method,
             "classes": list(classes), "preprocess": dict(preprocess), "input": INPUT_NAME,
             "outputs": dict(outputs), "backbone": dict(backbone),
-            "graph_sha256": hashlib.sha256(blob).hexdigest(), **extra}
+            "graph_blake3": file_digest(blob), **extra}
 
 
 def multitask_sidecar(blob: bytes, *, tasks: Sequence[Mapping[str, Any]], preprocess: Mapping[str, Any],
@@ -51,7 +50,7 @@ def multitask_sidecar(blob: bytes, *, tasks: Sequence[Mapping[str, Any]], prepro
     classes and `outputs: {"logits": name}`."""
     return {"format": SIDECAR_FORMAT, "version": MULTITASK_SIDECAR_VERSION, "tasks": [dict(t) for t in tasks],
             "preprocess": dict(preprocess), "input": INPUT_NAME, "backbone": dict(backbone),
-            "graph_sha256": hashlib.sha256(blob).hexdigest(), **extra}
+            "graph_blake3": file_digest(blob), **extra}
 
 
 def sign(sidecar: dict, signing_key: SigningKey | None = None) -> dict:

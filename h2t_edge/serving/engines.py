@@ -37,7 +37,7 @@ from runtime.errors import ArtifactError
 from runtime.io import atomic_write_json, file_sha256, read_json
 from runtime.predictor import read_task_sidecar
 from runtime.preprocess import PreprocessConfig
-from runtime.trust import SigningKey
+from runtime.trust import SigningKey, file_digest
 
 BUILD_FORMAT = "h2t-edge/engine-build"
 SUFFIX = {"onnxruntime": ".onnx", "openvino": ".xml", "tensorrt": ".engine"}
@@ -130,6 +130,13 @@ def build_engine(
         )
     if precision == "int8" and calib is None:
         raise EngineBuildError("--precision int8 needs calibration images: pass --calib DIR (a folder of task images)")
+    task_graph = graph.with_suffix(".json").is_file()
+    if task_graph:
+        _check_source(graph)  # build only from a graph that is what its sidecar says, before any work
+        if precision != "fp32" and check is None and calib is None and not accept_drop:
+            raise EngineBuildError(f"a {precision} build of a task graph is checked against its source on held-out "
+                                   "images: pass --check DIR (a folder of task images, class subfolders for "
+                                   "accuracy), or --accept-drop to build it unchecked")
     output = Path(output) if output is not None else default_output(graph, backend, precision)
     output.parent.mkdir(parents=True, exist_ok=True)
     batches, held_out = [], []
@@ -150,14 +157,14 @@ def build_engine(
         build |= _build_openvino(graph, output, precision, batches)
     else:
         build |= _build_tensorrt(graph, output, precision, batches, BatchProfile.up_to(max_batch), cache_dir)
-    if precision != "fp32" and graph.with_suffix(".json").is_file():
+    if precision != "fp32" and task_graph:
         build["check"] = _checked(graph, output, backend, precision, check, calib, held_out, accept_drop)
     build |= {
         "source": str(graph.resolve()),
         "source_sha256": file_sha256(graph),
         "artifact": output.name,
-        "artifact_sha256": file_sha256(output),
-        **({"weights_sha256": file_sha256(output.with_suffix(".bin"))} if output.suffix == ".xml" else {}),
+        "artifact_blake3": file_digest(output.read_bytes()),
+        **({"weights_blake3": file_digest(output.with_suffix(".bin").read_bytes())} if output.suffix == ".xml" else {}),
         "calibration": {"images": sum(len(b) for b in batches), "source": str(calib)} if batches else None,
         "seconds": round(time.perf_counter() - start, 2),
         "versions": {"h2t-edge": __version__, "python": platform.python_version(), **build.pop("versions", {})},
@@ -216,8 +223,9 @@ def check_build(graph: Path, output: Path, backend: str, precision: str, images:
     cfg = graph_preprocess(graph)
     labels = _labels(images, folder, tasks[0]["classes"]) if len(tasks) == 1 else None
     x = np.stack([preprocess_image(load_image(p), cfg) for p in images])
-    hint = {"openvino": {"precision": precision if precision in ("fp16", "bf16") else "fp32"},
-            "tensorrt": {"precision": precision}}.get(backend, {})
+    from h2t_edge.steps.precision import runner_options
+
+    hint = runner_options({"precision": precision, "backend": backend})  # how the built graph runs
     preds = {}
     for name, (path, on, options) in {"source": (graph, "onnxruntime", {}), "built": (output, backend, hint)}.items():
         with create_runner(path, on, **options) as runner:
@@ -246,15 +254,20 @@ def _labels(images: list, folder, classes: list) -> np.ndarray | None:
     return np.asarray(labels)
 
 
+def _check_source(graph: Path) -> None:
+    """The task graph and its sidecar, checked as the runtime checks them (EngineBuildError)."""
+    try:
+        read_task_sidecar(graph, graph.with_suffix(".json"))
+    except ArtifactError as exc:
+        raise EngineBuildError(str(exc)) from exc
+
+
 def _write_sidecar(graph: Path, output: Path, build: dict, signing_key: SigningKey | None = None) -> Path:
     """OUTPUT.json: the task sidecar of GRAPH (checked, as the runtime checks it) with the build
     record added, sealed again (signed with `signing_key` when given): the engine's own sidecar."""
     task_sidecar = graph.with_suffix(".json")
     if task_sidecar.is_file():
-        try:
-            read_task_sidecar(graph, task_sidecar)  # build only from a graph that is what its sidecar says
-        except ArtifactError as exc:
-            raise EngineBuildError(str(exc)) from exc
+        _check_source(graph)  # again: the build took a while, the files may have changed
         data = read_json(task_sidecar, "task sidecar")
     else:
         data = {"format": BUILD_FORMAT, "version": 1}
@@ -262,8 +275,9 @@ def _write_sidecar(graph: Path, output: Path, build: dict, signing_key: SigningK
     # An engine's own record (key + checksum, written by the builder) shares the name: keep it.
     if sidecar.is_file() and output.suffix == ".engine":
         record = read_json(sidecar, "engine record")
-        data = {**data, "key": record["key"], "engine_sha256": record["engine_sha256"]}
-    data = {k: v for k, v in data.items() if k != "graph_sha256"}  # the engine is checked by build.artifact_sha256
+        data = {**data, "key": record["key"], "engine_blake3": record["engine_blake3"]}
+    # the engine is checked by build.artifact_blake3
+    data = {k: v for k, v in data.items() if k not in ("graph_sha256", "graph_blake3")}
     data = {**data, "build": build}
     sign(data, signing_key)  # every engine sidecar is sealed; a task sidecar's copy gets a new seal
     return atomic_write_json(sidecar, data)
@@ -298,7 +312,7 @@ def _build_openvino(graph: Path, output: Path, precision: str, batches) -> dict:
         from exporters.quantize import quantize_int8_nncf
 
         staged = output.with_suffix(".nncf.onnx")
-        report = quantize_int8_nncf(graph, staged, batches)
+        quantize_int8_nncf(graph, staged, batches)
         source = onnx.load(str(staged))
         staged.unlink()
         method = ("OpenVINO IR from NNCF's int8 QDQ ONNX (trunk only; pooling, normalization and head fp32); "
@@ -333,6 +347,6 @@ def _build_tensorrt(graph: Path, output: Path, precision: str, batches, profile:
     loader = trt_backend.EngineLoader(source, precision, profile, batches or None, cache_dir)
     engine = loader()
     output.write_bytes(engine)
-    trt_backend.write_engine_record(output, loader.key)
+    trt_backend.write_engine_record(output, loader.key, engine)
     return {"method": method, "profile": profile.to_dict(), "gpu": loader.key.gpu_name,
             "engine_source": str(source), "versions": {"tensorrt": trt.__version__}}

@@ -36,8 +36,9 @@ from pathlib import Path
 
 from h2t_edge.core.errors import ServingError
 from h2t_edge.serving.triton_python_model import THREADS_ENV
-from h2t_edge.serving.triton_repo import export_repository
-from runtime.trust import TRUSTED_KEYS_ENV
+from h2t_edge.serving.triton_repo import export_repository, verify_repository
+from runtime.io import atomic_write_bytes
+from runtime.trust import TRUSTED_KEYS_ENV, SigningKey, TrustedKeys
 
 INSTALL_HINT = "pip install --no-deps nvidia-pytriton (the wheel that ships tritonserver)"
 
@@ -252,19 +253,31 @@ def serve(
     session with `threads` intra-op threads). Returns the started server; call `stop()` (or use it as
     a context manager) to shut it down. Every graph is verified before it enters the repository;
     trusted_keys (public key files, added to $H2T_EDGE_TRUSTED_KEYS) also make a trusted signature
-    mandatory, and the server's model file checks each model again when Triton loads it.
+    mandatory, and the server's model file checks each model again when Triton loads it. The served
+    repository carries a manifest over every file of each model (signed, with trusted keys, by a key
+    of this run), checked before the server starts and by each model at `initialize`.
     """
     owned = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="h2t-serve-")) if owned else Path(workdir)
     repository = workdir / "model_repository"
     if repository.exists():
         shutil.rmtree(repository)
+    keys = [str(Path(k).resolve()) for k in trusted_keys or ()]
+    session_key = None
+    if TrustedKeys.resolve(keys):
+        # Trusted keys make the server's model file refuse unsigned manifests: the repository this run
+        # writes (from graphs it has just verified) is signed with a key of this run only, which the
+        # server trusts beside the given ones; nothing else can sign for it.
+        session_key = SigningKey.generate()  # its private half never leaves this process
+        public = atomic_write_bytes(workdir / f"serve-key-{os.getpid()}.pub", session_key.public_pem())
+        keys.append(str(public.resolve()))
     export_repository(graphs, repository, backend="python", max_batch_size=max_batch_size,
-                      max_queue_delay_us=max_queue_delay_us, instances=instances, trusted_keys=trusted_keys)
+                      max_queue_delay_us=max_queue_delay_us, instances=instances, trusted_keys=trusted_keys,
+                      signing_key=session_key)
+    verify_repository(repository, keys)  # what the server will load, checked just before it starts
     if grpc_port is None:
         grpc_port = http_port + 1 if http_port else 0
     server = TritonServer(repository, host=host, http_port=http_port, grpc_port=grpc_port, threads=threads,
-                          workdir=workdir, startup_timeout=startup_timeout,
-                          trusted_keys=[str(Path(k).resolve()) for k in trusted_keys or ()])
+                          workdir=workdir, startup_timeout=startup_timeout, trusted_keys=keys)
     server._own_workdir = owned
     return server.start()

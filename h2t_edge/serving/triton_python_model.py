@@ -25,6 +25,8 @@ except ImportError:  # imported outside Triton (h2t_edge.serving.serve reads THR
 
 GRAPH_PARAMETER = "h2t_edge.graph_file"  # config parameter: the graph file in the version folder
 SIDECAR_FILE = "h2t_edge_task.json"  # in the model folder: the task's sealed sidecar
+MANIFEST_FILE = "h2t_edge_manifest.json"  # in the model folder: every other file's BLAKE3, sealed, maybe signed
+MANIFEST_FORMAT = "h2t-edge/triton-model"
 # The stub renames a DLPack capsule it took over to "used_dlpack"; NumPy's capsule destructor only
 # recognises "used_dltensor" and would report the other name as an error on every response.
 _STUB_USED, _NUMPY_USED = b"used_dlpack", b"used_dltensor"
@@ -35,19 +37,79 @@ _capsule_set_name.argtypes, _capsule_set_name.restype = [ctypes.py_object, ctype
 THREADS_ENV = "H2T_EDGE_SERVE_THREADS"
 
 
+def config_summary(config) -> dict:
+    """What a model config says that serving depends on (inputs, outputs and their label files, batching,
+    parameters), from Triton's JSON form of it (the `model_config` a model gets) or protobuf's
+    `json_format.MessageToDict(..., preserving_proto_field_name=True)`: the two compare equal."""
+    def tensors(key, with_labels):
+        return [[t.get("name", ""), t.get("data_type", "TYPE_INVALID"), [int(d) for d in t.get("dims", [])],
+                 *([t.get("label_filename", "")] if with_labels else [])] for t in config.get(key, [])]
+
+    return {"max_batch_size": int(config.get("max_batch_size", 0)), "input": tensors("input", False),
+            "output": tensors("output", True),
+            "parameters": {k: v.get("string_value", "") for k, v in sorted(config.get("parameters", {}).items())}}
+
+
+def model_files(model_dir: Path) -> list[str]:
+    """Every file of a model folder (relative POSIX paths) but the manifest and Python's bytecode caches."""
+    found = []
+    for root, dirs, names in os.walk(model_dir):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+        found += [(Path(root) / n).relative_to(model_dir).as_posix() for n in names]
+    return sorted(f for f in found if f != MANIFEST_FILE)
+
+
+def verify_model_folder(model_dir, trusted_keys=None) -> tuple[dict, dict]:
+    """Check a Triton model folder against its manifest before anything in it is used: the manifest's
+    seal (and signature, with trusted keys here or in $H2T_EDGE_TRUSTED_KEYS), that the folder holds
+    exactly the files it lists, and each file's BLAKE3. Returns (the manifest, relative path -> the
+    bytes that were checked). Raises runtime.trust's IntegrityError / SignatureError naming the file."""
+    from runtime.io import read_json
+    from runtime.trust import IntegrityError, TrustedKeys, read_verified, verify_seal
+
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST_FILE
+    fix = "export the model again with `h2t-edge export-triton` (or serve the task graph with `h2t-edge serve`)"
+    if not path.is_file():
+        raise IntegrityError(f"Triton model {model_dir} has no {MANIFEST_FILE}, the signed list of its files; {fix}")
+    manifest = read_json(path, "Triton model manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT \
+            or not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("config"), dict):
+        raise IntegrityError(f"{path}: field 'format' must be {MANIFEST_FORMAT!r} with 'files' and 'config'; {fix}")
+    verify_seal(manifest, f"Triton model manifest {path}", fix=fix, trusted=TrustedKeys.resolve(trusted_keys))
+    present, listed = model_files(model_dir), sorted(manifest["files"])
+    if present != listed:
+        raise IntegrityError(f"Triton model {model_dir} does not hold the files {path} lists: missing "
+                             f"{sorted(set(listed) - set(present))}, not listed {sorted(set(present) - set(listed))} "
+                             f"(a file was added, deleted or renamed after the model was exported); {fix}")
+    files = {rel: read_verified(model_dir / rel, digest, field=f"files.{rel}_blake3", descriptor=path, fix=fix,
+                                what="Triton model file") for rel, digest in manifest["files"].items()}
+    return manifest, files
+
+
 class TritonPythonModel:
     def initialize(self, args):
         from runtime.backends import create_runner
-        from runtime.predictor import read_task_sidecar
+        from runtime.predictor import load_task
+        from runtime.trust import IntegrityError
 
         config = json.loads(args["model_config"])
+        model_dir = Path(args["model_repository"])
+        # Checked first, before anything of the folder is used: the signed manifest over every file
+        # (graph, config, labels, this code, the sidecar), then the config Triton actually loaded
+        # against the one the manifest vouches for, then the sidecar's seal, the graph's digest and,
+        # with keys in $H2T_EDGE_TRUSTED_KEYS, its signature. A failure fails the load.
+        manifest, files = verify_model_folder(model_dir)
+        if config_summary(config) != manifest["config"]:
+            raise IntegrityError(f"the config Triton loaded for {model_dir} differs from the one "
+                                 f"{model_dir / MANIFEST_FILE} vouches for (config.pbtxt was changed); export the "
+                                 "model again")
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        graph = Path(args["model_repository"]) / args["model_version"] / params[GRAPH_PARAMETER]
-        # Checked again here, where the server loads it: the copied sidecar's seal, the graph's
-        # sha256 and, with keys in $H2T_EDGE_TRUSTED_KEYS, its signature. A failure fails the load.
-        read_task_sidecar(graph, Path(args["model_repository"]) / SIDECAR_FILE)
+        graph = model_dir / args["model_version"] / params[GRAPH_PARAMETER]
+        checked = {model_dir / rel: data for rel, data in files.items()}
+        task = load_task(graph, model_dir / SIDECAR_FILE, files=checked)  # the bytes checked above, not re-read
         threads = int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None
-        self.runner = create_runner(graph, "onnxruntime", providers="auto", intra_op_threads=threads)
+        self.runner = create_runner(task.model, "onnxruntime", providers="auto", intra_op_threads=threads)
         self.runner.activate()
         self.inputs = [spec["name"] for spec in config["input"]]
         self.outputs = [spec["name"] for spec in config["output"]]

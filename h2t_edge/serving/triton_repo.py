@@ -7,6 +7,7 @@
         config.pbtxt        # onnxruntime backend, TensorRT accelerator, dynamic batching, I/O specs
         labels.txt          # one class per line (Triton's classification extension reads it)
         h2t_edge_task.json  # the task sidecar (copied as is): the preprocessing contract clients follow
+        h2t_edge_manifest.json  # every other file's BLAKE3 and the config's contents; sealed, maybe signed
         1/model.onnx        # version folder
 
 Inputs and outputs come from the ONNX graph itself (names, element types, shapes), so a graph with any
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,12 +31,21 @@ from pathlib import Path
 from typing import Any
 
 from h2t_edge.core.errors import ServingError
-from h2t_edge.serving.triton_python_model import GRAPH_PARAMETER, SIDECAR_FILE
+from h2t_edge.serving.triton_python_model import (
+    GRAPH_PARAMETER,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT,
+    SIDECAR_FILE,
+    config_summary,
+    model_files,
+    verify_model_folder,
+)
 from runtime.errors import ArtifactError
-from runtime.io import atomic_write_bytes, atomic_write_text, json_bytes
-from runtime.predictor import TaskSidecar, read_task_sidecar, sidecar_path
+from runtime.io import atomic_write_bytes, json_bytes, read_json
+from runtime.predictor import TaskSidecar, load_task, sidecar_path
 from runtime.preprocess import PreprocessConfig
-from runtime.trust import SigningKey, TrustedKeys, seal
+from runtime.schema import is_name
+from runtime.trust import SigningKey, TrustedKeys, file_digest, read_file, seal, verify_bytes, verify_seal
 
 MODEL_FILE = "model.onnx"
 LABELS_FILE = "labels.txt"
@@ -51,8 +60,6 @@ ONNX_TO_TRITON = {
     7: "TYPE_INT64", 9: "TYPE_BOOL", 10: "TYPE_FP16", 11: "TYPE_FP64", 12: "TYPE_UINT32", 13: "TYPE_UINT64",
     16: "TYPE_BF16",
 }
-# Triton model names become URL path segments; keep them to characters that need no quoting.
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 TENSORRT_PRECISIONS = ("FP32", "FP16")
 
 
@@ -88,6 +95,7 @@ class TritonTask:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: bool  # every input and output has a dynamic first (batch) dimension
+    data: bytes = b""  # the graph's bytes as they were checked (what the repository gets)
 
     @property
     def label_sets(self) -> dict[tuple[str, ...], str]:
@@ -115,20 +123,21 @@ def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Pa
     side = Path(sidecar_file) if sidecar_file is not None else sidecar_path(graph)
     if not side.is_file():
         raise ServingError(f"task sidecar {side} is missing; it must sit next to {graph.name} (same stem)")
-    try:  # the runtime's one checker: seal (and signature, with trusted keys), schema, the graph's sha256
-        sidecar = read_task_sidecar(graph, side, trusted_keys=trusted_keys)
+    try:  # the runtime's one checker: seal (and signature, with trusted keys), schema, the graph's digest
+        checked = load_task(graph, side, trusted_keys=trusted_keys)
     except ArtifactError as exc:
         raise ServingError(str(exc)) from exc
+    sidecar = checked.sidecar
     if name is None:
         # A multi-task graph is named after its tasks ('a+b' in the sidecar; '+' would need quoting in URLs).
         name = "_".join(t.task for t in sidecar.tasks) if sidecar.multitask else sidecar.task
-    if not MODEL_NAME.match(name):
+    if not is_name(name):
         raise ServingError(
             f"task name {name!r} (field 'task' of {side}) is not a usable Triton model name: use letters, "
-            "digits, '_', '.', '-' (re-compile with --task NAME)"
+            "digits, '_', '.', '-', at most 128, not starting with '.' (re-compile with --task NAME)"
         )
     try:
-        model = onnx.load(str(graph), load_external_data=False)
+        model = onnx.load_from_string(checked.model.data)  # the bytes checked, not the path again
     except Exception as exc:  # noqa: BLE001 - any parse failure is the file's
         raise ServingError(f"cannot read task graph {graph} as ONNX ({exc}); re-compile the task") from None
     initializers = {i.name for i in model.graph.initializer}
@@ -154,7 +163,7 @@ def read_task(graph: str | Path, name: str | None = None, sidecar_file: str | Pa
         name=name, graph=graph, sidecar=sidecar, sidecar_file=side,
         inputs=tuple(spec(v, False) for v in graph_inputs),
         outputs=tuple(spec(v, True) for v in model.graph.output),
-        batching=batching,
+        batching=batching, data=checked.model.data,
     )
 
 
@@ -311,27 +320,73 @@ def write_model(
     signing_key: SigningKey | None = None, **options: Any
 ) -> Path:
     """Write one task's model folder into `repository`; options go to `build_config`. Returns the folder.
-    The task's sealed sidecar goes along as `h2t_edge_task.json` (signed again with `signing_key`)."""
+    The task's sealed sidecar goes along as `h2t_edge_task.json` (signed again with `signing_key`), and
+    `h2t_edge_manifest.json` lists every file of the folder (graph, config, labels, model code, sidecar)
+    with its BLAKE3, and the config's contents, sealed and signed with `signing_key`: the model checks it
+    at `initialize` and `serve` before it starts the server."""
+    from google.protobuf import json_format
+
     if version < 1:
         raise ServingError(f"model version must be at least 1, got {version}")
     model_dir = Path(repository) / task.name
     config = build_config(task, backend=backend, **options)
     text = config_text(config)
     parse_config(text, str(model_dir / "config.pbtxt"))  # round trip through Triton's schema
-    files: dict[Path, bytes] = {model_dir / str(version) / MODEL_FILE: task.graph.read_bytes()}
+    files: dict[str, bytes] = {f"{version}/{MODEL_FILE}": task.data or task.graph.read_bytes()}
     if backend == "python":
-        files[model_dir / str(version) / "model.py"] = PYTHON_MODEL_SOURCE.read_bytes()
+        files[f"{version}/model.py"] = PYTHON_MODEL_SOURCE.read_bytes()
     for labels, file_name in task.label_sets.items():
-        files[model_dir / file_name] = "".join(f"{label}\n" for label in labels).encode()
-    contract = task.sidecar_file.read_bytes()  # the contract, exactly as compiled (sealed, maybe signed)
+        files[file_name] = "".join(f"{label}\n" for label in labels).encode()
+    contract = read_file(task.sidecar_file, what="task sidecar", fix="re-compile the task")  # as compiled
     if signing_key is not None:  # or signed again by the repository's publisher
         contract = json_bytes(seal(json.loads(contract), signing_key))
-    files[model_dir / SIDECAR_FILE] = contract
-    for path, data in files.items():
-        atomic_write_bytes(path, data)
-    atomic_write_text(model_dir / "config.pbtxt", text)  # last: a folder with a config is complete
+    files[SIDECAR_FILE] = contract
+    files["config.pbtxt"] = text.encode()
+    digests = {**_kept_files(model_dir, set(files)), **{rel: file_digest(data) for rel, data in files.items()}}
+    manifest = seal({"format": MANIFEST_FORMAT, "version": 1, "model": task.name,
+                     "config": config_summary(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+                     "files": dict(sorted(digests.items()))}, signing_key)
+    for rel, data in files.items():
+        atomic_write_bytes(model_dir / rel, data)
+    atomic_write_bytes(model_dir / MANIFEST_FILE, json_bytes(manifest))  # last: a folder with it is complete
     validate_model_dir(model_dir)
     return model_dir
+
+
+def _kept_files(model_dir: Path, rewritten: set[str]) -> dict[str, str]:
+    """The digests of the files of an existing model folder that this write keeps (other versions),
+    each checked against the folder's sealed manifest first."""
+    kept = [rel for rel in model_files(model_dir) if rel not in rewritten] if model_dir.is_dir() else []
+    if not kept:
+        return {}
+    path = model_dir / MANIFEST_FILE
+    fix = "export the model to a new repository"
+    try:
+        old = read_json(path, "Triton model manifest")
+        verify_seal(old, f"Triton model manifest {path}", fix=fix)
+        return {rel: file_digest(verify_bytes(read_file(model_dir / rel, what="Triton model file", fix=fix),
+                                              old.get("files", {}).get(rel), field=f"files.{rel}_blake3",
+                                              path=model_dir / rel, descriptor=path, fix=fix))
+                for rel in kept}
+    except (ArtifactError, AttributeError) as exc:
+        raise ServingError(f"{model_dir} holds files this export keeps ({kept[:3]}), but they are not vouched for "
+                           f"by a valid {MANIFEST_FILE} ({exc}); {fix}") from None
+
+
+def verify_repository(repository: str | Path,
+                      trusted_keys: TrustedKeys | Sequence[str | os.PathLike] | None = None) -> list[Path]:
+    """Check every model folder of a repository against its manifest (as the model does at
+    `initialize`); ServingError naming the file otherwise. Returns the model folders."""
+    repository = Path(repository)
+    folders = sorted(p for p in repository.iterdir() if p.is_dir()) if repository.is_dir() else []
+    if not folders:
+        raise ServingError(f"{repository} holds no model folders; export the repository again")
+    for model_dir in folders:
+        try:
+            verify_model_folder(model_dir, trusted_keys)
+        except ArtifactError as exc:
+            raise ServingError(str(exc)) from exc
+    return folders
 
 
 def export_repository(

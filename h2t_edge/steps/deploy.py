@@ -27,9 +27,18 @@ import numpy as np
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.steps.compile import DeployError, load_backbone_of, load_tasks
 from runtime.errors import ArtifactError
-from runtime.heads import BACKBONE_FORMAT, HEAD_FORMAT, SHARED_VERSION, layout_sha256
+from runtime.heads import (
+    BACKBONE_FORMAT,
+    HEAD_FORMAT,
+    HEADS_MANIFEST,
+    SHARED_VERSION,
+    heads_manifest,
+    layout_sha256,
+    read_heads_manifest,
+)
 from runtime.io import atomic_write_files, json_bytes, read_json
-from runtime.trust import SigningKey, seal, verify_seal
+from runtime.schema import is_name
+from runtime.trust import SigningKey, file_digest, read_file, seal, verify_bytes, verify_seal
 
 
 @dataclass
@@ -118,6 +127,11 @@ def package_shared_step(
     """
     start = time.perf_counter()
     heads = load_tasks(task_dirs)
+    for head in heads:  # names become file names under OUT: one rule, checked before any path is built
+        if not is_name(head.task):
+            raise DeployError(f"task name {head.task!r} (field 'task' of the task.json of {head.task!r}) is not a "
+                              "valid name (letters, digits, '_', '.', '-'; a name is never a path); fit it again "
+                              "with another name")
     first = heads[0]
     root = Path(out_dir)
     backbone_json = root / "backbone.json"
@@ -134,6 +148,7 @@ def package_shared_step(
                 f"{backbone_json} holds backbone {existing.get('backbone', {}).get('name')} with another feature "
                 f"layout than task {first.task!r} was fitted on; deploy it to a new folder"
             )
+        listed = _listed_heads(root)
         computed = existing.get("taps") or [t["name"] for t in existing["layout"]["taps"]]
         for head in heads:
             extra = sorted(set(head.per_tap_indices()) - set(computed))
@@ -156,14 +171,22 @@ def package_shared_step(
             "backbone": first.backbone,
             "layout": first.layout,
             "layout_sha256": layout_hash,
-            "graph_sha256": _sha256(blob),
+            "graph_blake3": file_digest(blob),
             "taps": computed,  # the graph's outputs: the taps its heads read
         }
         atomic_write_files({root / "backbone.onnx": blob, backbone_json: json_bytes(seal(meta, signing_key))})
         written = True
-    sizes = {}
+        listed = {}
+    sizes, files = {}, {}
     for head in heads:
-        sizes[head.task] = _write_head(root / "heads", head, layout_hash, signing_key)
+        tensors, meta_bytes = _head_files(head, layout_hash, signing_key)
+        files |= {root / "heads" / f"{head.task}.safetensors": tensors, root / "heads" / f"{head.task}.json": meta_bytes}
+        listed[head.task] = meta_bytes
+        sizes[head.task] = len(tensors) + len(meta_bytes)
+    # heads.json lists every head (and vouches for their JSON): it is re-signed and replaces its old
+    # version last, after the head files.
+    files[root / HEADS_MANIFEST] = json_bytes(seal(heads_manifest(listed), signing_key))
+    atomic_write_files(files)
     return SharedDeployReport(root, written, (root / "backbone.onnx").stat().st_size, sizes,
                               time.perf_counter() - start, list(computed))
 
@@ -172,7 +195,30 @@ def _sha256(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _listed_heads(root: Path) -> dict[str, bytes]:
+    """Task -> the bytes of heads/TASK.json of every head an existing deployment lists (checked against
+    its heads.json first), to list again beside the new heads."""
+    try:
+        listed = read_heads_manifest(root)
+    except ArtifactError as exc:
+        raise DeployError(str(exc)) from exc
+    fix = "deploy to a new folder"
+    try:
+        return {task: verify_bytes(read_file(root / "heads" / f"{task}.json", what="task head", fix=fix), digest,
+                                   field=f"heads.{task}", path=root / "heads" / f"{task}.json",
+                                   descriptor=root / HEADS_MANIFEST, fix=fix, what="task head", algorithm="blake3")
+                for task, digest in listed.items()}
+    except ArtifactError as exc:
+        raise DeployError(str(exc)) from exc
+
+
 def _backbone_blob(head: TaskHead, backbone_onnx: str | Path | None, weights: str | None) -> bytes:
+    record = head.backbone.get("precision")
+    if record is not None:  # its features came from a graph at a precision, not from this export
+        raise DeployError(f"task {head.task!r} was fitted on {record['precision']} features computed by "
+                          f"{record['backend']}; a shared-backbone folder ships the fp32 export. Compile its tasks into "
+                          "one multi-task graph instead, cut from the graph they were fitted on: "
+                          "`h2t-edge compile TASK_DIR... -o tasks.onnx`")
     if backbone_onnx is not None:
         blob = Path(backbone_onnx).read_bytes()
         if _sha256(blob) != head.backbone.get("onnx_sha256"):
@@ -193,8 +239,9 @@ def _backbone_blob(head: TaskHead, backbone_onnx: str | Path | None, weights: st
     return model.SerializeToString()
 
 
-def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str, signing_key: SigningKey | None = None) -> int:
-    """heads/TASK.safetensors (features int64[k], weight float32[k, C], bias float32[C]) + heads/TASK.json."""
+def _head_files(head: TaskHead, layout_hash: str, signing_key: SigningKey | None = None) -> tuple[bytes, bytes]:
+    """The bytes of heads/TASK.safetensors (features int64[k], weight float32[k, C], bias float32[C]) and
+    of heads/TASK.json (sealed, signed with `signing_key`)."""
     from safetensors.numpy import save
 
     blob = save({
@@ -211,9 +258,6 @@ def _write_head(heads_dir: Path, head: TaskHead, layout_hash: str, signing_key: 
         "n_features": int(len(head.features)),
         "layout_sha256": layout_hash,
         "backbone": head.backbone,
-        "head_sha256": _sha256(blob),
+        "head_blake3": file_digest(blob),
     }
-    weights_path, meta_path = heads_dir / f"{head.task}.safetensors", heads_dir / f"{head.task}.json"
-    # The JSON vouches for the tensors (their sha256): it replaces its old version last.
-    atomic_write_files({weights_path: blob, meta_path: json_bytes(seal(meta, signing_key))})
-    return weights_path.stat().st_size + meta_path.stat().st_size
+    return blob, json_bytes(seal(meta, signing_key))

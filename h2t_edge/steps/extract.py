@@ -41,7 +41,7 @@ from runtime.errors import ImageError
 from runtime.io import FileLock, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 from runtime.preprocess import PreprocessConfig, load_image, preprocess_image
 from runtime.schema import validate
-from runtime.trust import DIGEST_FIELD, IntegrityError, seal, verify_file, verify_seal, warn_unverified
+from runtime.trust import DIGEST_FIELD, IntegrityError, seal, verify_bytes, verify_seal, warn_unverified
 
 CACHE_FORMAT = "h2t-edge/feature-cache"
 CACHE_VERSION = 2  # 2: sealed manifest and digests of the arrays; 1 is read only with allow_unverified
@@ -146,19 +146,27 @@ class FeatureCache:
                 f"feature cache {root} is incomplete (an interrupted run): "
                 "rerun the same `h2t-edge extract` command to resume it"
             )
+        n, d = len(manifest["images"]), manifest["layout"]["total_features"]
+        labels_blob = _read_array_file(root / "labels.npy")
+        if manifest["version"] >= 2:  # the bytes checked are the bytes parsed
+            try:
+                verify_bytes(labels_blob, manifest["labels_sha256"], field="labels_sha256", path=root / "labels.npy",
+                             descriptor=root / "manifest.json", fix=FIX, what="feature cache labels")
+            except IntegrityError as exc:
+                raise CacheError(str(exc)) from None
+        # Each header is checked against the manifest before any array is allocated or mapped.
+        labels = _npy_array(labels_blob, root / "labels.npy", (n,), np.int64)
+        valid = _npy_array(_read_array_file(root / "valid.npy"), root / "valid.npy", (n,), np.bool_)
+        _npy_array(_read_array_file(root / "features.npy", header_only=True), root / "features.npy", (n, d),
+                   DTYPES[manifest["dtype"]], header_only=True)
         try:
             features = np.load(root / "features.npy", mmap_mode="r")
-            labels = np.load(root / "labels.npy")
-            valid = np.load(root / "valid.npy")
         except (OSError, ValueError) as exc:
             raise CacheError(f"feature cache {root} is damaged ({exc}); delete it and extract again") from exc
-        n, d = len(manifest["images"]), manifest["layout"]["total_features"]
-        if features.shape != (n, d) or labels.shape != (n,) or valid.shape != (n,):
+        if features.shape != (n, d) or features.dtype != DTYPES[manifest["dtype"]]:
             raise CacheError(f"feature cache {root}: array shapes do not match its manifest; extract again")
-        if features.dtype != DTYPES[manifest["dtype"]] or labels.dtype != np.int64 or valid.dtype != bool:
-            raise CacheError(f"feature cache {root}: array dtypes do not match its manifest; extract again")
         if manifest["version"] >= 2:
-            _verify_arrays(root, manifest, features, valid)
+            _verify_batches(root, manifest, features, valid)
         if not np.array_equal(labels, manifest["labels"]):
             raise CacheError(f"feature cache labels {root / 'labels.npy'} do not match the labels in its manifest; "
                              f"{FIX}")
@@ -263,13 +271,45 @@ def _digest_mismatch(root: Path, rows: range, b: int, where: str) -> CacheError:
                       f"they were written); {FIX}")
 
 
-def _verify_arrays(root: Path, manifest: dict, features: np.ndarray, valid: np.ndarray) -> None:
-    """Check labels.npy, and every batch of features.npy and valid.npy, against the manifest's digests."""
+def _read_array_file(path: Path, header_only: bool = False) -> bytes:
+    """The bytes of a cache array file, read once (its first 64 KiB, enough for any .npy header, with
+    `header_only`); CacheError naming the file when it cannot be read."""
     try:
-        verify_file(root / "labels.npy", manifest["labels_sha256"], field="labels_sha256",
-                    descriptor=root / "manifest.json", fix=FIX, what="feature cache labels")
-    except IntegrityError as exc:
-        raise CacheError(str(exc)) from None
+        with open(path, "rb") as f:
+            return f.read(1 << 16) if header_only else f.read()
+    except (OSError, MemoryError) as exc:
+        raise CacheError(f"feature cache array {path} cannot be read ({exc}); {FIX}") from None
+
+
+def _npy_array(blob: bytes, path: Path, shape: tuple[int, ...], dtype, header_only: bool = False) -> np.ndarray | None:
+    """The array in the .npy bytes `blob` read from `path`, after checking its header against the
+    expected shape and dtype (a header claiming 2^40 rows is refused here, before any allocation)."""
+    import io
+
+    stream = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        header = read_header(stream, max_header_size=1 << 15)
+    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
+        raise CacheError(f"feature cache array {path} has no valid .npy header ({exc}); {FIX}") from None
+    found_shape, fortran, found_dtype = header
+    if tuple(found_shape) != shape or found_dtype != np.dtype(dtype) or fortran:
+        raise CacheError(f"feature cache array {path}: its shape or dtypes do not match the manifest (it holds "
+                         f"{found_dtype}{list(found_shape)}, the manifest needs {np.dtype(dtype)}{list(shape)}, C "
+                         f"order); {FIX}")
+    if header_only:
+        return None
+    body = memoryview(blob)[stream.tell():]
+    if len(body) != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise CacheError(f"feature cache array {path} holds {len(body)} data bytes, its header needs "
+                         f"{int(np.prod(shape)) * np.dtype(dtype).itemsize}; {FIX}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()  # writable, as np.load's
+
+
+def _verify_batches(root: Path, manifest: dict, features: np.ndarray, valid: np.ndarray) -> None:
+    """Check every batch of features.npy and valid.npy against the manifest's digests."""
     batches = _batch_rows(len(manifest["images"]), manifest["batch_size"])
     for b, (rows, actual) in enumerate(zip(batches, _batch_digests(features, valid, batches))):
         if actual.hex() != manifest["batch_sha256"][b]:

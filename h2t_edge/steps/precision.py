@@ -102,13 +102,15 @@ def record_from_metadata(meta: dict[str, str], source: str | Path) -> dict | Non
         record = json.loads(meta[PRECISION_KEY])
     except ValueError as exc:
         raise PrecisionError(f"{source}: its {PRECISION_KEY} metadata is not JSON ({exc}); {fix}") from None
-    if not isinstance(record, dict) or record.get("precision") not in PRECISIONS or record.get("backend") not in BACKENDS:
+    if (not isinstance(record, dict) or record.get("precision") not in PRECISIONS
+            or record.get("backend") not in BACKENDS):
         raise PrecisionError(f"{source}: its {PRECISION_KEY} metadata names no known precision and backend; {fix}")
     return record
 
 
-def precision_graph_path(source: Path, precision: str, backend: str, method: str, images: int) -> Path:
-    suffix = f".{method}{images}" if precision == "int8" else ""
+def precision_graph_path(source: Path, precision: str, backend: str, method: str, images: int,
+                         images_sha256: str | None = None) -> Path:
+    suffix = f".{method}{images}.{images_sha256[:12]}" if precision == "int8" else ""
     return source.with_name(f"{source.stem}.{backend}.{precision}{suffix}.onnx")
 
 
@@ -142,17 +144,22 @@ def precision_graph(source: str | Path, precision: str, backend: str, train_imag
         return PrecisionGraph(source, None)
     method = "nncf" if precision == "int8" and backend == "openvino" else (method or DEFAULT_CALIBRATION)
     images = images or DEFAULT_CALIBRATION_IMAGES
-    out = precision_graph_path(source, precision, backend, method, images)
+    draw = split_calibration(list(train_images), images, seed=seed) if precision == "int8" else None
+    # int8 graphs are this task's own: keyed by the bytes of the images drawn for calibration, so a
+    # cache folder shared between tasks never hands one task another's calibration
+    images_sha = _files_sha256(draw[0]) if draw else None
+    out = precision_graph_path(source, precision, backend, method, images, images_sha)
     source_sha = file_sha256(source)
     if out.is_file():
         record = read_precision_record(onnx.load(str(out), load_external_data=False), out)
-        if record is not None and record.get("source_sha256") == source_sha:
+        if (record is not None and record.get("source_sha256") == source_sha
+                and (record.get("calibration") or {}).get("images_sha256") == images_sha):
             log(f"kept {precision} graph {out}")
             return PrecisionGraph(out, record)
     record = {"precision": precision, "backend": backend, "source_sha256": source_sha, "calibration": None}
     if precision == "int8":
-        model, record["calibration"], record["method"] = _int8(source, backend, train_images, preprocess, method,
-                                                                images, seed, log)
+        model, record["calibration"], record["method"] = _int8(source, backend, *draw, preprocess, method, log)
+        record["calibration"]["images_sha256"] = images_sha
     elif precision == "fp16" and backend != "openvino":
         model = convert_to_fp16(source)
         record["method"] = "fp16 ONNX; tap pooling in fp16, L2 normalization and what follows in fp32"
@@ -168,8 +175,17 @@ def precision_graph(source: str | Path, precision: str, backend: str, train_imag
     return PrecisionGraph(out, record)
 
 
-def _int8(source: Path, backend: str, train_images: Sequence[Path], preprocess, method: str, images: int, seed: int,
-          log: Log):
+def _files_sha256(paths: Sequence[Path]) -> str:
+    """sha256 over the bytes of `paths`, in order (what a calibration was drawn from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(file_sha256(p).encode())
+    return h.hexdigest()
+
+
+def _int8(source: Path, backend: str, calib: list[Path], held: list[Path], preprocess, method: str, log: Log):
     import tempfile
 
     import onnx
@@ -177,10 +193,9 @@ def _int8(source: Path, backend: str, train_images: Sequence[Path], preprocess, 
     from exporters.quantize import quantize_int8_nncf, quantize_int8_qdq
     from runtime.calibration import calibration_batches
 
-    calib, held = split_calibration(list(train_images), images, seed=seed)
     if len(calib) < 8:
         raise PrecisionError(f"int8 calibration needs at least 8 training images beside {len(held)} held out, "
-                             f"got {len(train_images)} in all; give more training images or fit at fp32")
+                             f"got {len(calib) + len(held)} in all; give more training images or fit at fp32")
     log(f"calibrating int8 ({method}) on {len(calib)} training images, {len(held)} held out ...")
     batches = calibration_batches(calib, preprocess, batch_size=8, limit=None)
     with tempfile.TemporaryDirectory() as scratch:
@@ -188,7 +203,8 @@ def _int8(source: Path, backend: str, train_images: Sequence[Path], preprocess, 
         if backend == "openvino":
             report = quantize_int8_nncf(source, staged, batches)
         else:
-            report = quantize_int8_qdq(source, staged, batches, target="cpu" if backend == "onnxruntime" else "tensorrt",
+            target = "cpu" if backend == "onnxruntime" else "tensorrt"
+            report = quantize_int8_qdq(source, staged, batches, target=target,
                                        method=method)
         model = onnx.load(str(staged))
     fidelity = feature_fidelity(source, model, calibration_batches(held, preprocess, batch_size=8, limit=None),

@@ -543,13 +543,13 @@ def compare_with_fp32(task_dir: Path, onnx: Path, graph_at, selection: Selection
     rows = {}
     for name, chosen, path, rec in (("fp32", reference.chosen, compiled.path, None),
                                     (graph_at.precision, selection.chosen, task_dir / "model.onnx", graph_at.record)):
-        hint = {"precision": "fp32"} | (runner_options(rec) if graph_at.backend != "onnxruntime" else {})
-        timing = measure(BenchCase(name, Path(path), graph_at.backend, hint.get("precision", "fp32")),
+        timing = measure(BenchCase(name, Path(path), graph_at.backend, runner_options(rec).get("precision", "fp32")),
                          batch=8, warmup=5, repeat=30)
         rows[name] = {"chosen": chosen.key, "cv_accuracy": chosen.cv_accuracy, "cv_se": chosen.cv_se,
                       "test_accuracy": chosen.test_accuracy, "n_features": chosen.n_features,
                       "latency_ms_p50": timing["p50_ms"], "graph": str(path)}
-    rows[graph_at.precision]["latency_ratio"] = rows[graph_at.precision]["latency_ms_p50"] / rows["fp32"]["latency_ms_p50"]
+    deployed = rows[graph_at.precision]
+    deployed["latency_ratio"] = deployed["latency_ms_p50"] / rows["fp32"]["latency_ms_p50"]
     from h2t_edge.core.machine import measured_on
 
     return {"backend": graph_at.backend, "precision": graph_at.precision, "rows": rows, **measured_on()}
@@ -620,7 +620,8 @@ def check_cache_precision(paths: Sequence[str | Path], precision: str, backend: 
         record = read_manifest(root)["backbone"].get("precision")
         got = ("fp32", "onnxruntime") if record is None else (record["precision"], record["backend"])
         if got != (precision, backend):
-            raise TrainError(f"feature cache {root} holds {got[0]} features from {got[1]}, not {precision} on {backend}: "
+            raise TrainError(f"feature cache {root} holds {got[0]} features from {got[1]}, not {precision} on "
+                             f"{backend}: "
                              f"a head fitted on them would not see what the device computes. Fix: `h2t-edge train "
                              f"DATA -o TASK --precision {precision} --backend {backend}` builds the graph and extracts "
                              "through it")

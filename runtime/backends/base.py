@@ -19,6 +19,70 @@ from ..errors import ArtifactError
 # Any zero-argument callable that returns what a runner needs, e.g. `SessionLoader`.
 Loader = Callable[[], Any]
 
+# Every ONNX tensor stored outside the graph names its file under this key (StringStringEntryProto
+# key = "location"), so a graph whose bytes lack it has no external data.
+_EXTERNAL_DATA_KEY = b"\x0a\x08location"
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model as its verified bytes: `data` (ONNX, OpenVINO IR XML or a serialized engine, as `kind`
+    says) and, for an IR, its `weights` (.bin). Loaders hand exactly these bytes to the engine and
+    never open `source` (where they were read, for messages) again. `record`: the verified descriptor
+    (an engine's key, for its TensorRT version and GPU check)."""
+
+    data: bytes
+    source: str
+    kind: str = "onnx"  # "onnx", "ir" or "engine"
+    weights: Optional[bytes] = None
+    record: Optional[Mapping[str, Any]] = None
+    # Digests still being computed while the engine parses `data` (`runtime.trust.DigestCheck`); the
+    # loader that hands these bytes to an engine calls `confirm` before the engine runs anything.
+    checks: tuple[Any, ...] = ()
+
+    def confirm(self) -> None:
+        """Wait for the digests of these bytes; IntegrityError unless they are the ones recorded."""
+        for check in self.checks:
+            check.verify()
+
+    def refuse_external_data(self) -> None:
+        """Refuse an ONNX graph that keeps tensors in external files: an engine given bytes resolves them
+        against the working directory, and no digest covers them. (ONNX Runtime is told instead to look
+        for them in an empty folder, which costs no scan of the bytes: `external_data_error`.)"""
+        if self.kind == "onnx" and _EXTERNAL_DATA_KEY in self.data:
+            raise external_data_error(self.source)
+
+
+@dataclass(frozen=True)
+class LeasedModel:
+    """An ONNX graph as a leased file (`runtime.trust.FileLease`): the engine opens `lease.path`, the
+    leased inode itself, whose bytes cannot change while the lease holds, so nothing is copied. `checks`
+    run in order on `confirm` (the digest, the lease still held, the version record), which the loader
+    calls once the engine has read the file and before it runs anything; the lease ends there."""
+
+    lease: Any
+    source: str
+    record: Optional[Mapping[str, Any]] = None
+    checks: tuple[Any, ...] = ()
+    kind: str = "onnx"
+
+    @property
+    def path(self) -> str:
+        return self.lease.path
+
+    def confirm(self) -> None:
+        try:
+            for check in self.checks:
+                check.verify()
+        finally:
+            self.lease.close()
+
+
+def external_data_error(source: str) -> ArtifactError:
+    return ArtifactError(f"ONNX graph {source} keeps tensors in external data files, which no digest covers; "
+                         "save the graph with its weights inside it (onnx.save_model(..., "
+                         "save_as_external_data=False)) and compile it again")
+
 # A dimension of an input shape: an int, or a name (str) where the model leaves it dynamic.
 Dim = Union[int, str]
 

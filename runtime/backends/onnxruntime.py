@@ -18,7 +18,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import BatchProfile, Dim, InputSpec, Loader, Runner
+from .base import BatchProfile, Dim, InputSpec, LeasedModel, Loader, ModelBytes, Runner, external_data_error
 
 # Most preferred first; CPU always works and comes last.
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -60,7 +60,19 @@ _ORT_DTYPES = {
     "tensor(bool)": np.bool_,
 }
 
-ModelSource = Union[str, os.PathLike, bytes]
+ModelSource = Union[str, os.PathLike, bytes, ModelBytes, LeasedModel]
+
+# A graph given as bytes has no folder of its own, and ONNX Runtime would resolve its external data files
+# against the working directory, where no digest covers them: point it at an empty private folder
+# instead, so any external reference fails (at no cost to graphs without one).
+_EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+@functools.cache
+def _empty_folder() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="h2t-no-external-data-")  # 0700, ours, never written to
 
 
 def _import_onnxruntime():
@@ -164,7 +176,9 @@ def tensorrt_ep_options(
 class SessionLoader:
     """Lazily builds an `onnxruntime.InferenceSession` (a Polygraphy-style loader).
 
-    model: path to an .onnx file, or the serialized model bytes.
+    model: path to an .onnx file, the serialized model bytes, a leased file (`LeasedModel`: the
+        session opens the leased inode) or verified `ModelBytes` (handed to
+        ONNX Runtime as they are: the path is not opened again).
     providers: 'auto' (every provider that initializes, best first) or explicit names.
     intra_op_threads: threads per operator (None: ORT's default, one per physical core).
     provider_options: provider name -> its options dict (e.g. {'CUDAExecutionProvider':
@@ -187,6 +201,8 @@ class SessionLoader:
 
     @property
     def model_name(self) -> str:
+        if isinstance(self.model, (ModelBytes, LeasedModel)):
+            return self.model.source
         return "<in-memory model>" if isinstance(self.model, bytes) else str(self.model)
 
     def resolve_providers(self) -> list[str]:
@@ -207,7 +223,8 @@ class SessionLoader:
     def __call__(self):
         """Build and return the `onnxruntime.InferenceSession`."""
         ort = _import_onnxruntime()
-        if not isinstance(self.model, bytes) and not Path(self.model).is_file():
+        checked = isinstance(self.model, (ModelBytes, LeasedModel))
+        if not checked and not isinstance(self.model, bytes) and not Path(self.model).is_file():
             raise ArtifactError(f"ONNX model {self.model} does not exist; check the path")
         providers = self.resolve_providers()
         options = ort.SessionOptions()
@@ -217,15 +234,26 @@ class SessionLoader:
         options.add_session_config_entry(*_ORT_X64_QUANT_PRECISION)
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = int(self.intra_op_threads)
-        model = self.model if isinstance(self.model, bytes) else str(self.model)
+        model = (self.model.data if isinstance(self.model, ModelBytes) else self.model.path
+                 if isinstance(self.model, LeasedModel) else self.model if isinstance(self.model, bytes)
+                 else str(self.model))
+        if isinstance(model, bytes) or isinstance(self.model, LeasedModel):
+            options.add_session_config_entry(_EXTERNAL_DATA_FOLDER, _empty_folder())
         provider_specs = [(p, dict(self.provider_options.get(p, {}))) for p in providers]
         try:
-            return ort.InferenceSession(model, sess_options=options, providers=provider_specs)
+            session = ort.InferenceSession(model, sess_options=options, providers=provider_specs)
         except Exception as exc:  # ORT raises its own pybind exception types for bad models
+            if checked:
+                self.model.confirm()  # bytes that fail their digest are refused as such, not as a bad graph
+            if "External data path" in str(exc):
+                raise external_data_error(self.model_name) from None
             raise ArtifactError(
                 f"ONNX Runtime cannot load model {self.model_name}: {exc}; "
                 "the file is corrupt or not an ONNX model, re-create it"
             ) from None
+        if checked:
+            self.model.confirm()  # parsed while the digest was computed; nothing runs before it matches
+        return session
 
 
 class OnnxRuntimeRunner(Runner):

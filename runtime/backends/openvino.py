@@ -14,14 +14,14 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from .base import Dim, InputSpec, Loader, Runner
+from .base import Dim, InputSpec, Loader, ModelBytes, Runner
 
 # Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT values.
 PRECISION_HINTS = {"fp32": "f32", "f32": "f32", "bf16": "bf16", "fp16": "f16", "f16": "f16"}
 
 INSTALL_HINT = "pip install 'h2t-edge[openvino]'"
 
-ModelSource = Union[str, os.PathLike, bytes]
+ModelSource = Union[str, os.PathLike, bytes, ModelBytes]
 
 
 def _import_openvino():
@@ -62,7 +62,8 @@ def _inference_precision(compiled) -> str:
 class CompiledModelLoader:
     """Lazily reads and compiles a model with OpenVINO (a Polygraphy-style loader).
 
-    model: path to an .onnx (or OpenVINO .xml) file, or serialized ONNX bytes.
+    model: path to an .onnx (or OpenVINO .xml) file, serialized ONNX bytes, or verified `ModelBytes`
+        (ONNX, or an IR's XML with its weights), read from memory: the path is not opened again.
     device: OpenVINO device name, 'CPU' by default.
     precision: 'fp32' or 'bf16' (or 'fp16'): the inference precision hint. A CPU without bf16
         support runs in f32, with a RuntimeWarning that says so; `OpenVinoRunner.precision`
@@ -85,12 +86,25 @@ class CompiledModelLoader:
 
     @property
     def model_name(self) -> str:
+        if isinstance(self.model, ModelBytes):
+            return self.model.source
         return "<in-memory model>" if isinstance(self.model, bytes) else str(self.model)
+
+    def _read(self, core, ov):
+        """The ov.Model: from memory (bytes, ModelBytes; an IR with its weights) or from a path."""
+        if isinstance(self.model, ModelBytes):
+            self.model.refuse_external_data()
+            weights = np.frombuffer(self.model.weights or b"", np.uint8)
+            return core.read_model(self.model.data, ov.Tensor(weights))
+        if isinstance(self.model, bytes):  # ONNX bytes with an empty weights tensor
+            ModelBytes(self.model, self.model_name).refuse_external_data()
+            return core.read_model(self.model, ov.Tensor(np.empty(0, np.uint8)))
+        return core.read_model(str(self.model))
 
     def __call__(self):
         """Compile and return the `openvino.CompiledModel`."""
         ov = _import_openvino()
-        if not isinstance(self.model, bytes) and not Path(self.model).is_file():
+        if not isinstance(self.model, (bytes, ModelBytes)) and not Path(self.model).is_file():
             raise ArtifactError(f"model {self.model} does not exist; check the path")
         core = ov.Core()
         if self.device.split(":")[0].split(".")[0] not in {d.split(".")[0] for d in core.available_devices}:
@@ -101,15 +115,17 @@ class CompiledModelLoader:
         if self.num_threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(self.num_threads)
         try:
-            # read_model takes a path, or ONNX bytes with an empty weights tensor.
-            model = (core.read_model(self.model, ov.Tensor(np.empty(0, np.uint8)))
-                     if isinstance(self.model, bytes) else core.read_model(str(self.model)))
+            model = self._read(core, ov)
             compiled = core.compile_model(model, self.device, config)
         except RuntimeError as exc:  # OpenVINO raises RuntimeError subclasses for bad models
+            if isinstance(self.model, ModelBytes):
+                self.model.confirm()  # bytes that fail their digest are refused as such, not as a bad model
             raise ArtifactError(
                 f"OpenVINO cannot read or compile {self.model_name}: {exc}; "
                 "the file is corrupt or uses an operator OpenVINO lacks, re-export it"
             ) from None
+        if isinstance(self.model, ModelBytes):
+            self.model.confirm()  # compiled while the digest was computed; nothing runs before it matches
         used = _inference_precision(compiled)
         if used != config["INFERENCE_PRECISION_HINT"]:
             warnings.warn(

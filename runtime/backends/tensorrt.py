@@ -8,7 +8,9 @@ Works with both API generations:
   `exporters.quantize.quantize_int8_qdq(target='tensorrt')`); `h2t-edge build-engine` prepares it.
 
 Engines are cached under a key of ONNX sha256, TensorRT version, GPU name, precision and batch
-profile; an engine whose recorded key differs (stale or foreign) is rebuilt, never loaded.
+profile; an engine whose recorded key differs (stale or foreign) is rebuilt, never loaded. Every
+file is read once and deserialized or parsed from the bytes that were checked; with trusted keys
+the cache accepts only engines whose record a trusted key signed (like every other loader).
 tensorrt and cuda-python are imported inside functions only (optional extra `[tensorrt]`).
 """
 
@@ -25,14 +27,14 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable, H2TRuntimeError
-from ..io import atomic_write_bytes, atomic_write_json, file_sha256, read_json
-from ..trust import seal, verify_seal
-from .base import BatchProfile, Dim, InputSpec, Loader, Runner
+from ..io import atomic_write_bytes, atomic_write_json, read_json
+from ..trust import SigningKey, TrustedKeys, file_digest, read_file, read_verified, seal, verify_seal
+from .base import BatchProfile, Dim, InputSpec, Loader, ModelBytes, Runner
 
 INSTALL_HINT = "pip install 'h2t-edge[tensorrt]' (and cuda-python) on a machine with an NVIDIA GPU"
 PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_FORMAT = "h2t-edge/tensorrt-engine"
-ENGINE_RECORD_VERSION = 2  # sealed (runtime.trust); version 1 records were not
+ENGINE_RECORD_VERSION = 3  # sealed (runtime.trust), engine_blake3; version 2 had engine_sha256, 1 no seal
 
 
 def _import_tensorrt():
@@ -104,10 +106,18 @@ class EngineKey:
 
 class EngineCache:
     """A folder of engines `<digest>.engine`, each with `<digest>.json` recording its EngineKey,
-    plus timing caches `timing-<digest>.cache` shared by builds on the same TensorRT and GPU."""
+    plus timing caches `timing-<digest>.cache` shared by builds on the same TensorRT and GPU.
 
-    def __init__(self, root: Union[str, os.PathLike]):
+    trusted_keys (plus $H2T_EDGE_TRUSTED_KEYS): `lookup` returns only engines whose sealed record one
+    of them signed; signing_key: `store` signs the records it writes (a device that trusts keys can
+    then reuse its own builds)."""
+
+    def __init__(self, root: Union[str, os.PathLike], *,
+                 trusted_keys: "TrustedKeys | Sequence[str | os.PathLike] | None" = None,
+                 signing_key: SigningKey | None = None):
         self.root = Path(root)
+        self.trusted = TrustedKeys.resolve(trusted_keys)
+        self.signing_key = signing_key
 
     def engine_path(self, key: EngineKey) -> Path:
         return self.root / f"{key.digest()}.engine"
@@ -116,42 +126,75 @@ class EngineCache:
         return self.root / f"timing-{key.timing_digest()}.cache"
 
     def lookup(self, key: EngineKey) -> Optional[bytes]:
-        """The cached engine for `key`, or None when there is none or its record does not match
-        (a stale or foreign engine is never returned: the caller rebuilds and overwrites it)."""
+        """The cached engine for `key` (its bytes, read once and checked), or None when there is none,
+        its record does not match, is not sealed, or (with trusted keys) is not signed by one of them:
+        a stale, foreign or planted engine is never returned; the caller rebuilds and overwrites it."""
         path = self.engine_path(key)
         record = path.with_suffix(".json")
         if not (path.is_file() and record.is_file()):
             return None
         try:
             stored = read_json(record, "engine record")
-            verify_seal(stored, record, fix="rebuild the engine")
+            if not isinstance(stored, dict) or stored.get("version") != ENGINE_RECORD_VERSION:
+                return None
+            verify_seal(stored, record, fix="rebuild the engine", trusted=self.trusted)
             if stored.get("format") != ENGINE_FORMAT or EngineKey.from_dict(stored["key"]) != key:
                 return None
+            return read_verified(path, stored.get("engine_blake3"), field="engine_blake3", descriptor=record,
+                                 fix="rebuild the engine", what="engine")
         except (H2TRuntimeError, KeyError, TypeError, ValueError, AttributeError):
             return None
-        data = path.read_bytes()
-        return data if hashlib.sha256(data).hexdigest() == stored.get("engine_sha256") else None
 
     def store(self, key: EngineKey, engine: bytes) -> Path:
         path = self.engine_path(key)
         atomic_write_bytes(path, engine)
         # The record is written last: an engine without a matching record is never loaded.
-        write_engine_record(path, key)
+        write_engine_record(path, key, engine, signing_key=self.signing_key)
         return path
 
 
-def write_engine_record(engine_path: Union[str, os.PathLike], key: EngineKey, **extra: Any) -> Path:
-    """Write `ENGINE.json` next to an engine: its key and checksum (plus `extra`, e.g. how it was
-    built), sealed (runtime.trust), so an edited record (precision, onnx_sha256...) is refused."""
+def write_engine_record(engine_path: Union[str, os.PathLike], key: EngineKey, engine: bytes | None = None, *,
+                        signing_key: SigningKey | None = None, **extra: Any) -> Path:
+    """Write `ENGINE.json` next to an engine: its key and BLAKE3 (of `engine`, the bytes written; read
+    from the file when not given), plus `extra`, e.g. how it was built; sealed (runtime.trust) and
+    signed with `signing_key`, so an edited record (precision, onnx_sha256...) is refused."""
     engine_path = Path(engine_path)
+    if engine is None:
+        engine = read_file(engine_path, what="engine", fix="build it again")
     return atomic_write_json(engine_path.with_suffix(".json"), seal({
         "format": ENGINE_FORMAT, "version": ENGINE_RECORD_VERSION, "key": key.to_dict(),
-        "engine_sha256": file_sha256(engine_path), **extra,
-    }))
+        "engine_blake3": file_digest(engine), **extra,
+    }, signing_key))
 
 
-def check_engine_record(engine_path: Union[str, os.PathLike], current_version: str, current_gpu: str) -> EngineKey:
-    """The key of a prebuilt engine file, after checking it was built for this TensorRT and GPU."""
+def check_engine_key(stored: Any, source: Union[str, os.PathLike], current_version: str,
+                     current_gpu: str) -> EngineKey:
+    """The EngineKey in a verified record or engine sidecar, after checking it was built for this
+    TensorRT and GPU."""
+    try:
+        key = EngineKey.from_dict(stored["key"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"engine record {source}: field 'key' is malformed ({exc}); rebuild the engine") from None
+    if (key.tensorrt_version, key.gpu_name) != (current_version, current_gpu):
+        raise ArtifactError(
+            f"the engine of {source} was built with TensorRT {key.tensorrt_version} on '{key.gpu_name}', this "
+            f"machine has TensorRT {current_version} on '{current_gpu}'; rebuild it here from the ONNX "
+            f"with `h2t-edge build-engine`"
+        )
+    return key
+
+
+def check_engine_record(engine_path: Union[str, os.PathLike], current_version: str, current_gpu: str,
+                        trusted_keys: "TrustedKeys | Sequence[str | os.PathLike] | None" = None) -> EngineKey:
+    """The key of a prebuilt engine file, after the checks of `read_engine`."""
+    return read_engine(engine_path, current_version, current_gpu, trusted_keys)[0]
+
+
+def read_engine(engine_path: Union[str, os.PathLike], current_version: str, current_gpu: str,
+                trusted_keys: "TrustedKeys | Sequence[str | os.PathLike] | None" = None) -> tuple[EngineKey, bytes]:
+    """The key of a prebuilt engine file and its bytes (read once, checked against the record), after
+    checking the record's seal (and signature, with trusted keys) and that it was built for this
+    TensorRT and GPU."""
     engine_path = Path(engine_path)
     record = engine_path.with_suffix(".json")
     if not record.is_file():
@@ -159,20 +202,11 @@ def check_engine_record(engine_path: Union[str, os.PathLike], current_version: s
     stored = read_json(record, "engine record")
     if not isinstance(stored, dict):
         raise ArtifactError(f"engine record {record} must hold a JSON object; rebuild the engine")
-    verify_seal(stored, f"engine record {record}", fix="rebuild the engine with `h2t-edge build-engine`")
-    try:
-        key = EngineKey.from_dict(stored["key"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"engine record {record}: field 'key' is malformed ({exc}); rebuild the engine") from None
-    if (key.tensorrt_version, key.gpu_name) != (current_version, current_gpu):
-        raise ArtifactError(
-            f"engine {engine_path} was built with TensorRT {key.tensorrt_version} on '{key.gpu_name}', this "
-            f"machine has TensorRT {current_version} on '{current_gpu}'; rebuild it here from the ONNX "
-            f"with `h2t-edge build-engine`"
-        )
-    if file_sha256(engine_path) != stored.get("engine_sha256"):
-        raise ArtifactError(f"engine {engine_path} does not match the checksum in {record.name}; rebuild it")
-    return key
+    fix = "rebuild the engine with `h2t-edge build-engine`"
+    verify_seal(stored, f"engine record {record}", fix=fix, trusted=TrustedKeys.resolve(trusted_keys))
+    key = check_engine_key(stored, record, current_version, current_gpu)
+    field = "engine_sha256" if stored.get("version") == 2 else "engine_blake3"
+    return key, read_verified(engine_path, stored.get(field), field=field, descriptor=record, fix=fix, what="engine")
 
 
 # -- building -----------------------------------------------------------------------------------
@@ -180,55 +214,81 @@ def check_engine_record(engine_path: Union[str, os.PathLike], current_version: s
 class EngineLoader:
     """Builds (or loads from `cache_dir`) a serialized TensorRT engine (a Polygraphy-style loader).
 
-    model: an .onnx file (built, or loaded from the cache), or an .engine file with its .json
-        record (loaded if it was built for this TensorRT version and GPU).
+    model: an .onnx file (built, or loaded from the cache), an .engine file with its .json record
+        (loaded if it was built for this TensorRT version and GPU), or verified `ModelBytes` (an
+        engine, whose descriptor's key is checked against this TensorRT and GPU, or ONNX to build).
+        Every file is read once; the engine is deserialized from the bytes that were checked.
     precision: 'fp32', 'fp16' or 'int8'. On TensorRT 10 these are builder flags (int8 calibrates
         on `calibration` unless the graph carries Q/DQ nodes); on TensorRT 11 the ONNX must already
         hold the precision (see module doc) and the label only keys the cache.
     profile: the batch sizes (min/opt/max) for the dynamic batch axis of every input.
     calibration: float32[b, 3, H, W] batches of task images, for TensorRT 10 int8.
     cache_dir: where engines and timing caches are kept (None: build every time).
+    trusted_keys / signing_key: the cache's (`EngineCache`) and an .engine record's trusted keys, and
+        the key that signs the cache records this writes.
     """
 
     def __init__(
         self,
-        model: Union[str, os.PathLike],
+        model: Union[str, os.PathLike, ModelBytes],
         precision: str = "fp32",
         profile: BatchProfile | None = None,
         calibration: Sequence[np.ndarray] | None = None,
         cache_dir: Union[str, os.PathLike, None] = None,
         workspace_bytes: int | None = None,
+        trusted_keys: "TrustedKeys | Sequence[str | os.PathLike] | None" = None,
+        signing_key: SigningKey | None = None,
     ):
         if precision not in PRECISIONS:
             raise BackendUnavailable(f"TensorRT precision {precision!r} is not one of {PRECISIONS}")
-        self.model = Path(model)
+        self.model = model if isinstance(model, ModelBytes) else Path(model)
         self.precision = precision
         self.profile = profile or BatchProfile()
         self.calibration = list(calibration) if calibration is not None else None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.workspace_bytes = workspace_bytes
+        self.trusted_keys, self.signing_key = trusted_keys, signing_key
         self.key: EngineKey | None = None
         self.built = False  # True when the last call built rather than loaded
 
-    def engine_key(self) -> EngineKey:
-        return EngineKey(file_sha256(self.model), tensorrt_version(), gpu_name(), self.precision, self.profile)
+    def engine_key(self, onnx: bytes) -> EngineKey:
+        return EngineKey(hashlib.sha256(onnx).hexdigest(), tensorrt_version(), gpu_name(), self.precision,
+                         self.profile)
 
-    def __call__(self) -> bytes:
-        """The serialized engine (bytes)."""
+    def _source(self) -> tuple[str, bytes]:
+        """(kind, bytes) of the model, each file read once: an engine checked against its record, or ONNX."""
+        if isinstance(self.model, ModelBytes):
+            # An engine is deserialized (and ONNX built) from checked bytes only: no overlap here.
+            self.model.confirm()
+            self.model.refuse_external_data()
+            if self.model.kind == "engine":
+                self.key = check_engine_key(self.model.record or {}, self.model.source, tensorrt_version(), gpu_name())
+            return self.model.kind, self.model.data
         if not self.model.is_file():
             raise ArtifactError(f"model {self.model} does not exist; check the path")
         if self.model.suffix in (".engine", ".plan"):
-            self.key = check_engine_record(self.model, tensorrt_version(), gpu_name())
+            self.key, data = read_engine(self.model, tensorrt_version(), gpu_name(), self.trusted_keys)
+            return "engine", data
+        model = ModelBytes(read_file(self.model, what="ONNX model", fix="check the path"), str(self.model))
+        model.refuse_external_data()
+        return "onnx", model.data
+
+    def __call__(self) -> bytes:
+        """The serialized engine (bytes)."""
+        kind, data = self._source()
+        if kind == "engine":
             self.built = False
-            return self.model.read_bytes()
-        key = self.key = self.engine_key()
-        cache = EngineCache(self.cache_dir) if self.cache_dir is not None else None
+            return data
+        key = self.key = self.engine_key(data)
+        cache = (EngineCache(self.cache_dir, trusted_keys=self.trusted_keys, signing_key=self.signing_key)
+                 if self.cache_dir is not None else None)
         if cache is not None and (engine := cache.lookup(key)) is not None:
             self.built = False
             return engine
         timing_path = cache.timing_cache_path(key) if cache is not None else None
-        engine = build_engine(self.model, self.precision, self.profile, self.calibration, timing_path,
-                              self.workspace_bytes)
+        source = self.model.source if isinstance(self.model, ModelBytes) else str(self.model)
+        engine = build_engine(data, self.precision, self.profile, self.calibration, timing_path,
+                              self.workspace_bytes, source=source)
         self.built = True
         if cache is not None:
             cache.store(key, engine)
@@ -240,14 +300,17 @@ def _major(trt) -> int:
 
 
 def build_engine(
-    onnx_path: Union[str, os.PathLike],
+    onnx: Union[str, os.PathLike, bytes],
     precision: str = "fp32",
     profile: BatchProfile | None = None,
     calibration: Sequence[np.ndarray] | None = None,
     timing_cache: Union[str, os.PathLike, None] = None,
     workspace_bytes: int | None = None,
+    source: str | None = None,
 ) -> bytes:
-    """Parse `onnx_path` and build a serialized engine with a batch optimization profile."""
+    """Parse `onnx` (a path, or the ONNX bytes, read from `source`) and build a serialized engine with
+    a batch optimization profile. Bytes are parsed as they are: nothing is read again."""
+    onnx_path = source or ("<in-memory ONNX>" if isinstance(onnx, bytes) else str(onnx))
     trt = _import_tensorrt()
     profile = profile or BatchProfile()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -256,7 +319,7 @@ def build_engine(
     # TensorRT 11 networks are always strongly typed; 10 is weakly typed unless asked.
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not (parser.parse(onnx) if isinstance(onnx, bytes) else parser.parse_from_file(str(onnx))):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ArtifactError(
             f"TensorRT cannot parse {onnx_path}: {errors}. Run `h2t-edge check --tensorrt {onnx_path}` for the nodes to fix"

@@ -44,7 +44,8 @@ def test_int8_cpu_graph_agrees_with_fp32(small_task, photos, tmp_path):
     path, cfg = small_task
     batches = calibration_batches(list(photos.values()), cfg, batch_size=2)
     report = quantize_int8_qdq(path, tmp_path / "int8.onnx", batches, target="cpu")
-    assert report.calibration_images == len(photos) and report.quantized_nodes > 10
+    # the trunk only (the convolutions and what feeds one): the tap pooling stays fp32
+    assert report.calibration_images == len(photos) and report.quantized_nodes > 5
     x = np.concatenate(batches)
     fp32, int8 = _logits(path, x), _logits(report.path, x)
     # Tolerance: int8 moves these logits (range about 2) by up to 0.04 (measured on an AVX-512 VNNI

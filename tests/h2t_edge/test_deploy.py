@@ -16,8 +16,8 @@ from h2t_edge.cli import cli
 from h2t_edge.steps.compile import DeployError, compile_tasks_step
 from h2t_edge.steps.deploy import package_shared_step
 from runtime.errors import ArtifactError
-from runtime.heads import SharedBackbonePredictor
-from runtime.io import file_sha256
+from runtime.heads import HEADS_MANIFEST, SharedBackbonePredictor, heads_manifest
+from runtime.io import file_sha256, json_bytes
 from runtime.predictor import MULTITASK_SIDECAR_VERSION, Predictor
 from runtime.trust import seal
 
@@ -173,10 +173,18 @@ def test_shared_folder_refuses_a_head_of_another_export(lite0_onnx, tasks, tmp_p
     data = json.loads(meta.read_text())
     data["layout_sha256"] = "0" * 64
     meta.write_text(json.dumps(seal(data)))  # sealed again: the layout check itself must refuse it
+    _relist(tmp_path / "deploy")
     with pytest.raises(ArtifactError, match="layout_sha256"):
         SharedBackbonePredictor.load(tmp_path / "deploy")
     with pytest.raises(DeployError, match="not the backbone export"):
         package_shared_step(tasks[:1], tmp_path / "other", backbone_onnx=meta)
+
+
+def _relist(root, key=None):
+    """Write ROOT/heads.json again over the head files there now (signed with `key`), so a test reaches
+    the check of the head itself rather than the list's."""
+    heads = {p.stem: p.read_bytes() for p in (root / "heads").glob("*.json")}
+    (root / HEADS_MANIFEST).write_bytes(json_bytes(seal(heads_manifest(heads), key)))
 
 
 def test_cli_compile_and_predict_one_column_per_task(multitask_graph, tasks, photos, tmp_path):
@@ -257,23 +265,27 @@ def test_shared_folder_attacks(lite0_onnx, tasks, tmp_path):
     """Issue 23 on the shared-backbone form: heads arrive one at a time, each signed on its own; the
     device refuses each downgrade path of a head with a typed error naming the file."""
     pytest.importorskip("cryptography", reason="signing needs cryptography: pip install 'h2t-edge[sign]'")
-    from runtime.trust import IntegrityError, RollbackError, SignatureError, SigningKey, content_digest
+    from runtime.trust import IntegrityError, RollbackError, SignatureError, SigningKey, VersionRecord, content_digest
 
     path, _ = lite0_onnx
     key, other = SigningKey.generate(), SigningKey.generate()
     pub = key.save(tmp_path / "keys")[1]
     device, record = tmp_path / "device", tmp_path / "versions.json"
     package_shared_step(tasks[:2], device, backbone_onnx=path, signing_key=key)
-    trusted = {"trusted_keys": [pub], "version_record": record}
+    trusted = {"trusted_keys": [pub], "version_record": VersionRecord.create(record)}
     SharedBackbonePredictor.load(device, **trusted).close()
     heads = device / "heads"
     kept = {p.name: p.read_bytes() for p in heads.iterdir()}
+    listed = (device / HEADS_MANIFEST).read_bytes()
 
     def restore():
         for name, data in kept.items():
             (heads / name).write_bytes(data)
+        (device / HEADS_MANIFEST).write_bytes(listed)
 
     def load():
+        # heads.json signed again over the edited files: each head's own checks must refuse it
+        _relist(device, key)
         SharedBackbonePredictor.load(device, **trusted).close()
 
     meta = json.loads((heads / "t0.json").read_text())
@@ -304,13 +316,13 @@ def test_shared_folder_attacks(lite0_onnx, tasks, tmp_path):
         load()
     restore()
     shutil.copy(heads / "t1.safetensors", heads / "t0.safetensors")  # the tensors only
-    with pytest.raises(IntegrityError, match=f"{heads / 't0.safetensors'} does not match 'head_sha256'"):
+    with pytest.raises(IntegrityError, match=f"{heads / 't0.safetensors'} does not match the head_blake3"):
         load()
     restore()
     blob = bytearray((heads / "t0.safetensors").read_bytes())  # one bit of one weight, in place
     blob[-3] ^= 0x01
     (heads / "t0.safetensors").write_bytes(bytes(blob))
-    with pytest.raises(IntegrityError, match="does not match 'head_sha256'"):
+    with pytest.raises(IntegrityError, match="does not match the head_blake3"):
         load()
     restore()
     # rollback: a newer t0 was installed and loaded; the old one copied back is refused

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_task import TASK_PREPROCESS, build_task_graph, sealed_sidecar
+from tiny_task import TASK_PREPROCESS, build_task_graph, file_blake3, sealed_sidecar
 
 from runtime.errors import ArtifactError
 from runtime.io import atomic_write_bytes, file_sha256
@@ -27,6 +27,7 @@ from runtime.trust import (
     RollbackError,
     SignatureError,
     SigningKey,
+    VersionRecord,
     content_digest,
     seal,
 )
@@ -91,10 +92,10 @@ def test_stripped_digest_is_refused(tmp_path):
 
 
 def test_stripped_graph_hash_is_refused(tmp_path):
-    """Deleting graph_sha256 (and re-hashing the sidecar) no longer deletes the check."""
+    """Deleting graph_blake3 (and re-hashing the sidecar) no longer deletes the check."""
     graph = _write_graph(tmp_path, "cats", 0)
-    side = _edit_sidecar(graph, lambda d: d.pop("graph_sha256"), reseal=True)
-    _refused(IntegrityError, f"{side}: field 'graph_sha256' must be a sha256", lambda: Predictor.load(graph))
+    side = _edit_sidecar(graph, lambda d: d.pop("graph_blake3"), reseal=True)
+    _refused(IntegrityError, f"{side}: field 'graph_blake3' must be a blake3", lambda: Predictor.load(graph))
 
 
 def test_edited_sidecar_is_refused(tmp_path):
@@ -142,7 +143,7 @@ def test_a_file_swapped_in_from_another_artifact_is_refused(tmp_path, keys, swap
         shutil.copy(dogs, cats)
     else:
         shutil.copy(dogs.with_suffix(".json"), cats.with_suffix(".json"))
-    _refused(IntegrityError, f"task graph {cats} does not match the graph_sha256",
+    _refused(IntegrityError, f"task graph {cats} does not match the graph_blake3",
              lambda: Predictor.load(cats, trusted_keys=[keys["trusted_pub"]]))
 
 
@@ -158,7 +159,7 @@ def test_rollback_is_refused_where_the_device_keeps_a_version_record(tmp_path, k
     record = tmp_path / "device" / "versions.json"
     old = _write_graph(tmp_path / "v1", "cats", 0, keys["trusted"], issued=100)
     new = _write_graph(tmp_path / "v2", "cats", 1, keys["trusted"], issued=200)
-    load = {"trusted_keys": [keys["trusted_pub"]], "version_record": record}
+    load = {"trusted_keys": [keys["trusted_pub"]], "version_record": VersionRecord.create(record)}
     Predictor.load(old, **load).close()
     Predictor.load(new, **load).close()  # an update: recorded
     assert json.loads(record.read_text())["tasks"] == {"cats": 200}
@@ -181,7 +182,8 @@ def test_old_format_keeps_the_checks_it_had(tmp_path):
     """--allow-unverified lifts only what the old format lacked: a digest or graph hash it does
     carry is still checked, as that format's loader checked it."""
     graph = _write_graph(tmp_path, "cats", 0)
-    side = _edit_sidecar(graph, lambda d: (d.update(version=1), d.pop("issued")), reseal=True)
+    side = _edit_sidecar(graph, lambda d: (d.update(version=1, graph_sha256=file_sha256(graph)), d.pop("issued"),
+                                           d.pop("graph_blake3")), reseal=True)  # as that format wrote it
     _edit_sidecar(graph, lambda d: d.update(classes=d["classes"][::-1]))  # its digest no longer matches
     with pytest.warns(RuntimeWarning, match="UNVERIFIED"):
         _refused(IntegrityError, f"{side} was changed", lambda: Predictor.load(graph, allow_unverified=True))
@@ -204,7 +206,7 @@ def _multi_task_graph(tmp_path: Path, key) -> Path:
              {"task": "dogs", "classes": single["classes"][::-1], "outputs": {"logits": "probabilities"}}]
     sidecar = {"format": single["format"], "version": MULTITASK_SIDECAR_VERSION, "tasks": tasks,
                "preprocess": single["preprocess"], "input": "images", "backbone": single["backbone"],
-               "graph_sha256": file_sha256(graph)}
+               "graph_blake3": file_blake3(graph)}
     graph.with_suffix(".json").write_text(json.dumps(seal(sidecar, key)))
     return graph
 
@@ -223,7 +225,7 @@ def test_engine_attacks(tmp_path, keys):
     from h2t_edge.serving.engines import build_engine
 
     graph = _write_graph(tmp_path, "cats", 0, keys["trusted"])
-    engine = build_engine(graph, "onnxruntime", "fp16", signing_key=keys["trusted"]).path
+    engine = build_engine(graph, "onnxruntime", "fp16", signing_key=keys["trusted"], accept_drop=True).path
     side = engine.with_suffix(".json")
     trusted = {"trusted_keys": [keys["trusted_pub"]]}
     Predictor.load(engine, **trusted).close()
@@ -231,11 +233,11 @@ def test_engine_attacks(tmp_path, keys):
     _edit_sidecar(engine, lambda d: d["build"].update(precision="fp32"), reseal=True)  # the record lies
     _refused(SignatureError, f"{side}: the signature does not verify", lambda: Predictor.load(engine, **trusted))
     side.write_text(original)
-    _edit_sidecar(engine, lambda d: d["build"].pop("artifact_sha256"), reseal=True)
-    _refused(IntegrityError, "build.artifact_sha256", lambda: Predictor.load(engine))
+    _edit_sidecar(engine, lambda d: d["build"].pop("artifact_blake3"), reseal=True)
+    _refused(IntegrityError, "build.artifact_blake3", lambda: Predictor.load(engine))
     side.write_text(original)
     shutil.copy(graph, engine)  # another valid graph in place of the engine
-    _refused(IntegrityError, f"engine {engine} does not match the build.artifact_sha256",
+    _refused(IntegrityError, f"engine {engine} does not match the build.artifact_blake3",
              lambda: Predictor.load(engine, **trusted))
 
 
@@ -263,7 +265,7 @@ def test_tensorrt_engine_record_attacks(tmp_path):
     _refused(IntegrityError, "has no content_sha256", lambda: check_engine_record(engine, "10.0", "GPU"))
     record.write_text(json.dumps(data))
     engine.write_bytes(b"another engine")
-    _refused(ArtifactError, "does not match the checksum", lambda: check_engine_record(engine, "10.0", "GPU"))
+    _refused(ArtifactError, "does not match the engine_blake3", lambda: check_engine_record(engine, "10.0", "GPU"))
 
 
 # -- serving ---------------------------------------------------------------------------------------
@@ -285,27 +287,101 @@ def test_export_triton_verifies_every_graph_before_it_enters_the_repository(tmp_
         export_repository([tampered], repo)
 
 
-def test_the_triton_model_file_checks_its_model_again_at_load(tmp_path, keys, monkeypatch):
-    from h2t_edge.serving.triton_python_model import TritonPythonModel
-    from h2t_edge.serving.triton_repo import SIDECAR_FILE, export_repository
+def _python_model(tmp_path, keys, monkeypatch):
+    """A signed python-backend model folder and the `initialize` args Triton would pass for it."""
+    from google.protobuf import json_format
+
+    from h2t_edge.serving.triton_repo import export_repository, parse_config
 
     good = _write_graph(tmp_path / "a", "cats", 0, keys["trusted"])
-    model_dir, = export_repository([good], tmp_path / "repo", backend="python", trusted_keys=[keys["trusted_pub"]])
-    config = json.dumps({"parameters": {"h2t_edge.graph_file": {"string_value": "model.onnx"}},
-                         "input": [{"name": "images"}], "output": [{"name": "logits"}]})
-    args = {"model_config": config, "model_repository": str(model_dir), "model_version": "1"}
+    model_dir, = export_repository([good], tmp_path / "repo", backend="python", trusted_keys=[keys["trusted_pub"]],
+                                   signing_key=keys["trusted"])
+    config = parse_config((model_dir / "config.pbtxt").read_text())
+    # Triton hands the model its config as JSON; protobuf's JSON form has the same fields
+    args = {"model_config": json.dumps(json_format.MessageToDict(config, preserving_proto_field_name=True)),
+            "model_repository": str(model_dir), "model_version": "1"}
     monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys["trusted_pub"]))
+    return model_dir, args
+
+
+def test_the_triton_model_file_checks_its_model_again_at_load(tmp_path, keys, monkeypatch):
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, TritonPythonModel
+    from h2t_edge.serving.triton_repo import SIDECAR_FILE
+
+    model_dir, args = _python_model(tmp_path, keys, monkeypatch)
     TritonPythonModel().initialize(args)  # loads
     side = model_dir / SIDECAR_FILE
-    data = json.loads(side.read_text())
+    original = side.read_text()
+    data = json.loads(original)
     data["classes"] = data["classes"][::-1]
     data["content_sha256"] = content_digest(data)
     side.write_text(json.dumps(data))  # edited inside the repository, digest recomputed
+    _refused(IntegrityError, f"{side} does not match the files.{SIDECAR_FILE}_blake3 recorded in "
+             f"{model_dir / MANIFEST_FILE}", lambda: TritonPythonModel().initialize(args))
+    _relist_triton(model_dir, keys["trusted"])  # even with the manifest signed again, the sidecar's signature
     _refused(SignatureError, f"{side}: the signature does not verify", lambda: TritonPythonModel().initialize(args))
+    side.write_text(original)
     (model_dir / "1" / "model.onnx").write_bytes(_write_graph(tmp_path / "d", "cats", 3).read_bytes())
-    side.write_text(json.dumps(seal(data, keys["trusted"])))
-    _refused(IntegrityError, "does not match the graph_sha256", lambda: TritonPythonModel().initialize(args))
-    assert file_sha256(good) != file_sha256(model_dir / "1" / "model.onnx")
+    _relist_triton(model_dir, keys["trusted"])
+    _refused(IntegrityError, "does not match the graph_blake3", lambda: TritonPythonModel().initialize(args))
+
+
+def _relist_triton(model_dir: Path, key) -> None:
+    """The model's manifest signed again over the files there now (to reach the checks behind it)."""
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, model_files
+    from runtime.io import json_bytes
+    from runtime.trust import file_digest
+
+    manifest = json.loads((model_dir / MANIFEST_FILE).read_text())
+    manifest["files"] = {rel: file_digest((model_dir / rel).read_bytes()) for rel in model_files(model_dir)}
+    (model_dir / MANIFEST_FILE).write_bytes(json_bytes(seal(manifest, key)))
+
+
+@pytest.mark.parametrize("attack", ["labels", "config", "model_code", "extra_file", "deleted_file",
+                                    "unsigned_manifest", "config_loaded"])
+def test_every_file_of_a_triton_model_is_covered(tmp_path, keys, monkeypatch, attack):
+    """Issue 28: editing labels.txt, the preprocessing in config.pbtxt or the model code, adding or deleting a
+    file, an unsigned (re-hashed) manifest, or a config Triton loaded that differs from the signed one: refused."""
+    from h2t_edge.core.errors import ServingError
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE, TritonPythonModel
+    from h2t_edge.serving.triton_repo import verify_repository
+
+    model_dir, args = _python_model(tmp_path, keys, monkeypatch)
+    manifest = model_dir / MANIFEST_FILE
+    error, match = IntegrityError, f"does not match the files.{{}}_blake3 recorded in {manifest}"
+    if attack == "labels":
+        labels = model_dir / "labels.txt"
+        labels.write_text(labels.read_text().replace("cat", "dog"))
+        match = match.format("labels.txt")
+    elif attack == "config":
+        config = model_dir / "config.pbtxt"
+        config.write_text(config.read_text().replace("0.485", "0.9"))  # the preprocessing contract
+        match = match.format("config.pbtxt")
+    elif attack == "model_code":
+        code = model_dir / "1" / "model.py"
+        code.write_text(code.read_text() + "\nimport os  # appended\n")
+        match = match.format("1/model.py")
+    elif attack == "extra_file":
+        (model_dir / "1" / "helper.py").write_text("print('planted')\n")
+        match = r"does not hold the files .* lists: missing \[\], not listed \['1/helper.py'\]"
+    elif attack == "deleted_file":
+        (model_dir / "labels.txt").unlink()
+        match = r"missing \['labels.txt'\]"
+    elif attack == "unsigned_manifest":
+        data = json.loads(manifest.read_text())
+        data.pop("signature")
+        data["content_sha256"] = content_digest(data)
+        manifest.write_text(json.dumps(data))
+        error, match = SignatureError, f"{manifest} is not signed"
+    else:  # Triton read another config.pbtxt than the one on disk now (swapped back after its read)
+        loaded = json.loads(args["model_config"])
+        loaded["parameters"]["h2t_edge.preprocess"]["string_value"] = "{}"
+        args = {**args, "model_config": json.dumps(loaded)}
+        match = "the config Triton loaded"
+    _refused(error, match, lambda: TritonPythonModel().initialize(args))
+    if attack != "config_loaded":  # what `serve` checks before it starts the server
+        with pytest.raises(ServingError, match=match):
+            verify_repository(model_dir.parent, [keys["trusted_pub"]])
 
 
 def test_predict_cli_takes_trusted_keys_and_names_the_refused_file(tmp_path, keys):

@@ -217,3 +217,24 @@ def test_write_cache_writes_what_extraction_writes(tiny_root, tmp_path):
     written = write_cache(tmp_path / "cache", header, np.asarray(reference.features))
     for name in ARRAYS:
         assert (written.root / name).read_bytes() == (reference.root / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("array", ["labels.npy", "valid.npy"])
+def test_an_array_header_claiming_2_40_rows_is_a_cache_error(cache, array):
+    """Issue 28: a .npy header claiming 2^40 rows (its digest re-recorded) was a raw MemoryError; the
+    header is now checked against the manifest before anything is allocated."""
+    import hashlib
+    import io
+
+    header = io.BytesIO()
+    dtype = np.int64 if array == "labels.npy" else np.bool_
+    np.lib.format.write_array_header_1_0(header, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                                  "shape": (1 << 40,)})
+    blob = header.getvalue() + b"\0" * 64
+    (cache / array).write_bytes(blob)
+    manifest = _manifest(cache)
+    if array == "labels.npy":
+        manifest["labels_sha256"] = hashlib.sha256(blob).hexdigest()
+    _write(cache, _resealed(manifest))
+    with pytest.raises(CacheError, match=f"{cache / array}: its shape or dtypes do not match the manifest"):
+        FeatureCache.open(cache)

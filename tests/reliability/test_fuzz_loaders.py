@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from json_mutations import damaged, damaged_text
 from tiny_backbone import tiny_layout, write_backbone
-from tiny_task import task_sidecar_dict
+from tiny_task import file_blake3, task_sidecar_dict
 
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.core.datasets import from_folder
@@ -169,7 +169,7 @@ def _sound_predictor(predictor: Predictor) -> None:
 @given(data=st.data())
 def test_runtime_sidecar(tiny_graph, data):
     sidecar = tiny_graph.path.with_suffix(".json")
-    original = {**task_sidecar_dict(), "graph_sha256": file_sha256(tiny_graph.path)}
+    original = {**task_sidecar_dict(), "graph_blake3": file_blake3(tiny_graph.path)}
     sidecar.write_text(data.draw(damaged_text(original)))
     refused_or_sound(lambda: Predictor.load(tiny_graph.path), str(sidecar), _sound_predictor)
 
@@ -181,9 +181,9 @@ def test_engine_sidecar(tiny_graph, data):
     engine = tiny_graph.path.with_name("tiny.onnxruntime.fp16.onnx")
     if not engine.exists():
         shutil.copy(tiny_graph.path, engine)
-    original = {**task_sidecar_dict(), "graph_sha256": file_sha256(tiny_graph.path),
+    original = {**task_sidecar_dict(), "graph_blake3": file_blake3(tiny_graph.path),
                 "build": {"backend": "onnxruntime", "precision": "fp16", "artifact": engine.name,
-                          "artifact_sha256": file_sha256(engine), "source_sha256": file_sha256(tiny_graph.path)}}
+                          "artifact_blake3": file_blake3(engine), "source_sha256": file_sha256(tiny_graph.path)}}
     engine.with_suffix(".json").write_text(data.draw(damaged_text(original)))
     refused_or_sound(lambda: Predictor.load(engine), str(engine.with_suffix(".json")), _sound_predictor)
 

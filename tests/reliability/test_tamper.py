@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 from tiny_backbone import tiny_layout, write_backbone
-from tiny_task import task_sidecar_dict
+from tiny_task import file_blake3, task_sidecar_dict
 
 from h2t_edge.core.artifacts import TaskHead
 from h2t_edge.core.errors import CacheError, TaskArtifactError
@@ -76,13 +76,13 @@ def test_changed_task_graph_is_refused(tiny_graph):
     weights = next(t for t in model.graph.initializer if t.name == "W")
     weights.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights) * 1.01, "W"))
     tiny_graph.path.write_bytes(model.SerializeToString())
-    with pytest.raises(ArtifactError, match=f"task graph {tiny_graph.path} does not match the graph_sha256"):
+    with pytest.raises(ArtifactError, match=f"task graph {tiny_graph.path} does not match the graph_blake3"):
         Predictor.load(tiny_graph.path)
 
 
 def test_changed_sidecar_is_refused(tiny_graph):
     sidecar = tiny_graph.path.with_suffix(".json")
-    signed = _signed({**task_sidecar_dict(), "graph_sha256": file_sha256(tiny_graph.path)})
+    signed = _signed({**task_sidecar_dict(), "graph_blake3": file_blake3(tiny_graph.path)})
     sidecar.write_text(json.dumps(signed))
     with Predictor.load(tiny_graph.path) as predictor:  # signed and unchanged: loads
         assert predictor.classes == tuple(signed["classes"])
@@ -95,13 +95,13 @@ def test_changed_engine_is_refused(tiny_graph, tmp_path):
     engine = tmp_path / "tiny.onnxruntime.fp16.onnx"
     shutil.copy(tiny_graph.path, engine)
     build = {"backend": "onnxruntime", "precision": "fp16", "artifact": engine.name,
-             "artifact_sha256": file_sha256(engine)}
+             "artifact_blake3": file_blake3(engine)}
     engine.with_suffix(".json").write_text(json.dumps(_signed({**task_sidecar_dict(), "build": build})))
     Predictor.load(engine).close()
     model = onnx.load(str(engine))
     model.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros(4, np.float32), model.graph.initializer[1].name))
     engine.write_bytes(model.SerializeToString())
-    with pytest.raises(ArtifactError, match=f"engine {engine} does not match the build.artifact_sha256"):
+    with pytest.raises(ArtifactError, match=f"engine {engine} does not match the build.artifact_blake3"):
         Predictor.load(engine)
 
 
@@ -111,7 +111,7 @@ def test_changed_tensorrt_engine_is_refused(tmp_path):
     write_engine_record(engine, EngineKey("0" * 64, "10.0", "GPU", "fp16", BatchProfile.up_to(8)))
     check_engine_record(engine, "10.0", "GPU")
     engine.write_bytes(b"serialized engine, patched")
-    with pytest.raises(ArtifactError, match=f"engine {engine} does not match the checksum"):
+    with pytest.raises(ArtifactError, match=f"engine {engine} does not match the engine_blake3"):
         check_engine_record(engine, "10.0", "GPU")
 
 

@@ -50,7 +50,7 @@ def test_prebuilt_engine_for_another_gpu_is_refused(tmp_path):
     with pytest.raises(ArtifactError, match="TensorRT 10.3.0 on 'Orin'.*rebuild it here"):
         check_engine_record(engine, "10.3.0", "NVIDIA H100")
     engine.write_bytes(b"tampered")
-    with pytest.raises(ArtifactError, match="checksum"):
+    with pytest.raises(ArtifactError, match="does not match the engine_blake3"):
         check_engine_record(engine, "10.3.0", "Orin")
 
 

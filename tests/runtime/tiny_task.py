@@ -9,10 +9,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from runtime.io import atomic_write_json, file_sha256
+from runtime.io import atomic_write_json
 from runtime.predictor import SIDECAR_VERSION
 from runtime.preprocess import PreprocessConfig
-from runtime.trust import seal
+from runtime.trust import file_digest, seal
 
 TASK_CLASSES = ["cat", "coffee", "astronaut", "other"]
 # Small input so the tiny graph runs in milliseconds; bilinear exercises a second filter.
@@ -78,9 +78,14 @@ def task_sidecar_dict(task: str = "tiny") -> dict:
 
 
 def sealed_sidecar(graph: Path, task: str = "tiny", signing_key=None, **changes) -> dict:
-    """The sidecar of the tiny graph at `graph` as h2t-edge writes it: its graph_sha256, sealed
+    """The sidecar of the tiny graph at `graph` as h2t-edge writes it: its graph_blake3, sealed
     (signed with `signing_key` when given). `changes` replace fields before sealing."""
-    return seal({**task_sidecar_dict(task), "graph_sha256": file_sha256(graph), **changes}, signing_key)
+    return seal({**task_sidecar_dict(task), "graph_blake3": file_blake3(graph), **changes}, signing_key)
+
+
+def file_blake3(path: Path) -> str:
+    """The BLAKE3 h2t-edge records for the file at `path`."""
+    return file_digest(Path(path).read_bytes())
 
 
 def write_sidecar(graph: Path, task: str = "tiny", signing_key=None, **changes) -> Path:

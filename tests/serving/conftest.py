@@ -12,9 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 # The tiny task graph is shared with the runtime tests.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from tiny_task import TASK_CLASSES, TASK_PREPROCESS, build_task_graph, task_sidecar_dict, write_sidecar  # noqa: E402
+from tiny_task import TASK_CLASSES, TASK_PREPROCESS, build_task_graph, file_blake3, task_sidecar_dict, write_sidecar  # noqa: E402
 
-from runtime.io import atomic_write_bytes, atomic_write_json, file_sha256  # noqa: E402
+from runtime.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from runtime.predictor import MULTITASK_SIDECAR_VERSION  # noqa: E402
 from runtime.trust import seal  # noqa: E402
 
@@ -64,7 +64,7 @@ def multi_task_graph(tmp_path) -> Path:
     single = task_sidecar_dict("two_heads")
     sidecar = seal({"format": single["format"], "version": MULTITASK_SIDECAR_VERSION, "tasks": tasks,
                     "preprocess": single["preprocess"], "input": "images", "backbone": single["backbone"],
-                    "graph_sha256": file_sha256(path)})
+                    "graph_blake3": file_blake3(path)})
     atomic_write_json(path.with_suffix(".json"), sidecar)
     return path
 

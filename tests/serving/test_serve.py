@@ -3,6 +3,7 @@ queried concurrently with tritonclient over HTTP and gRPC, answers checked again
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 from h2t_edge.core.errors import ServingError
 from h2t_edge.serving.serve import find_triton, serve
 from runtime.predictor import Predictor
+from runtime.trust import seal
 
 tritonclient_http = pytest.importorskip("tritonclient.http")
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -146,3 +148,28 @@ def test_multi_task_graph_is_served_with_every_output(multi_task_graph, tmp_path
     assert len(expected) == 4
     for name, array in expected.items():
         np.testing.assert_array_equal(result.as_numpy(name), array)
+
+
+def test_serve_with_trusted_keys_signs_its_repository_and_the_models_check_it(tmp_path):
+    """With trusted keys, the served repository is signed by a key of the run (which the server trusts
+    beside the given one), checked before the server starts, and each model checks it at load."""
+    _triton_or_skip()
+    pytest.importorskip("cryptography")
+    from conftest import write_task
+
+    from h2t_edge.serving.triton_python_model import MANIFEST_FILE
+    from runtime.trust import SigningKey
+
+    key = SigningKey.generate()
+    pub = key.save(tmp_path / "keys")[1]
+    graph = write_task(tmp_path / "graphs", "cats", 0)
+    graph.with_suffix(".json").write_text(json.dumps(seal(json.loads(graph.with_suffix(".json").read_text()), key)))
+    with serve([graph], http_port=0, grpc_port=0, workdir=tmp_path / "serve", threads=1,
+               trusted_keys=[pub]) as running:
+        client = tritonclient_http.InferenceServerClient(running.endpoints.http)
+        assert client.is_model_ready("cats")
+        manifest = json.loads((tmp_path / "serve" / "model_repository" / "cats" / MANIFEST_FILE).read_text())
+        assert manifest["signature"]["key_id"] != key.key_id  # signed by the run's own key
+    unsigned = write_task(tmp_path / "other", "dogs", 1)
+    with pytest.raises(ServingError, match="is not signed"):
+        serve([unsigned], http_port=0, grpc_port=0, workdir=tmp_path / "serve2", trusted_keys=[pub])
