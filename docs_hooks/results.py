@@ -392,10 +392,33 @@ def calibration() -> Figure:
                   f"{choice['images']} images, the best mean cosine over the tasks.")
 
 
+def choice() -> Figure:
+    """choice.json: one graph measured twice (the spread that sets SearchGrid.min_saving)."""
+    r = load("choice.json")
+    rows = [[p["task"], BACKENDS.get(p["backend"], p["backend"]), " = ".join(p["rules"]), p["graph"],
+             f"{p['ms'][0]:.2f} / {p['ms'][1]:.2f}", f"{100 * p['spread']:.1f}%"] for p in r["spread"]["pairs"]]
+    return Figure(["task", "backend", "rules", "graph", "batch-1 ms", "spread / backbone"], rows, ("choice.json",),
+                  f"Median spread {100 * r['spread']['median']:.1f}% of the backbone's latency over these pairs (max "
+                  f"{100 * r['spread']['max']:.1f}%); default `min_saving` {r['min_saving']:g}.")
+
+
+def scale() -> Figure:
+    """scale.json: `train` defaults on Fashion-MNIST at growing n."""
+    sizes = sorted(load("scale.json")["sizes"].values(), key=lambda r: r["n_train"])
+    rows = [[f"{r['n_train']:,}", f"{r['wall_seconds']:.0f}",
+             f"{sum(v for k, v in r['timings'].items() if k.startswith('extract')):.0f}",
+             f"{r['timings'].get('fit', 0):.0f}", f"{r['peak_anon_gib']:.2f}", f"{r['peak_file_gib']:.2f}",
+             r["chosen"], pct(r["test_accuracy"])] for r in sizes]
+    return Figure(["training images", "wall s", "extract s", "fit s", "peak anon GiB", "peak file GiB", "chosen",
+                   "test %"], rows, ("scale.json",),
+                  "`h2t-edge train` defaults, EfficientNet-Lite0, T 512 / 2048 / 8192, 1,000 test images; RssAnon and "
+                  "RssFile (the memory-mapped cache) sampled every 0.2 s.")
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {f.__name__.replace("_", "-"): f for f in (
     headline, fit_speed, train_timings, deploy_aware_rules, deploy_aware_device, deploy_graphs, backends,
     trust_load, serving, model_search, finetune, finetune_200ep, backbones, screening, soak, index, precision,
-    precision_latency, calibration)}
+    precision_latency, calibration, choice, scale)}
 
 
 def main(paths: list[str]) -> None:

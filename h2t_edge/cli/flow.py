@@ -135,6 +135,7 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @DEVICE_OPTION
 @options.MAX_ACCURACY_OPTION
 @options.LATENCY_BUDGET_OPTION
+@options.FULL_SEARCH_OPTION
 @options.TAPS_FROM_OPTION
 @options.precision_option(default=None, help=(
     "The precision the head will run at: refuse caches not extracted at it (their manifest's backbone.precision; "
@@ -142,7 +143,7 @@ def extract(backbone_onnx, dataset, cache, batch_size, dtype, on_error, overwrit
 @options.backend_option(help="With --precision: the backend the caches must have been extracted for.")
 @quiet_option()
 def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_precision, solver, device,
-        max_accuracy, latency_budget, taps_from, precision, backend, quiet) -> None:
+        max_accuracy, latency_budget, full_search, taps_from, precision, backend, quiet) -> None:
     """Select features (group lasso) and fit the task head, choosing F, lambda, lr and steps by CV.
 
     With one CACHE: writes OUTPUT/head2toe/ and OUTPUT/linear/ (task.json + head.safetensors) and
@@ -156,7 +157,7 @@ def fit(caches, out, task, methods, target_sizes, grid, max_candidates, fit_prec
     bars = StageBars(not quiet)
     result = fit_task(caches, out, task=task, methods=methods, target_sizes=target_sizes,
                       grid=options.make_grid(grid, max_candidates, fit_precision, solver, device, max_accuracy,
-                                             latency_budget),
+                                             latency_budget, full_search),
                       progress=bars, taps_from=taps_from, precision=precision,
                       backend=backend if precision is not None else None)
     bars.close()

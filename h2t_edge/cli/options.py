@@ -11,18 +11,20 @@ import click
 from exporters import DEFAULT_BACKBONE  # torch-free: `h2t-edge --help` does not wait for torch
 
 __all__ = [
-    "BACKEND_OPTION", "DATA_DIR_OPTION", "DEFAULT_BACKBONE", "FIT_PRECISION_OPTION", "GRID_OPTION",
+    "BACKEND_OPTION", "DATA_DIR_OPTION", "DEFAULT_BACKBONE", "FIT_PRECISION_OPTION", "FULL_SEARCH_OPTION", "GRID_OPTION",
     "MAX_CANDIDATES_OPTION", "OUTPUT_ALIASES", "OutputOption", "PRECISION_OPTION", "QUIET_OPTION", "backend_option",
     "backend_options", "grid_option", "make_grid", "output_option", "precision_option", "quiet_option",
 ]
 
 
 def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp32", solver: str = "path",
-              device: str = "auto", max_accuracy: bool = False, latency_budget: float | None = None):
+              device: str = "auto", max_accuracy: bool = False, latency_budget: float | None = None,
+              full_search: bool = False):
     """The named grid; max_candidates (0 = exact) replaces its screening budget when given; solver and
     device pick HEAD2TOE's engine and where it runs ("auto": the GPU where torch sees one, for the
     path solver; the paper solver runs on the CPU); max_accuracy and latency_budget set the choice
-    (`SearchGrid.choice`, `SearchGrid.latency_budget`)."""
+    (`SearchGrid.choice`, `SearchGrid.latency_budget`); full_search turns off successive halving over
+    T and the stop along F (`SearchGrid.halving`, `SearchGrid.f_stop`)."""
     import dataclasses
 
     from h2t_edge.core.errors import FitError
@@ -32,6 +34,8 @@ def make_grid(name: str, max_candidates: int | None = None, precision: str = "fp
     grid = {"paper": SearchGrid.paper, "quick": SearchGrid.quick}[name]()
     if max_candidates is not None:
         grid = dataclasses.replace(grid, max_candidates=max_candidates or None)
+    if full_search:
+        grid = dataclasses.replace(grid, halving=None, f_stop=None)
     if precision != "fp32" and solver != "paper":
         raise click.UsageError(f"--fit-precision {precision} applies to --solver paper (its Adam GEMMs); the "
                                f"{solver} solver computes in fp32")
@@ -133,6 +137,11 @@ MAX_ACCURACY_OPTION = click.option(
     "--max-accuracy", is_flag=True,
     help="Keep the candidate with the best CV accuracy. By default the cheapest deployed graph (estimated "
          "latency, `h2t-edge taps`) among those within one standard error of the best CV accuracy wins.")
+FULL_SEARCH_OPTION = click.option(
+    "--full-search", is_flag=True,
+    help="Fit every target size in full and retrain every F in CV. By default each T first gets a cheap rung and "
+         "only the best (and any within 2 standard errors of it) gets the full fit, and CV retraining along F "
+         "stops once accuracy has clearly turned down (the report's rung table).")
 LATENCY_BUDGET_OPTION = click.option(
     "--latency-budget", type=click.FloatRange(min=1.0), default=None, metavar="R",
     help="Only candidates whose deployed graph is estimated at most R x the plain backbone's batch-1 latency "

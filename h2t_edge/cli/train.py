@@ -45,6 +45,7 @@ from h2t_edge.core.progress import StageBars
 @DEVICE_OPTION
 @MAX_ACCURACY_OPTION
 @LATENCY_BUDGET_OPTION
+@options.FULL_SEARCH_OPTION
 @TAPS_FROM_OPTION
 @click.option("--no-guard", is_flag=True,
               help="Choose among HEAD2TOE fits only (the paper), not the best of HEAD2TOE, LINEAR and HEAD2TOE+LINEAR.")
@@ -58,7 +59,7 @@ from h2t_edge.core.progress import StageBars
                    "side in the report (CV and test accuracy, measured latency).")
 @quiet_option()
 def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, max_candidates, fit_precision,
-          solver, device, max_accuracy, latency_budget, taps_from, no_guard, cache_dir, batch_size, on_error,
+          solver, device, max_accuracy, latency_budget, full_search, taps_from, no_guard, cache_dir, batch_size, on_error,
           precision, backend, calibration, calibration_images, compare_fp32, quiet) -> None:
     """Train a task on your images in one command: export, extract (one pass for every T), fit with CV
     over T (HEAD2TOE, LINEAR, HEAD2TOE+LINEAR), compile the best, test, and write report.html.
@@ -72,7 +73,7 @@ def train(dataset, task_dir, test, backbone, weights, target_sizes, taps, grid, 
     result = run_train(dataset, task_dir, test=test, backbone=backbone, weights=weights,
                        target_sizes=target_sizes or None,
                        grid=options.make_grid(grid, max_candidates, fit_precision, solver, device, max_accuracy,
-                                              latency_budget),
+                                              latency_budget, full_search),
                        taps=taps or None, taps_from=taps_from,
                        guard=not no_guard, cache_dir=cache_dir, batch_size=batch_size, on_error=on_error,
                        precision=precision, backend=backend, calibration=calibration,

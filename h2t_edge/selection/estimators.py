@@ -57,7 +57,9 @@ from h2t_edge.selection.grid import (
     LinearHead,
     SearchGrid,
     best_row,
+    check_labels,
     chosen_config,
+    cv_plan,
     cpu_training_mode,
     cv_batch_size,
     cv_models,
@@ -67,7 +69,7 @@ from h2t_edge.selection.grid import (
 )
 from h2t_edge.selection.kernels import masked_mean, run_wide, wide_logits
 from h2t_edge.selection.names import HEAD2TOE, HEAD2TOE_LINEAR, LINEAR
-from h2t_edge.selection.screening import screen_candidates, select_and_retrain
+from h2t_edge.selection.screening import ColumnSource, screen_candidates, select_and_retrain, stream_screen
 
 
 def _cv_wide_table(data, grid, penalty, coefs, method, coef_key, progress) -> list[dict]:
@@ -145,30 +147,69 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
     return fit_head2toe_variants(features, labels, n_classes, grid, progress)[HEAD2TOE]
 
 
-def _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps) -> dict[str, FitResult]:
+def _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung=False) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on the columns of taps.allowed, heads mapped back to all columns."""
     columns = taps.allowed_columns()
+    sub = features.restrict(columns) if isinstance(features, ColumnSource) else np.asarray(features)[:, columns]
+    results = _fit_on_columns(sub, columns, len(taps.column_tap), labels, n_classes, grid, progress, keep, taps, rung,
+                              outside="the kept columns (pre-logits) lie outside the allowed taps")
+    for result in results.values():
+        result.config["allowed_taps"] = [n for n, ok in zip(taps.names, taps.allowed) if ok]
+    return results
+
+
+def _streamed(source: ColumnSource, labels, n_classes, grid, progress, keep, taps, rung) -> dict[str, FitResult]:
+    """`fit_head2toe_variants` on a pool too large to hold: one streamed pass over its column blocks
+    (`stream_screen`) finds every CV fold's and the refit's top grid.max_candidates columns by the
+    strong rule; the fit then sees only their union (and the kept columns), float32[n, P].
+
+    The fit screens that pool again and finds the same candidates (a column's statistic does not
+    depend on the other columns); fractions still count against all D columns (n_columns). Peak
+    memory grows with n x P, P <= (folds + 1) x max_candidates, not with n x D."""
+    n, dim = source.shape
+    labels = check_labels(source, labels, n_classes, grid.folds)
+    rows, fold = cv_plan(labels, grid)  # the fit's CV rows and folds
+    rows = np.arange(n) if rows is None else rows
+    subsets = np.zeros((grid.folds + 1, n), dtype=bool)
+    for f in range(grid.folds):
+        subsets[f, rows[fold != f]] = True
+    subsets[-1] = True  # the refit
+    subsets = torch.from_numpy(subsets)
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(labels.astype(np.int64)), n_classes).float()
+    top = stream_screen(source, onehot, subsets, grid.max_candidates, device=grid.device, progress=progress)
+    pool = np.union1d(top.numpy().ravel(), np.zeros(0, np.int64) if keep is None else np.asarray(keep, np.int64))
+    return _fit_on_columns(source.gather(pool), pool, dim, labels, n_classes, grid, progress, keep, taps, rung,
+                           n_columns=dim)
+
+
+def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, grid, progress, keep, taps, rung,
+                    n_columns: int | None = None, outside: str = "internal: kept columns outside the pool"
+                    ) -> dict[str, FitResult]:
+    """`fit_head2toe_variants` on features = the columns `columns` (int64, sorted) of a D = dim
+    matrix; keep (ids of all D) must lie among them (else FitError `outside`); heads and scores are
+    mapped back to all D columns. n_columns: what fractions count against (None: len(columns))."""
     if keep is not None:
         keep = np.asarray(keep, dtype=np.int64)
         inside = np.searchsorted(columns, keep)
         if (inside >= len(columns)).any() or not np.array_equal(columns[np.minimum(inside, len(columns) - 1)], keep):
-            raise FitError("the kept columns (pre-logits) lie outside the allowed taps")
+            raise FitError(outside)
         keep = inside
-    results = fit_head2toe_variants(np.asarray(features)[:, columns], labels, n_classes, grid, progress, keep,
-                                    taps.restrict(columns))
+    results = fit_head2toe_variants(features, labels, n_classes, grid, progress, keep,
+                                    None if taps is None else taps.restrict(columns), rung=rung, n_columns=n_columns)
     for result in results.values():
-        result.head.features = columns[result.head.features]
-        scores = np.zeros(len(taps.column_tap), dtype=np.float32)
-        scores[columns] = result.scores
-        result.scores = scores
-        result.config["allowed_taps"] = [n for n, ok in zip(taps.names, taps.allowed) if ok]
+        if result.head is not None:  # None: a rung (CV only)
+            result.head.features = columns[result.head.features]
+            scores = np.zeros(dim, dtype=np.float32)
+            scores[columns] = result.scores
+            result.scores = scores
     return results
 
 
 @cpu_training_mode()
 def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
                           progress: Progress | None = None,
-                          keep: np.ndarray | None = None, taps=None) -> dict[str, FitResult]:
+                          keep: np.ndarray | None = None, taps=None, rung: bool = False,
+                          n_columns: int | None = None) -> dict[str, FitResult]:
     """HEAD2TOE and, when `keep` is given, HEAD2TOE+LINEAR from one group-lasso run per CV model.
 
     features: float[n, D]; keep: int[K] columns (e.g. the pre-logits) that HEAD2TOE+LINEAR always
@@ -177,15 +218,28 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
     folds, and each gets its own best (F, lambda, lr, steps) and final refit.
     taps: the columns' `selection.taps.TapPlan`, for the path solver's deploy-aware choice (tap
     budgets, `grid.choice`); the paper solver ranks features alone and picks the best accuracy.
+    rung: CV only, for successive halving over T (`fit_head2toe_path`'s rung; the path solver only).
+    features may be a `ColumnSource` (a feature cache's memmap): the path solver then screens it in
+    streamed column blocks and holds only the screened pool (`_streamed`); n_columns: what the
+    fractions count against when features are a subset of the columns (None: all of them).
     Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; their fit_seconds are the
     shared total.
     """
     if taps is not None and not taps.allowed.all():  # --taps-from: fit on the allowed taps' columns only
-        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps)
+        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung)
+    if getattr(features, "ndim", None) == 2:  # large data: a smaller screening budget (README "Large data")
+        grid = grid.for_rows(features.shape[0])
+    if isinstance(features, ColumnSource):
+        if grid.solver == "path" and grid.max_candidates is not None and features.shape[1] > grid.max_candidates:
+            return _streamed(features, labels, n_classes, grid, progress, keep, taps, rung)
+        features = np.asarray(features)  # nothing to screen: the whole matrix is the pool
     if grid.solver == "path":  # the group-lasso path engine, same contract
         from h2t_edge.selection.path import fit_head2toe_path
 
-        return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device, taps=taps)
+        return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device, taps=taps,
+                                 rung=rung, n_columns=n_columns)
+    if rung or n_columns is not None:
+        raise FitError("successive-halving rungs and streamed pools need the path solver (SearchGrid.solver='path')")
     start = time.perf_counter()
     data = prepare_cv(features, labels, n_classes, grid)
     dim = data.x.shape[1]

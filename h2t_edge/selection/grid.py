@@ -25,6 +25,8 @@ SOLVERS = ("paper", "path")  # SearchGrid.solver
 CHOICES = ("cheapest", "accuracy")  # SearchGrid.choice: see `choose_cheapest`
 
 PENALTIES = ("l21", "l2", "l1")
+RUNG_MAX_FRACTION = 0.02  # a successive-halving rung retrains heads of at most this fraction of D
+F_STOP_PATIENCE = 2  # SearchGrid.f_stop: sizes in a row below the margin before CV retraining stops
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}  # SearchGrid.precision -> GEMM dtype
 
 
@@ -85,6 +87,22 @@ class SearchGrid:
     choice: str = "cheapest"
     tap_budgets: tuple[int, ...] = (1, 2, 4, 8)  # path solver: also rank within the best B taps (by relevance per cost)
     latency_budget: float | None = None  # a hard bound on the estimated deployed latency / backbone
+    # choice "cheapest" prefers a cheaper candidate only when it saves at least this share of the
+    # backbone's batch-1 latency: the spread of repeated measurements of one graph on one machine
+    # (benchmarks/results/choice.md) hides smaller savings, so they cannot pay for accuracy
+    min_saving: float = 0.05
+    # successive halving over T (`train`, path solver): every T first gets a cheap rung (one path
+    # point, F <= RUNG_MAX_FRACTION, HEAD2TOE only); the full fit runs for the best rung and every T
+    # within `halving` standard errors of it (None: the full fit at every T)
+    halving: float | None = 2.0
+    # large data (the path solver; README "Large data"): CV runs on a stratified subsample of at most
+    # cv_rows images (the refit on all of them), and the screening budget shrinks so that the
+    # screened pool, float32[n, (folds + 1) x budget] at most, stays under pool_bytes
+    cv_rows: int | None = 4000
+    pool_bytes: int | None = 3 << 30
+    # path solver: CV retraining along F (ascending) stops once F_STOP_PATIENCE sizes in a row score
+    # more than `f_stop` standard errors below the best so far (None: every F is retrained)
+    f_stop: float | None = 2.0
 
     def __post_init__(self) -> None:
         for name in ("lrs", "steps", "l21s", "penalties", "fractions", "tap_budgets"):
@@ -103,6 +121,8 @@ class SearchGrid:
         if self.latency_budget is not None and not self.latency_budget >= 1.0:
             raise FitError(f"SearchGrid.latency_budget={self.latency_budget}; a deployed graph runs the backbone, "
                            "so give a bound >= 1.0 (times the backbone's latency)")
+        if not 0.0 <= self.min_saving < 1.0:
+            raise FitError(f"SearchGrid.min_saving={self.min_saving}; give a share of the backbone's latency in [0, 1)")
         if any(int(b) < 1 for b in self.tap_budgets):
             raise FitError(f"SearchGrid.tap_budgets={self.tap_budgets}; each budget must be >= 1 tap")
         if self.solver not in SOLVERS:
@@ -118,6 +138,15 @@ class SearchGrid:
             raise FitError(f"SearchGrid.precision={self.precision!r} is for the paper solver's Adam GEMMs; the "
                            f"{self.solver!r} solver computes in fp32: use --solver paper with --fit-precision "
                            f"{self.precision}")
+        for name in ("cv_rows", "pool_bytes"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise FitError(f"SearchGrid.{name}={getattr(self, name)}; give a positive size, or None for no limit")
+        if self.cv_rows is not None and self.cv_rows < 2 * self.folds:
+            raise FitError(f"SearchGrid.cv_rows={self.cv_rows}; CV needs at least 2 x folds rows")
+        for name in ("halving", "f_stop"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0.0:
+                raise FitError(f"SearchGrid.{name}={getattr(self, name)}; give a margin >= 0 standard errors, "
+                               "or None to search everything")
         if self.max_candidates is not None and self.max_candidates < 1:
             raise FitError(f"SearchGrid.max_candidates={self.max_candidates}; give a positive "
                            f"budget, or None for the exact (unscreened) group lasso")
@@ -132,6 +161,21 @@ class SearchGrid:
         some tasks at T = 512; with solver="paper", also its lr {0.1, 0.01}, steps {500, 5000} and
         l21 {1e-3, 1e-5} (the path solver draws its lambdas from the data instead)."""
         return cls()
+
+    def for_rows(self, n: int) -> "SearchGrid":
+        """This grid for n training rows: max_candidates lowered so that (folds + 1) screened
+        candidate sets of n float32 rows fit in pool_bytes (the memory of a streamed fit grows with
+        n x budget, `estimators._streamed`)."""
+        if self.max_candidates is None or self.pool_bytes is None:
+            return self
+        budget = max(1, min(self.max_candidates, self.pool_bytes // (4 * max(n, 1) * (self.folds + 1))))
+        return self if budget == self.max_candidates else dataclasses.replace(self, max_candidates=budget)
+
+    def rung(self) -> "SearchGrid":
+        """The grid of a successive-halving rung: fractions up to RUNG_MAX_FRACTION (at least the
+        smallest), no tap budgets, the best CV accuracy (rungs compare T, not deployed cost)."""
+        small = tuple(f for f in self.fractions if f <= RUNG_MAX_FRACTION) or (min(self.fractions),)
+        return dataclasses.replace(self, fractions=small, tap_budgets=(), choice="accuracy", latency_budget=None)
 
     @classmethod
     def quick(cls) -> "SearchGrid":
@@ -155,7 +199,7 @@ class LinearHead:
 @dataclass
 class FitResult:
     method: str  # 'HEAD2TOE' | 'LINEAR' | 'ALL-L2' | 'ALL-L1' | 'ALL-L21'
-    head: LinearHead
+    head: LinearHead | None  # None: CV only (a successive-halving rung)
     config: dict  # chosen hyperparameters
     cv_table: list[dict]  # one row per grid point
     scores: np.ndarray | None  # float32[D] relevance of the final selection run (HEAD2TOE)
@@ -173,6 +217,21 @@ def predict_logits(head: LinearHead, features: np.ndarray) -> np.ndarray:
 
 def prepare_arrays(features, labels, n_classes: int, folds: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert once: float32 torch [n, D] (shares memory when possible), int64 [n]."""
+    labels = check_labels(features, labels, n_classes, folds)
+    array = np.asarray(features, dtype=np.float32)  # one conversion (float16 memmap -> float32)
+    with warnings.catch_warnings():  # read-only memmaps: we never write into x
+        warnings.simplefilter("ignore", UserWarning)
+        x = torch.from_numpy(np.ascontiguousarray(array))
+    if not bool(torch.isfinite(x).all()):
+        row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
+        raise FitError(f"features contain NaN or inf (first in row {row}); re-extract the "
+                       f"feature cache or drop the row")
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def check_labels(features, labels, n_classes: int, folds: int) -> np.ndarray:
+    """The labels as an integer array after the shape and CV checks (FitError naming the fix);
+    features: anything with .ndim and .shape (it is not read)."""
     if getattr(features, "ndim", None) != 2:
         raise FitError(f"features must be a 2-D array [n, D], got shape "
                        f"{getattr(features, 'shape', None)}; flatten the taps per image first")
@@ -192,15 +251,26 @@ def prepare_arrays(features, labels, n_classes: int, folds: int) -> tuple[torch.
         c = int(np.argmin(counts))
         raise FitError(f"class {c} has {counts[c]} training examples, fewer than the {folds} CV "
                        f"folds; add examples or lower SearchGrid.folds")
-    array = np.asarray(features, dtype=np.float32)  # one conversion (float16 memmap -> float32)
-    with warnings.catch_warnings():  # read-only memmaps: we never write into x
-        warnings.simplefilter("ignore", UserWarning)
-        x = torch.from_numpy(np.ascontiguousarray(array))
-    if not bool(torch.isfinite(x).all()):
-        row = int((~torch.isfinite(x)).any(dim=1).nonzero()[0])
-        raise FitError(f"features contain NaN or inf (first in row {row}); re-extract the "
-                       f"feature cache or drop the row")
-    return x, torch.from_numpy(labels.astype(np.int64))
+    return labels
+
+
+def cv_plan(labels: np.ndarray, grid: SearchGrid) -> tuple[np.ndarray | None, np.ndarray]:
+    """(rows int64[m] sorted, or None for all n rows; fold int64[m] of each): the rows that CV
+    scores and their folds. Above grid.cv_rows rows, a stratified subsample of about cv_rows (each
+    class in proportion, at least `folds` rows), so that CV costs the same at any n and only the
+    refit grows with n."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    if grid.cv_rows is None or n <= grid.cv_rows:
+        return None, stratified_folds(labels, grid.folds, grid.seed)
+    rng = np.random.default_rng(grid.seed)
+    take = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        take.append(rng.choice(rows, min(len(rows), max(grid.folds, round(len(rows) * grid.cv_rows / n))),
+                               replace=False))
+    rows = np.sort(np.concatenate(take))
+    return rows, stratified_folds(labels[rows], grid.folds, grid.seed)
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -267,6 +337,16 @@ def prepare_cv(features, labels, n_classes, grid: SearchGrid) -> CVData:
                  grid.compute_dtype)
 
 
+def cv_subset(data: CVData, grid: SearchGrid) -> CVData:
+    """The CVData that CV scores (`cv_plan`): `data` itself, or its subsample with its own folds."""
+    rows, fold = cv_plan(data.y.numpy(), grid)
+    if rows is None:
+        return data
+    index = torch.from_numpy(rows)
+    return CVData(data.x.index_select(0, index), data.y[index], data.n_classes, data.onehot[index],
+                  torch.from_numpy(fold), data.dtype)
+
+
 def cv_batch_size(grid: SearchGrid) -> int:
     # each fold model trains on (folds-1)/folds of a batch: ~batch_size own rows per step
     return round(grid.batch_size * grid.folds / (grid.folds - 1))
@@ -307,14 +387,18 @@ def standard_error(row: dict, folds: int) -> float:
 
 
 def choose_cheapest(items: Sequence[T], accuracy: Callable[[T], float], error: Callable[[T], float],
-                    cost: Callable[[T], float], *tie_breaks: Callable[[T], Any]) -> T:
+                    cost: Callable[[T], float], *tie_breaks: Callable[[T], Any], min_saving: float = 0.0) -> T:
     """The one-standard-error rule applied to deployment cost: among the items whose accuracy is at
-    least the best item's (`choose_best` with `tie_breaks`) minus its standard error, the cheapest
-    (cost rounded to 6 decimals); ties go to the higher accuracy, then `tie_breaks`, then the
-    earliest. With every cost equal this is `choose_best`."""
+    least the best item's (`choose_best` with `tie_breaks`) minus its standard error, and that cost
+    at least `min_saving` less than the best item (`SearchGrid.min_saving`: a saving too small to
+    measure buys nothing for the accuracy it may cost), the cheapest (cost rounded to 6 decimals);
+    none: the best item. Ties go to the higher accuracy, then `tie_breaks`, then the earliest. With
+    every cost equal this is `choose_best`."""
     best = choose_best(items, accuracy, *tie_breaks)
     floor = round(float(accuracy(best)) - float(error(best)), 9)
-    near = [item for item in items if round(float(accuracy(item)), 9) >= floor]
+    ceiling = round(float(cost(best)) - min_saving, 6)
+    near = [item for item in items if round(float(accuracy(item)), 9) >= floor
+            and (item is best or round(float(cost(item)), 6) <= ceiling)]
     return min(near, key=lambda item: (round(float(cost(item)), 6), -round(float(accuracy(item)), 9),
                                        *(tb(item) for tb in tie_breaks)))
 

@@ -73,6 +73,7 @@ fit_speed.md.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -85,12 +86,14 @@ from h2t_edge.core.errors import FitError
 from h2t_edge.core.progress import Progress
 from h2t_edge.selection.estimators import HEAD2TOE_KEEP
 from h2t_edge.selection.grid import (
+    F_STOP_PATIENCE,
     FitResult,
     LinearHead,
     SearchGrid,
     choose_best,
     choose_cheapest,
     cpu_training_mode,
+    cv_subset,
     n_selected,
     prepare_cv,
     standard_error,
@@ -422,6 +425,46 @@ def retrain_heads(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tenso
     return [(weights[f], biases[:, f]) for f in range(n_heads)], acc
 
 
+def retrain_cv_along_f(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tensor, val_mask: torch.Tensor,
+                       labels: torch.Tensor, columns: torch.Tensor, ks: Sequence[int], folds: int,
+                       margin: float | None, settings: PathSettings = DEFAULT_SETTINGS,
+                       progress: Progress | None = None, stage: str = "retrain cv") -> torch.Tensor:
+    """Validation accuracy float64[R, F'] of the CV heads on columns[r, :k], k in ks (ascending), for
+    the first F' <= len(ks) sizes: retraining along F stops once F_STOP_PATIENCE sizes in a row
+    score more than `margin` standard errors (of the best so far) below the best so far (None:
+    every size, as one nested `retrain_heads` call).
+
+    Rows r = point * folds + fold (the CV models of one or more path points); a size's score is its
+    best point's mean over folds. Heads are independent (own curvature, momentum and start), so a
+    size retrained alone gets the head the nested call would give it (up to float summation order).
+    The largest heads cost the most and, once a head fits every training row, score worst: they are
+    the ones this skips."""
+    if margin is None or len(ks) == 1:
+        return retrain_heads(x, onehot, train_mask, columns, ks, settings, val_mask, labels, progress, stage)[1]
+    parts, best, below = [], None, 0
+    for i, k in enumerate(ks):
+        acc = retrain_heads(x, onehot, train_mask, columns[:, :k], [k], settings, val_mask, labels)[1]
+        parts.append(acc)
+        if progress is not None:  # one tick per size; a stop completes the stage
+            progress(stage, i + 1, len(ks))
+        per_point = acc.view(-1, folds).cpu()
+        mean = per_point.mean(1)
+        top = int(mean.argmax())
+        score = float(mean[top])
+        se = float(per_point[top].std(unbiased=False)) / max(folds - 1, 1) ** 0.5  # as grid.standard_error
+        if best is None or score > best[0]:
+            best, below = (score, se), 0
+        elif score < best[0] - margin * best[1] - 1e-9:
+            below += 1
+        else:
+            below = 0
+        if below >= F_STOP_PATIENCE:
+            if progress is not None:
+                progress(stage, len(ks), len(ks))
+            break
+    return torch.cat(parts, dim=1)
+
+
 class _Blocks:
     """The standardized columns of R models' nested heads, in blocks that the heads share.
 
@@ -537,7 +580,8 @@ def _with_keep(ranked: torch.Tensor, keep: torch.Tensor, extra: int) -> torch.Te
 def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPER,
                       progress: Progress | None = None, keep: np.ndarray | None = None, *,
                       device: str | torch.device = "cpu", settings: PathSettings = DEFAULT_SETTINGS,
-                      stats: dict | None = None, taps: TapPlan | None = None) -> dict[str, FitResult]:
+                      stats: dict | None = None, taps: TapPlan | None = None, rung: bool = False,
+                      n_columns: int | None = None) -> dict[str, FitResult]:
     """HEAD2TOE (and HEAD2TOE+LINEAR when `keep` is given) from group-lasso paths, with the contract
     and return shape of `fit_head2toe_variants` (module docstring: the method).
 
@@ -552,22 +596,33 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     grid.tap_budgets taps (rows with `taps` = B; module `h2t_edge.selection.taps`), and with
     grid.choice "cheapest" each variant keeps its cheapest row within one standard error of its
     best (`choose_cheapest`).
+    rung: a successive-halving rung (`SearchGrid.halving`): `grid.rung()`, CV at the last path point
+    only, HEAD2TOE only (keep is ignored) and no refit: the result's head and scores are None, its
+    config the best CV row's.
+    n_columns: what the fractions count against when features are a screened pool of a larger
+    matrix (`estimators._streamed`; None: D).
     Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; fit_seconds is the shared
     total. CV rows and configs carry l21 (the path point's lambda), fraction and n_features, with
     lr and steps None (this engine has neither); configs add engine="path" and its settings.
     """
     start = time.perf_counter()
+    if rung:
+        grid, keep = grid.rung(), None
+        settings = dataclasses.replace(settings, cv_every=settings.n_lambdas)
     if grid.precision != "fp32":
         raise FitError(f"the path engine computes in fp32; SearchGrid.precision={grid.precision!r} is for "
                        f"the Adam engine (fit_head2toe_variants)")
     data = prepare_cv(features, labels, n_classes, grid)
+    grid = grid.for_rows(len(data.y))
     dev = torch.device(device)
     dim = data.x.shape[1]
-    x, onehot, y = data.x.to(dev), data.onehot.to(dev), data.y.to(dev)
-    val_mask = data.fold.to(dev).unsqueeze(0) == torch.arange(grid.folds, device=dev).unsqueeze(1)  # [M, n]
+    x, onehot = data.x.to(dev), data.onehot.to(dev)
+    cv = cv_subset(data, grid)  # above grid.cv_rows rows: CV on a subsample, the refit on every row
+    xc, oc, yc = (x, onehot, data.y.to(dev)) if cv is data else (cv.x.to(dev), cv.onehot.to(dev), cv.y.to(dev))
+    val_mask = cv.fold.to(dev).unsqueeze(0) == torch.arange(grid.folds, device=dev).unsqueeze(1)  # [M, n_cv]
     train_mask = (~val_mask).float()
-    k_of = {f: n_selected(dim, f) for f in grid.fractions}
-    screen = screen_candidates(data, train_mask.cpu(), grid.max_candidates)
+    k_of = {f: n_selected(n_columns or dim, f) for f in grid.fractions}
+    screen = screen_candidates(cv, train_mask.cpu(), grid.max_candidates)
     fractions = [f for f in grid.fractions if screen is None or k_of[f] <= screen.budget]
     if not fractions:
         raise FitError(f"every fraction in SearchGrid.fractions keeps more than max_candidates="
@@ -587,11 +642,12 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     lambdas = lambda_path(lambda_max(x, onehot, torch.ones(1, x.shape[0], device=dev)), settings)
     seconds: dict = {}
 
-    def run_path(mask, scr, lams, stage):
-        """The path of the models in mask [M, n] on scr's pool (or all columns): (path, allowed, pool)."""
+    def run_path(mask, scr, lams, stage, xs, oh):
+        """The path of the models in mask [M, n] over xs [n, D] (one-hot labels oh) on scr's pool (or
+        all columns): (path, allowed, pool)."""
         t0 = time.perf_counter()
         allowed = None if scr is None else scr.col_mask.to(dev) != 0
-        path = group_lasso_path(x if scr is None else scr.x.to(dev), onehot, mask, lams, allowed=allowed,
+        path = group_lasso_path(xs if scr is None else scr.x.to(dev), oh, mask, lams, allowed=allowed,
                                 ks=sorted({k_of[f] for f in fractions}), settings=settings, progress=progress,
                                 stage=stage)
         seconds[stage] = time.perf_counter() - t0
@@ -619,11 +675,12 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
         """Retrain the CV heads on cols [len(at) * folds, k] (path points `at`, default the CV
         points) and add their rows to accs / latencies."""
         at = points if at is None else at
-        _, acc = retrain_heads(x, onehot, train_mask.repeat(len(at), 1), cols, ks, settings,
-                               val_mask.repeat(len(at), 1), y, progress,
-                               f"retrain cv {name}" + ("" if budget is None else f" {budget} taps"))
+        acc = retrain_cv_along_f(xc, oc, train_mask.repeat(len(at), 1), val_mask.repeat(len(at), 1), yc, cols, ks,
+                                 grid.folds, grid.f_stop, settings, progress,
+                                 f"retrain cv {name}" + ("" if budget is None else f" {budget} taps"))
+        ks = ks[:acc.shape[1]]  # the sizes retrained before CV accuracy turned down
         acc = acc.view(len(at), grid.folds, len(ks)).cpu()
-        lat = None if taps is None else taps.latencies(cols, ks).view(len(at), grid.folds, len(ks)).cpu()
+        lat = None if taps is None else taps.latencies(cols[:, :ks[-1]], ks).view(len(at), grid.folds, len(ks)).cpu()
         for i, j in enumerate(at):
             for f in fr:
                 k = k_of[f] + extra[name]
@@ -636,7 +693,7 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
                     latencies[key] = float(lat[i, :, ks.index(k)].mean())
 
     # CV: one fold-batched path; the heads of every CV point, fold and F retrained at once
-    path, allowed, pool = run_path(train_mask, screen, lambdas, "path cv")
+    path, allowed, pool = run_path(train_mask, screen, lambdas, "path cv", xc, oc)
     points = settings.cv_points()
     tables, best = {}, {}
     t0 = time.perf_counter()
@@ -668,10 +725,15 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
         if taps is not None and grid.choice == "cheapest":
             best[name] = choose_cheapest(rows, lambda row: row["val_acc_mean"],
                                          lambda row: standard_error(row, grid.folds), lambda row: row["latency"],
-                                         *tie_breaks)
+                                         *tie_breaks, min_saving=grid.min_saving)
         else:
             best[name] = choose_best(rows, lambda row: row["val_acc_mean"], *tie_breaks)
     seconds["retrain cv"] = time.perf_counter() - t0
+    if rung:
+        row = best["HEAD2TOE"]
+        config = {k: row[k] for k in ("l21", "fraction", "n_features")} | {"folds": grid.folds, "rung": True}
+        return {"HEAD2TOE": FitResult("HEAD2TOE", None, config, tables["HEAD2TOE"], None,
+                                      time.perf_counter() - start)}
     cv_path = path
     del path, allowed, pool, screen
 
@@ -679,7 +741,7 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     all_rows = torch.ones(1, x.shape[0], device=dev)
     screen = screen_candidates(data, all_rows.cpu(), grid.max_candidates)
     chosen = {name: lambdas.index(best[name]["l21"]) for name in plan}
-    path, allowed, pool = run_path(all_rows, screen, lambdas[:max(chosen.values()) + 1], "path refit")
+    path, allowed, pool = run_path(all_rows, screen, lambdas[:max(chosen.values()) + 1], "path refit", x, onehot)
     t0 = time.perf_counter()
     parts = {}
     for name in plan:
@@ -701,6 +763,7 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
         config = {"l21": row["l21"], "lr": None, "steps": None, "fraction": row["fraction"],
                   "n_features": row["n_features"], "folds": grid.folds, "seed": grid.seed,
                   "screened_to": None if screen is None else screen.budget,  # candidates per fold
+                  "cv_rows": len(cv.y),  # the rows CV scored (grid.cv_rows: a subsample of large data)
                   "engine": "path", "path_index": chosen[name], "n_lambdas": settings.n_lambdas,
                   "lambda_ratio": settings.lambda_ratio, "retrain_iters": settings.retrain_iters,
                   "retrain_l2": settings.retrain_l2, "tap_budget": row["taps"],

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from h2t_edge.core.errors import FitError
+from h2t_edge.core.progress import Progress
 from h2t_edge.selection.grid import CVData, batch_schedule
 from h2t_edge.selection.kernels import nested_chunks, nested_val_accuracy, run_wide, top_columns, train_nested_group
 
@@ -104,3 +106,96 @@ def select_and_retrain(data, mask, val_mask, lrs, l21s, steps, batch_size, seed,
                 del logits
                 yield (name, models[chunk], scores[chunk], list(zip(weights, biases)), columns[chunk],
                        acc)
+
+
+# ----------------------------------------------------------------------------- streamed screening
+
+
+@dataclass(frozen=True)
+class ColumnSource:
+    """A fit's feature matrix left where it lies (a feature cache's float16 memmap), read in blocks.
+
+    features: [N, D_all] (any dtype numpy indexes); rows: int64[n], the rows the fit uses (the
+    cache's valid ones); columns: int64[D] of D_all, or None for all. `block` and `gather` return
+    float32[n, k] for k columns, reading `row_chunk` rows at a time, so nothing holds float32[n, D];
+    `source[:, idx]` is `gather(idx)` (what `TaskHead.logits` reads) and np.asarray(source) the
+    whole matrix (the fallback where nothing is screened)."""
+
+    features: np.ndarray
+    rows: np.ndarray
+    columns: np.ndarray | None = None
+    row_chunk: int = 2048
+
+    ndim = 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.rows), self.features.shape[1] if self.columns is None else len(self.columns)
+
+    def restrict(self, columns: np.ndarray) -> "ColumnSource":
+        """The source of columns[k] of this one (in that order)."""
+        columns = np.asarray(columns, dtype=np.int64)
+        return ColumnSource(self.features, self.rows, columns if self.columns is None else self.columns[columns],
+                            self.row_chunk)
+
+    def block(self, lo: int, hi: int) -> np.ndarray:
+        """float32[n, hi - lo]: columns lo..hi-1."""
+        if self.columns is None:  # a contiguous slice of every row: the memmap's cheapest read
+            return self._read(lambda rows: self.features[rows, lo:hi], hi - lo)
+        return self.gather(np.arange(lo, hi))
+
+    def gather(self, idx) -> np.ndarray:
+        """float32[n, len(idx)]: the columns idx (indices into this source's columns)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        cols = idx if self.columns is None else self.columns[idx]
+        return self._read(lambda rows: self.features[np.ix_(rows, cols)], len(cols))
+
+    def _read(self, take, width: int) -> np.ndarray:
+        out = np.empty((len(self.rows), width), dtype=np.float32)
+        for i in range(0, len(self.rows), self.row_chunk):
+            out[i:i + self.row_chunk] = take(self.rows[i:i + self.row_chunk])
+        return out
+
+    def __getitem__(self, key):
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)):
+            raise TypeError("a ColumnSource reads columns only: source[:, idx]")
+        return self.gather(key[1])
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.block(0, self.shape[1])
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+def stream_screen(source: ColumnSource, onehot: torch.Tensor, subsets: torch.Tensor, budget: int, *,
+                  block_bytes: int = 1 << 28, device: str | torch.device = "cpu", progress: Progress | None = None,
+                  stage: str = "screen") -> torch.Tensor:
+    """int64[G, budget]: each training subset's top-`budget` columns of `source` by
+    `strong_rule_scores`, in decreasing order (ties: the lower column), as `screen_candidates`
+    ranks them, from blocks of at most `budget` columns and about `block_bytes` of float32 (one
+    progress tick per block).
+
+    onehot: float32[n, C]; subsets: [G, n] (nonzero = row in the subset). Memory: a block, and
+    G x (budget + block) scores, whatever D is. Raises FitError on a NaN or inf feature."""
+    n, dim = source.shape
+    width = max(1, min(budget, block_bytes // (4 * max(n, 1))))
+    onehot, subsets = onehot.to(device), subsets.to(device)
+    g = subsets.shape[0]
+    top_scores = torch.empty(g, 0)
+    top_idx = torch.empty(g, 0, dtype=torch.int64)
+    starts = range(0, dim, width)
+    for b, lo in enumerate(starts):
+        hi = min(dim, lo + width)
+        xb = torch.from_numpy(source.block(lo, hi))
+        if not bool(torch.isfinite(xb).all()):
+            row = int((~torch.isfinite(xb)).any(dim=1).nonzero()[0])
+            raise FitError(f"features contain NaN or inf (first in row {row}, columns {lo}..{hi - 1}); re-extract "
+                           "the feature cache or drop the row")
+        stat = strong_rule_scores(xb.to(device), onehot, subsets).cpu()
+        # earlier columns first: a stable sort keeps the lower column among equal scores, as one sort of all would
+        scores = torch.cat([top_scores, stat], dim=1)
+        idx = torch.cat([top_idx, torch.arange(lo, hi).expand(g, -1)], dim=1)
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :budget]
+        top_scores, top_idx = scores.gather(1, order), idx.gather(1, order)
+        if progress is not None:
+            progress(stage, b + 1, len(starts))
+    return top_idx

@@ -120,6 +120,13 @@ class FeatureCache:
                 return slice(tap["offset"], tap["offset"] + tap["features"])
         raise CacheError(f"feature cache {self.root} has no tap {name!r}")
 
+    def column_source(self):
+        """The valid rows as a `ColumnSource` over the memory-mapped features (read in blocks, never
+        whole as float32[n, D]) and their labels int64[n_valid]."""
+        from h2t_edge.selection.screening import ColumnSource
+
+        return ColumnSource(self.features, np.flatnonzero(self.valid)), self.labels[self.valid]
+
     def arrays(self, columns: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Valid rows only, as (float32[n_valid, d], int64[n_valid])."""
         x = self.features if columns is None else self.features[:, columns]

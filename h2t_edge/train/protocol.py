@@ -93,15 +93,18 @@ class Selection:
     model_dir: Path
     grid: dict
     cv_rows: dict[str, list[dict]] = field(default_factory=dict)  # candidate key -> CV table
+    rungs: list[dict] = field(default_factory=list)  # successive halving over T (`run_rungs`); [] without it
 
     def by_key(self) -> dict[str, Candidate]:
         return {c.key: c for c in self.candidates}
 
 
-def choose(candidates: Sequence[Candidate], rule: str = "accuracy", latency_budget: float | None = None) -> Candidate:
+def choose(candidates: Sequence[Candidate], rule: str = "accuracy", latency_budget: float | None = None,
+           min_saving: float = 0.0) -> Candidate:
     """rule "accuracy": the best mean CV accuracy; ties go to fewer features, then the smaller T
-    (`choose_best`). rule "cheapest": the least estimated latency within one standard error of that
-    (`choose_cheapest`). latency_budget R: only candidates at most R x the backbone compete."""
+    (`choose_best`). rule "cheapest": the least estimated latency within one standard error of that,
+    among those saving at least min_saving x the backbone's latency (`choose_cheapest`).
+    latency_budget R: only candidates at most R x the backbone compete."""
     if latency_budget is not None:
         within = [c for c in candidates if c.latency is not None and c.latency <= latency_budget + 1e-9]
         if not within:
@@ -112,7 +115,7 @@ def choose(candidates: Sequence[Candidate], rule: str = "accuracy", latency_budg
     tie_breaks = (lambda c: c.n_features, lambda c: c.target_size)
     if rule == "cheapest" and all(c.latency is not None for c in candidates):
         return choose_cheapest(candidates, lambda c: c.cv_accuracy, lambda c: c.cv_se, lambda c: c.latency,
-                               *tie_breaks)
+                               *tie_breaks, min_saving=min_saving)
     return choose_best(candidates, lambda c: c.cv_accuracy, *tie_breaks)
 
 
@@ -188,12 +191,14 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
             candidates.append(c)
             cv_rows[c.key] = head.report["cv_table"]
 
-    for t in sorted(caches):
+    rungs = run_rungs(caches, out, grid, task=task, guard=guard, progress=progress, log=log, allowed_taps=allowed_taps)
+    advanced = {r["target_size"] for r in rungs if r["advanced"]} if rungs else set(caches)
+    for t in sorted(advanced):
         cache = caches[t]
         columns = cache.layout.pre_logits_columns()
 
         def fit_h2t(cache=cache, columns=columns):
-            x, y = cache.arrays()
+            x, y = cache.column_source()  # large pools are screened in streamed blocks
             keep = np.arange(columns.start, columns.stop) if guard else None
             results = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, keep=keep,
                                             taps=TapPlan.of(cache.layout, allowed_taps=allowed_taps))
@@ -211,7 +216,7 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
 
     kept_or_fit("linear", smallest, fit_lin)
     pool = candidates if guard else [c for c in candidates if c.method == HEAD2TOE]
-    chosen = choose(pool, grid.choice, grid.latency_budget)
+    chosen = choose(pool, grid.choice, grid.latency_budget, grid.min_saving)
     model_dir = out / "model"
     head = TaskHead.load(chosen.path)
     head.config = {**head.config, "chosen": {"method": chosen.method, "target_size": chosen.target_size,
@@ -221,8 +226,56 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
     head.save(model_dir)
     atomic_write_json(out / "selection.json", {
         "chosen": chosen.key, "guard": guard, "grid": grid.to_dict(),
-        "candidates": [asdict(c) for c in candidates]})
-    return Selection(candidates, chosen, model_dir, grid.to_dict(), cv_rows)
+        "candidates": [asdict(c) for c in candidates], "rungs": rungs})
+    return Selection(candidates, chosen, model_dir, grid.to_dict(), cv_rows, rungs)
+
+
+def advance(rungs: Sequence[dict], margin: float) -> set[int]:
+    """The target sizes whose rung reaches the best rung's CV accuracy minus `margin` of its
+    standard errors (the best always advances; ties in accuracy go to the smaller T)."""
+    top = choose_best(rungs, lambda r: r["cv_accuracy"], lambda r: r["target_size"])
+    floor = round(top["cv_accuracy"] - margin * top["cv_se"], 9)
+    return {r["target_size"] for r in rungs if round(r["cv_accuracy"], 9) >= floor}
+
+
+def run_rungs(caches: dict[int, FeatureCache], out: Path, grid: SearchGrid, *, task: str, guard: bool,
+              progress: Progress | None, log: Log, allowed_taps: Sequence[str] | None) -> list[dict]:
+    """Successive halving over T (`SearchGrid.halving`): a cheap rung per T (HEAD2TOE, one path
+    point, F up to `RUNG_MAX_FRACTION`: `fit_head2toe_path(rung=True)`), kept in
+    OUT/candidates/T<t>/rung.json like a fit. Returns one row per T: target_size, cv_accuracy,
+    cv_se, fraction, n_features, seconds, advanced (whether it gets the full fit: `advance`).
+    [] (every T gets the full fit) with halving None, one T, or the paper solver.
+
+    Why: at large T a head of a few hundred columns already fits every training row, and the
+    CV retraining of wide heads, most of a large-T fit, goes to the candidates that score worst; a
+    rung at about a tenth of a fit ranks the T as the full CV does on the tasks measured."""
+    if grid.halving is None or len(caches) < 2 or grid.solver != "path":
+        return []
+    rows = []
+    for t in sorted(caches):
+        cache = caches[t]
+        key = FitKey.of(cache, [HEAD2TOE], grid, guard=guard, task=task, allowed_taps=allowed_taps, rung=True)
+        record_path = out / "candidates" / f"T{t}" / "rung.json"
+        kept = load_fit_record(record_path, key)
+        if kept is None:
+            log(f"rung T{t} ({cache.layout.total_features:,} candidate features) ...")
+            start = time.perf_counter()
+            x, y = cache.column_source()
+            result = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, rung=True,
+                                           taps=TapPlan.of(cache.layout, allowed_taps=allowed_taps))[HEAD2TOE]
+            del x
+            row = chosen_row(result.cv_table, result.config)
+            kept = save_fit_record(record_path, key, {"rung": {
+                "target_size": t, "cv_accuracy": float(row["val_acc_mean"]),
+                "cv_se": standard_error(row, grid.folds), "fraction": row["fraction"],
+                "n_features": int(row["n_features"]), "seconds": time.perf_counter() - start}})
+        rows.append(dict(kept["rung"]))
+    chosen = advance(rows, grid.halving)
+    for row in rows:
+        row["advanced"] = row["target_size"] in chosen
+    log("rungs: " + ", ".join(f"T{r['target_size']} {100 * r['cv_accuracy']:.1f}% ± {100 * r['cv_se']:.1f}"
+                              f"{' (advances)' if r['advanced'] else ''}" for r in rows))
+    return rows
 
 
 def open_caches(paths: Sequence[str | Path], target_sizes: Sequence[int] = ()) -> dict[int, FeatureCache]:
@@ -506,15 +559,12 @@ def _test_candidates(selection: Selection, test_caches: dict[int, FeatureCache])
     """Sets each candidate's test_accuracy; returns the chosen model's confusion matrix
     int64[C, C] (rows: true class, columns: predicted)."""
 
-    arrays: dict[int, tuple] = {}
     confusion = None
     for c in selection.candidates:
         cache = test_caches[c.target_size] if c.target_size in test_caches else test_caches[min(test_caches)]
         head = TaskHead.load(c.path)
         check_same_backbone(head, cache)
-        if cache.layout.target_size not in arrays:
-            arrays[cache.layout.target_size] = cache.arrays()
-        x, y = arrays[cache.layout.target_size]
+        x, y = cache.column_source()  # the head's columns are read, not float32[n, D]
         pred = head.logits(x).argmax(1)
         c.test_accuracy = float((pred == y).mean())
         if c.key == selection.chosen.key:

@@ -73,6 +73,7 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
         "format": REPORT_FORMAT, "version": 1, "task": task_dir.name, "nc1": _nc1_section(shown, train_caches),
         "chosen": {"key": selection.chosen.key, **candidates[selection.chosen.key]},
         "candidates": candidates, "cv_curves": curves, "layers": layers, "trade": trade,
+        "rungs": {f"T{r['target_size']}": r for r in getattr(selection, "rungs", [])},  # successive halving
         "confusion": None if confusion is None else {"classes": settings["classes"],
                                                      "matrix": np.asarray(confusion).tolist()},
         "timings": {k: float(v) for k, v in timings.items()}, "settings": settings,
@@ -345,6 +346,7 @@ def render_html(report: dict) -> str:
         "<h2>Candidates</h2><table><tr><th>candidate</th><th>CV acc %</th><th>CV SE %</th><th>test acc %</th>"
         "<th>features</th><th>of</th><th>latency x</th><th>taps</th><th>fit s</th></tr>", *rows, "</table>",
     ]
+    parts += _rungs_section(report.get("rungs"))
     for title, ident, png in figures:
         parts += [f"<h2>{html.escape(title)}</h2>",
                   f'<img id="fig-{ident}" alt="{html.escape(title)}" src="data:image/png;base64,{png}">']
@@ -363,6 +365,26 @@ def render_html(report: dict) -> str:
     parts += [f"<tr><td>{html.escape(label)}</td>{_cell(key, text)}</tr>" for key, label, text in settings_rows]
     parts += ["</table></body></html>"]
     return "\n".join(parts) + "\n"
+
+
+def _rungs_section(rungs: dict[str, dict] | None) -> list[str]:
+    """The successive-halving table: each T's rung and whether it advanced to the full fit."""
+    if not rungs:
+        return []
+    rows = ["<h2>Successive halving over T</h2>",
+            "<p>Every target size first gets a cheap rung (HEAD2TOE, one path point, small F). The full fit runs for "
+            "the best rung and every T within the margin (<code>SearchGrid.halving</code> standard errors) of it; "
+            "the others are not candidates.</p>",
+            "<table><tr><th>T</th><th>rung CV acc %</th><th>CV SE %</th><th>F</th><th>features</th><th>rung s</th>"
+            "<th>full fit</th></tr>"]
+    for name, r in rungs.items():
+        base = f"rungs.{name}"
+        rows.append("<tr" + (' class="chosen"' if r["advanced"] else "") + f"><td>{r['target_size']}</td>"
+                    + _cell(f"{base}.cv_accuracy", _pct(r["cv_accuracy"])) + _cell(f"{base}.cv_se", _pct(r["cv_se"]))
+                    + _cell(f"{base}.fraction", f"{r['fraction']:g}") + _cell(f"{base}.n_features", str(r["n_features"]))
+                    + _cell(f"{base}.seconds", f"{r['seconds']:.1f}")
+                    + _cell(f"{base}.advanced", "advanced" if r["advanced"] else "stopped") + "</tr>")
+    return rows + ["</table>"]
 
 
 def _precision_section(precision: dict | None) -> list[str]:

@@ -46,7 +46,8 @@ def synthetic(n: int, dim: int = 400, n_classes: int = 3, seed: int = 0, signal:
 
 def small_grid(**kw) -> SearchGrid:
     base = dict(lrs=(0.1,), steps=(200,), l21s=(1e-3,), penalties=(1e-4,),
-                fractions=(0.005, 0.015, 0.05, 0.25), folds=3, batch_size=32, seed=0, solver="paper")
+                fractions=(0.005, 0.015, 0.05, 0.25), folds=3, batch_size=32, seed=0, solver="paper",
+                f_stop=None)  # every F retrained: the tables' shapes are checked (test_halving: the stop)
     return SearchGrid(**{**base, **kw})
 
 

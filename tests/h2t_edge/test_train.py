@@ -23,8 +23,9 @@ from h2t_edge.train.protocol import Candidate, choose, default_target_sizes, ope
 from runtime.predictor import Predictor
 
 SIZES = (16, 64)
+# the full search (every T fitted): the tests below check every candidate; test_halving_* the rungs
 TINY = SearchGrid(lrs=(0.1,), steps=(60,), l21s=(1e-3, 1e-5), fractions=(0.005, 0.05), folds=2, batch_size=32,
-                  choice="accuracy")
+                  choice="accuracy", halving=None)
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +195,31 @@ def test_fit_cli_takes_several_caches_and_chooses_t(trained, tmp_path, monkeypat
     assert TaskHead.load(tmp_path / "fit" / "model").config["chosen"]["method"] in chosen
 
 
+@pytest.mark.slow
+def test_halving_fits_only_the_t_that_advance_and_reports_the_rungs(trained, tmp_path, monkeypatch):
+    _, _, root, _ = trained
+    features = next((root / "cache" / "features").iterdir())
+    train_root = next(p for p in features.iterdir() if p.name.startswith("train"))
+    grid = SearchGrid(**{**TINY.to_dict(), "halving": 0.0})
+    out = tmp_path / "fit"
+    selection = train_mod.fit_caches([train_root], out, grid=grid)
+    rungs = {r["target_size"]: r for r in selection.rungs}
+    assert sorted(rungs) == list(SIZES) and all(0.0 <= r["cv_accuracy"] <= 1.0 for r in rungs.values())
+    advanced = {t for t, r in rungs.items() if r["advanced"]}
+    assert advanced == train_mod.advance(list(rungs.values()), 0.0) and advanced
+    fitted = {c.target_size for c in selection.candidates if c.method != "LINEAR"}
+    assert fitted == advanced  # a T that did not advance has no candidate ...
+    assert not any((out / "candidates" / f"T{t}" / "fit.json").exists() for t in set(SIZES) - advanced)
+    report = json.loads((out / "report.json").read_text())
+    assert {k: v["advanced"] for k, v in report["rungs"].items()} == {f"T{t}": t in advanced for t in SIZES}
+    page = (out / "report.html").read_text()
+    assert "Successive halving over T" in page and 'data-key="rungs.T16.cv_accuracy"' in page
+    # a rerun keeps the rungs (and the fits)
+    monkeypatch.setattr(train_mod, "fit_head2toe_variants", lambda *a, **k: pytest.fail("refitted"))
+    again = train_mod.fit_caches([train_root], out, grid=grid)
+    assert again.rungs == selection.rungs
+
+
 def test_choose_prefers_cv_then_fewer_features():
     def c(method, t, acc, k):
         return Candidate(method, t, acc, 0.01, k, 100, {}, 1.0, "")
@@ -213,6 +239,20 @@ def test_choose_by_cost_within_one_standard_error_and_under_a_budget():
     assert choose([best, close, far], "accuracy", latency_budget=1.2) is close
     with pytest.raises(train_mod.TrainError, match="latency-budget 1.01.*LINEAR.*1.020x"):
         choose([best, close, c("LINEAR", 0.7, 0.01, 1.02)], "cheapest", latency_budget=1.01)
+
+
+def test_cheaper_candidate_wins_only_when_it_saves_a_measurable_share():
+    """Issue 29: 1.02x over 1.04x saved nothing one could measure and cost 1.4 test points."""
+    def c(method, acc, se, latency):
+        return Candidate(method, 16, acc, se, 10, 100, {}, 1.0, "", latency=latency)
+    best, close = c("HEAD2TOE", 0.80, 0.02, 1.04), c("HEAD2TOE+LINEAR", 0.79, 0.02, 1.02)
+    assert choose([best, close], "cheapest") is close  # min_saving 0: the plain one-SE rule
+    assert choose([best, close], "cheapest", min_saving=0.05) is best  # saves 0.02 < 0.05
+    far, cheap = c("HEAD2TOE", 0.80, 0.02, 1.40), c("LINEAR", 0.785, 0.02, 1.0)
+    middle = c("HEAD2TOE+LINEAR", 0.79, 0.02, 1.37)
+    assert choose([far, middle, cheap], "cheapest", min_saving=0.05) is cheap  # saves 0.40: worth it
+    assert choose([far, middle], "cheapest", min_saving=0.05) is far  # 0.03 is not
+    assert SearchGrid().min_saving == 0.05
 
 
 @pytest.mark.slow

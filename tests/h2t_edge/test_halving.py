@@ -1,0 +1,105 @@
+"""Successive halving (issue 29): the rung per T and which T advance (`train.protocol.advance`),
+the rung fit (`fit_head2toe_path(rung=True)`), and the stop of CV retraining along F
+(`path.retrain_cv_along_f`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from h2t_edge.selection import HEAD2TOE_KEEP, PathSettings, SearchGrid, fit_head2toe_path, stratified_folds
+from h2t_edge.selection import path as path_mod
+from h2t_edge.selection.grid import F_STOP_PATIENCE, RUNG_MAX_FRACTION
+from h2t_edge.selection.path import retrain_cv_along_f, retrain_heads
+from h2t_edge.train.protocol import advance
+
+from test_select import INFORMATIVE, synthetic  # noqa: E402  (same folder, on sys.path)
+
+
+def rung(t, acc, se):
+    return {"target_size": t, "cv_accuracy": acc, "cv_se": se}
+
+
+def test_advance_keeps_the_best_and_those_within_the_margin():
+    rows = [rung(512, 0.94, 0.01), rung(2048, 0.954, 0.01), rung(8192, 0.93, 0.02)]
+    assert advance(rows, 2.0) == {512, 2048}  # 0.954 - 2 x 0.01 = 0.934: T8192 (0.93) drops, T512 (0.94) stays
+    assert advance(rows, 0.0) == {2048}
+    assert advance(rows, 10.0) == {512, 2048, 8192}
+    # the margin is the best rung's SE, not the candidate's
+    assert advance([rung(512, 0.95, 0.0), rung(2048, 0.90, 0.2)], 2.0) == {512}
+    assert advance([rung(512, 0.9, 0.0), rung(2048, 0.9, 0.0)], 0.0) == {512, 2048}  # a tie advances both
+
+
+def test_search_grid_checks_the_margins():
+    with pytest.raises(Exception, match="halving"):
+        SearchGrid(halving=-1.0)
+    with pytest.raises(Exception, match="f_stop"):
+        SearchGrid(f_stop=-0.5)
+    grid = SearchGrid(tap_budgets=(1, 2), choice="cheapest").rung()
+    assert max(grid.fractions) <= RUNG_MAX_FRACTION and grid.tap_budgets == () and grid.choice == "accuracy"
+    assert SearchGrid(fractions=(0.05, 0.1)).rung().fractions == (0.05,)  # at least the smallest
+
+
+def test_rung_cross_validates_one_point_at_small_fractions_without_a_refit():
+    x, y = synthetic(150, dim=400, seed=2, signal=2.0)
+    grid = SearchGrid(fractions=(0.005, 0.02, 0.1, 0.25), folds=3)
+    stats: dict = {}
+    results = fit_head2toe_path(x, y, 3, grid, keep=np.arange(5), rung=True, stats=stats)
+    assert list(results) == ["HEAD2TOE"]  # HEAD2TOE only: the kept variant is not a rung's business
+    result = results["HEAD2TOE"]
+    assert result.head is None and result.scores is None and result.config["rung"] is True
+    assert {row["fraction"] for row in result.cv_table} == {0.005, 0.02}
+    last = fit_head2toe_path(x, y, 3, grid)["HEAD2TOE"].cv_table  # the full fit's rows at the last point
+    assert {row["l21"] for row in result.cv_table} == {min(row["l21"] for row in last)}
+    full = {(r["l21"], r["fraction"]): r["val_acc_mean"] for r in last}
+    for row in result.cv_table:  # the heads of the full fit at that point (its path stops on more top-k sets)
+        assert row["val_acc_mean"] == pytest.approx(full[(row["l21"], row["fraction"])], abs=0.02)
+    assert result.config["fraction"] in (0.005, 0.02) and 0.0 < result.config["n_features"] <= 8
+
+
+def _cv_problem(n=90, dim=300):
+    x, y = synthetic(n, dim=dim, seed=5, signal=2.5)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    onehot = torch.nn.functional.one_hot(yt, 3).float()
+    folds = torch.from_numpy(stratified_folds(y, 3, seed=0))
+    val = folds.unsqueeze(0) == torch.arange(3).unsqueeze(1)
+    # the informative columns first, then noise: wide heads only add noise
+    noise = np.setdiff1d(np.arange(dim), INFORMATIVE)
+    order = torch.from_numpy(np.concatenate([INFORMATIVE[INFORMATIVE < dim], noise]))
+    columns = order.expand(3, -1).contiguous()
+    return xt, onehot, yt, (~val).float(), val, columns
+
+
+def test_stopping_along_f_keeps_the_nested_heads_accuracy_on_the_sizes_it_ran():
+    x, onehot, y, train, val, columns = _cv_problem()
+    ks = [3, 6, 12, 50, 150, 300]
+    settings = PathSettings(retrain_iters=60)
+    _, full = retrain_heads(x, onehot, train, columns, ks, settings, val, y)
+    stopped = retrain_cv_along_f(x, onehot, train, val, y, columns, ks, 3, 0.0, settings)
+    f = stopped.shape[1]
+    assert F_STOP_PATIENCE <= f < len(ks)  # the noise-only sizes turned accuracy down: the widest never ran
+    torch.testing.assert_close(stopped, full[:, :f], atol=1.0 / 30, rtol=0)  # <= one val row in a fold
+    assert torch.equal(retrain_cv_along_f(x, onehot, train, val, y, columns, ks, 3, None, settings), full)
+
+
+@pytest.mark.parametrize("scores, margin, ran", [
+    ([0.6, 0.8, 0.7, 0.7, 0.9], 0.0, 4),  # two sizes in a row below the best: stop
+    ([0.6, 0.8, 0.7, 0.8, 0.7, 0.9], 0.0, 6),  # a size back at the best resets the count
+    ([0.6, 0.8, 0.78, 0.78, 0.9], 1.0, 5),  # within the margin (SE 0.05): not "clearly" down
+    ([0.6, 0.8, 0.6, 0.6, 0.9], 1.0, 4),
+])
+def test_stop_rule_needs_patience_sizes_clearly_below_the_best(monkeypatch, scores, margin, ran):
+    """Scripted accuracies (3 folds, one point; fold spread +-0.05 around the score: SE 0.05)."""
+    calls = []
+
+    def scripted(x, onehot, mask, columns, ks, settings, val_mask, labels, *args):
+        s = scores[len(calls)]
+        calls.append(ks)
+        return None, torch.tensor([[s - 0.05 * 1.5 ** 0.5], [s], [s + 0.05 * 1.5 ** 0.5]], dtype=torch.float64)
+
+    monkeypatch.setattr(path_mod, "retrain_heads", scripted)
+    ks = list(range(1, len(scores) + 1))
+    acc = retrain_cv_along_f(None, None, None, None, None, torch.zeros(3, len(ks), dtype=torch.int64), ks, 3,
+                             margin)
+    assert acc.shape == (3, ran) and [k for (k,) in calls] == ks[:ran]
