@@ -415,10 +415,38 @@ def scale() -> Figure:
                   "RssFile (the memory-mapped cache) sampled every 0.2 s.")
 
 
+def halving() -> Figure:
+    """halving.json: `train` defaults (successive halving over T, the stop along F) against
+    --full-search, same features, per task over seeds."""
+    records = load("halving.json")["records"]
+    by = {(r["task"], r["seed"], r["variant"]): r for r in records}
+    done = [(by[(t, s, "default")], by[(t, s, "full")]) for (t, s, v) in sorted(by)
+            if v == "default" and (t, s, "full") in by]
+    rows, per_seed = [], {}
+    for task in [t for t in TASKS if any(d["task"] == t for d, _ in done)]:
+        pairs = [(d, f) for d, f in done if d["task"] == task]
+        diffs = [d["chosen_test_accuracy"] - f["chosen_test_accuracy"] for d, f in pairs]
+        for (d, _), diff in zip(pairs, diffs):
+            per_seed.setdefault(d["seed"], []).append(diff)
+        fit_d = statistics.fmean(d["timings"]["fit"] for d, _ in pairs)
+        fit_f = statistics.fmean(f["timings"]["fit"] for _, f in pairs)
+        rows.append([task, str(len(pairs)), mean_se(diffs), f"{sum(d['chosen'] != f['chosen'] for d, f in pairs)}",
+                     f"{fit_d:.0f}", f"{fit_f:.0f}", ratio(fit_d / fit_f)])
+    seed_means = [statistics.fmean(v) for v in per_seed.values()]
+    total_d = sum(d["timings"]["fit"] for d, _ in done)
+    total_f = sum(f["timings"]["fit"] for _, f in done)
+    return Figure(["task", "seeds", "test points, default - full", "choice changed", "default fit s", "full fit s",
+                   "fit ratio"], rows, ("halving.json",),
+                  f"`train` with its defaults against `train --full-search` on the same 1,000 training images and "
+                  f"cached features, tested on the task's fixed 1,000 images; mean over seeds ± standard error. "
+                  f"Suite mean {mean_se(seed_means)} points over {len(seed_means)} seed(s) "
+                  f"({len(done)} task-seeds); fit seconds {ratio(total_d / total_f)} in all.")
+
+
 FIGURES: dict[str, Callable[[], Figure]] = {f.__name__.replace("_", "-"): f for f in (
     headline, fit_speed, train_timings, deploy_aware_rules, deploy_aware_device, deploy_graphs, backends,
     trust_load, serving, model_search, finetune, finetune_200ep, backbones, screening, soak, index, precision,
-    precision_latency, calibration, choice, scale)}
+    precision_latency, calibration, choice, scale, halving)}
 
 
 def main(paths: list[str]) -> None:

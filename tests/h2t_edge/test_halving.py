@@ -94,12 +94,22 @@ def test_stop_rule_needs_patience_sizes_clearly_below_the_best(monkeypatch, scor
     calls = []
 
     def scripted(x, onehot, mask, columns, ks, settings, val_mask, labels, *args):
-        s = scores[len(calls)]
-        calls.append(ks)
-        return None, torch.tensor([[s - 0.05 * 1.5 ** 0.5], [s], [s + 0.05 * 1.5 ** 0.5]], dtype=torch.float64)
+        calls.append(list(ks))
+        return None, torch.tensor([[scores[k - 1] + d for k in ks] for d in (-0.05 * 1.5 ** 0.5, 0.0,
+                                                                              0.05 * 1.5 ** 0.5)], dtype=torch.float64)
 
     monkeypatch.setattr(path_mod, "retrain_heads", scripted)
     ks = list(range(1, len(scores) + 1))
     acc = retrain_cv_along_f(None, None, None, None, None, torch.zeros(3, len(ks), dtype=torch.int64), ks, 3,
                              margin)
-    assert acc.shape == (3, ran) and [k for (k,) in calls] == ks[:ran]
+    assert acc.shape == (3, ran)
+    assert torch.allclose(acc[1], torch.tensor(scores[:ran], dtype=torch.float64))
+    computed = [k for call in calls for k in call]
+    assert computed == ks[:len(computed)] and ran <= len(computed) < ran + F_STOP_PATIENCE  # no later group ran
+
+
+@pytest.mark.parametrize("n", range(1, 10))
+def test_f_groups_cover_every_size_once_with_the_widest_together(n):
+    groups = path_mod._f_groups(n, F_STOP_PATIENCE)
+    assert [i for g in groups for i in g] == list(range(n))
+    assert all(len(g) == F_STOP_PATIENCE for g in groups[1:]) and 1 <= len(groups[0]) <= F_STOP_PATIENCE
