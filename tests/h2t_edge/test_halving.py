@@ -7,14 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_select import INFORMATIVE, synthetic  # noqa: E402  (same folder, on sys.path)
 
-from h2t_edge.selection import HEAD2TOE_KEEP, PathSettings, SearchGrid, fit_head2toe_path, stratified_folds
+from h2t_edge.selection import PathSettings, SearchGrid, fit_head2toe_path, stratified_folds
 from h2t_edge.selection import path as path_mod
 from h2t_edge.selection.grid import F_STOP_PATIENCE, RUNG_MAX_FRACTION
 from h2t_edge.selection.path import retrain_cv_along_f, retrain_heads
 from h2t_edge.train.protocol import advance
-
-from test_select import INFORMATIVE, synthetic  # noqa: E402  (same folder, on sys.path)
 
 
 def rung(t, acc, se):
