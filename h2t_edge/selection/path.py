@@ -455,7 +455,7 @@ def retrain_cv_along_f(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.
             mean = per_point.mean(1)
             top = int(mean.argmax())
             score = float(mean[top])
-            se = float(per_point[top].std(unbiased=False)) / max(folds - 1, 1) ** 0.5  # as grid.standard_error
+            se = standard_error({"val_acc_std": float(per_point[top].std(unbiased=False))}, folds)  # as CV rows
             if best is None or score > best[0]:
                 best, below = (score, se), 0
             elif score < best[0] - margin * best[1] - 1e-9:

@@ -73,7 +73,7 @@ def build_report(task_dir: Path, selection, train_caches: dict, settings: dict, 
         "format": REPORT_FORMAT, "version": 1, "task": task_dir.name, "nc1": _nc1_section(shown, train_caches),
         "chosen": {"key": selection.chosen.key, **candidates[selection.chosen.key]},
         "candidates": candidates, "cv_curves": curves, "layers": layers, "trade": trade,
-        "rungs": {f"T{r['target_size']}": r for r in getattr(selection, "rungs", [])},  # successive halving
+        "rungs": {f"T{r['target_size']}": r for r in selection.rungs},  # successive halving
         "confusion": None if confusion is None else {"classes": settings["classes"],
                                                      "matrix": np.asarray(confusion).tolist()},
         "timings": {k: float(v) for k, v in timings.items()}, "settings": settings,
