@@ -147,18 +147,20 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
     return fit_head2toe_variants(features, labels, n_classes, grid, progress)[HEAD2TOE]
 
 
-def _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung=False) -> dict[str, FitResult]:
+def _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung=False,
+                         memo=None) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on the columns of taps.allowed, heads mapped back to all columns."""
     columns = taps.allowed_columns()
     sub = features.restrict(columns) if isinstance(features, ColumnSource) else np.asarray(features)[:, columns]
     results = _fit_on_columns(sub, columns, len(taps.column_tap), labels, n_classes, grid, progress, keep, taps, rung,
-                              outside="the kept columns (pre-logits) lie outside the allowed taps")
+                              outside="the kept columns (pre-logits) lie outside the allowed taps", memo=memo)
     for result in results.values():
         result.config["allowed_taps"] = [n for n, ok in zip(taps.names, taps.allowed) if ok]
     return results
 
 
-def _streamed(source: ColumnSource, labels, n_classes, grid, progress, keep, taps, rung) -> dict[str, FitResult]:
+def _streamed(source: ColumnSource, labels, n_classes, grid, progress, keep, taps, rung,
+              memo=None) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on a pool too large to hold: one streamed pass over its column blocks
     (`stream_screen`) finds every CV fold's and the refit's top grid.max_candidates columns by the
     strong rule; the fit then sees only their union (and the kept columns), float32[n, P].
@@ -179,12 +181,12 @@ def _streamed(source: ColumnSource, labels, n_classes, grid, progress, keep, tap
     top = stream_screen(source, onehot, subsets, grid.max_candidates, device=grid.device, progress=progress)
     pool = np.union1d(top.numpy().ravel(), np.zeros(0, np.int64) if keep is None else np.asarray(keep, np.int64))
     return _fit_on_columns(source.gather(pool), pool, dim, labels, n_classes, grid, progress, keep, taps, rung,
-                           n_columns=dim)
+                           n_columns=dim, memo=memo)
 
 
 def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, grid, progress, keep, taps, rung,
-                    n_columns: int | None = None, outside: str = "internal: kept columns outside the pool"
-                    ) -> dict[str, FitResult]:
+                    n_columns: int | None = None, outside: str = "internal: kept columns outside the pool",
+                    memo=None) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on features = the columns `columns` (int64, sorted) of a D = dim
     matrix; keep (ids of all D) must lie among them (else FitError `outside`); heads and scores are
     mapped back to all D columns. n_columns: what fractions count against (None: len(columns))."""
@@ -195,7 +197,8 @@ def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, 
             raise FitError(outside)
         keep = inside
     results = fit_head2toe_variants(features, labels, n_classes, grid, progress, keep,
-                                    None if taps is None else taps.restrict(columns), rung=rung, n_columns=n_columns)
+                                    None if taps is None else taps.restrict(columns), rung=rung, n_columns=n_columns,
+                                    memo=memo)
     for result in results.values():
         if result.head is not None:  # None: a rung (CV only)
             result.head.features = columns[result.head.features]
@@ -209,7 +212,7 @@ def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, 
 def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
                           progress: Progress | None = None,
                           keep: np.ndarray | None = None, taps=None, rung: bool = False,
-                          n_columns: int | None = None) -> dict[str, FitResult]:
+                          n_columns: int | None = None, memo: dict | None = None) -> dict[str, FitResult]:
     """HEAD2TOE and, when `keep` is given, HEAD2TOE+LINEAR from one group-lasso run per CV model.
 
     features: float[n, D]; keep: int[K] columns (e.g. the pre-logits) that HEAD2TOE+LINEAR always
@@ -219,6 +222,8 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
     taps: the columns' `selection.taps.TapPlan`, for the path solver's deploy-aware choice (tap
     budgets, `grid.choice`); the paper solver ranks features alone and picks the best accuracy.
     rung: CV only, for successive halving over T (`fit_head2toe_path`'s rung; the path solver only).
+    memo: a dict kept by the caller for one feature matrix, in which a rung leaves its CV path for
+    the full fit (`fit_head2toe_path`); give the rung the same `keep`, so that both fit one pool.
     features may be a `ColumnSource` (a feature cache's memmap): the path solver then screens it in
     streamed column blocks and holds only the screened pool (`_streamed`); n_columns: what the
     fractions count against when features are a subset of the columns (None: all of them).
@@ -226,18 +231,18 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
     shared total.
     """
     if taps is not None and not taps.allowed.all():  # --taps-from: fit on the allowed taps' columns only
-        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung)
+        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung, memo)
     if getattr(features, "ndim", None) == 2:  # large data: a smaller screening budget (README "Large data")
         grid = grid.for_rows(features.shape[0])
     if isinstance(features, ColumnSource):
         if grid.solver == "path" and grid.max_candidates is not None and features.shape[1] > grid.max_candidates:
-            return _streamed(features, labels, n_classes, grid, progress, keep, taps, rung)
+            return _streamed(features, labels, n_classes, grid, progress, keep, taps, rung, memo)
         features = np.asarray(features)  # nothing to screen: the whole matrix is the pool
     if grid.solver == "path":  # the group-lasso path engine, same contract
         from h2t_edge.selection.path import fit_head2toe_path
 
         return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device, taps=taps,
-                                 rung=rung, n_columns=n_columns)
+                                 rung=rung, n_columns=n_columns, memo=memo)
     if rung or n_columns is not None:
         raise FitError("successive-halving rungs and streamed pools need the path solver (SearchGrid.solver='path')")
     start = time.perf_counter()

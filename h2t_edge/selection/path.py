@@ -74,6 +74,7 @@ fit_speed.md.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -107,6 +108,7 @@ _POWER_ITERS = 30  # path solves (working sets are small)
 _RETRAIN_POWER_ITERS = 20  # retraining: <= 3% low on dSprites-location's widest heads, under the safety
 _LB = 0.5  # curvature bound of the mean cross-entropy in the intercept
 _TINY = 1e-30
+RETRAIN_FORMS = ("auto", "primal", "dual")  # PathSettings.retrain_form
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,10 @@ class PathSettings:
     cv_every: int = 3  # CV retrains at every cv_every-th path point, the last included
     retrain_iters: int = 100  # Nesterov steps of every retrained head
     retrain_l2: float = 1e-3  # retrain_l2 / 2 * ||W~||^2 on the standardized retrained heads
-    gather_bytes: int = 1 << 30  # gathered columns per retraining chunk
+    gather_bytes: int = 1 << 30  # gathered columns (or dual Gram matrices) per retraining chunk
+    # which heads retrain in the dual (kernel) form, where a step costs n^2 instead of n x k: "auto"
+    # (those it makes cheaper, `_dual_from`), "primal" (none) or "dual" (all); the iterates are the same
+    retrain_form: str = "auto"
 
     def __post_init__(self) -> None:
         if self.n_lambdas < 1 or not 0.0 < self.lambda_ratio < 1.0:
@@ -137,6 +142,8 @@ class PathSettings:
             raise FitError(f"PathSettings: {', '.join(counts)} must be positive")
         if self.tol < 0 or self.kkt_tol < 0 or self.retrain_l2 < 0:
             raise FitError("PathSettings: tol, kkt_tol and retrain_l2 must be >= 0")
+        if self.retrain_form not in RETRAIN_FORMS:
+            raise FitError(f"PathSettings: retrain_form={self.retrain_form!r}; use one of {list(RETRAIN_FORMS)}")
 
     def cv_points(self) -> list[int]:
         """The path points whose rankings CV retrains and scores."""
@@ -378,18 +385,21 @@ def group_lasso_objective(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: 
 def retrain_heads(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tensor, columns: torch.Tensor,
                   ks: Sequence[int], settings: PathSettings = DEFAULT_SETTINGS,
                   val_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                  progress: Progress | None = None, stage: str = "retrain",
-                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+                  progress: Progress | None = None, stage: str = "retrain", *, weights: bool = True,
+                  ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]] | None, torch.Tensor | None]:
     """Heads on the column prefixes columns[r, :k] for every k in ks and every model r.
 
     x: float32[n, D]; onehot: float32[n, C]; train_mask: [R, n]; columns: int64[R, >= ks[-1]];
     ks: strictly increasing. Each head minimizes its model's mean training CE + retrain_l2 / 2 *
     ||W~||^2 on its columns standardized over the model's training rows (W~_d = s_d W_d, s_d the
     column's standard deviation there) by `retrain_iters` full-batch Nesterov steps with restart
-    from W = 0 (`_nested_agd`). Models are batched on bmm in chunks of about `settings.gather_bytes`
-    of gathered columns.
-    Returns per k: (weight float32[R, k, C], bias float32[R, C]) for the raw features, and, when
-    val_mask [R, n] and labels int64[n] are given, accuracy float64[R, F] on each model's val rows.
+    from W = 0 (`_nested_agd`). The narrow heads run on their columns (the primal form); the heads
+    for which it is cheaper run in the dual form (`_dual_agd`: the same iterates on n x n Gram
+    matrices, `_dual_from`). Models are batched on bmm in chunks of about `settings.gather_bytes`
+    of gathered columns and Gram matrices.
+    Returns per k: (weight float32[R, k, C], bias float32[R, C]) for the raw features (None with
+    weights=False), and, when val_mask [R, n] and labels int64[n] are given, accuracy
+    float64[R, F] on each model's val rows.
     """
     ks = [int(k) for k in ks]
     if ks[0] < 1 or any(b <= a for a, b in itertools.pairwise(ks)):
@@ -397,8 +407,10 @@ def retrain_heads(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tenso
     n, c = x.shape[0], onehot.shape[1]
     r_all, n_heads = columns.shape[0], len(ks)
     dev = x.device
-    per_chunk = max(1, settings.gather_bytes // (2 * n * ks[-1] * x.element_size()))  # a block and its transpose
-    weights = [torch.empty(r_all, k, c, device=dev) for k in ks]
+    split = _dual_from(n, ks, c, settings)  # heads ks[split:] run in the dual form
+    per_model = max(2 * n * (ks[split - 1] if split else 0), _Grams.bytes_per_model(n, n_heads - split)) * 4
+    per_chunk = max(1, settings.gather_bytes // per_model)
+    out_w = [torch.empty(r_all, k, c, device=dev) for k in ks] if weights else None
     biases = torch.empty(r_all, n_heads, c, device=dev)
     acc = None if val_mask is None else torch.empty(r_all, n_heads, dtype=torch.float64, device=dev)
     chunks = range(0, r_all, per_chunk)
@@ -406,23 +418,39 @@ def retrain_heads(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tenso
         rows = slice(start, min(r_all, start + per_chunk))
         mask = (train_mask[rows] != 0).to(x.dtype)
         tw = (mask / mask.sum(1, keepdim=True).clamp(min=1.0)).unsqueeze(2)  # [R, n, 1]: 1/|S| on S
-        blocks = _Blocks(x, columns[rows], ks, tw)
-        w, b = _nested_agd(blocks, onehot, tw, settings)  # standardized columns, centred intercept
-        if acc is not None:
-            pred = blocks.logits(w, b).argmax(-1)  # [R, n, F]
-            vm = val_mask[rows].to(torch.float64).unsqueeze(2)
-            hit = (pred == labels.view(1, -1, 1)).to(torch.float64)
-            acc[rows] = (hit * vm).sum(1) / vm.sum(1).clamp(min=1.0)
-        for j, (lo, hi) in enumerate(itertools.pairwise(blocks.edges)):  # raw weights; the centring -> bias
-            raw = w[j] / blocks.scale[j].transpose(1, 2).unsqueeze(3)  # [R, dk, F - j, C]
-            b[:, j:] -= torch.einsum("rd,rdfc->rfc", blocks.mean[j].squeeze(1), raw)
-            for f in range(j, n_heads):
-                weights[f][rows, lo:hi] = raw[:, :, f - j]
-        biases[rows] = b
-        del blocks
+        parts = []  # (first head, logits [R, n, F', C], raw weights per head or None, raw bias [R, F', C])
+        if split:
+            blocks = _Blocks(x, columns[rows], ks[:split], tw)
+            w, b = _nested_agd(blocks, onehot, tw, settings)  # standardized columns, centred intercept
+            logits = blocks.logits(w, b) if acc is not None else None
+            raw_w = [torch.empty(w[0].shape[0], k, c, device=dev) for k in ks[:split]] if weights else None
+            for j, (lo, hi) in enumerate(itertools.pairwise(blocks.edges)):  # raw weights; the centring -> bias
+                raw = w[j] / blocks.scale[j].transpose(1, 2).unsqueeze(3)  # [R, dk, F - j, C]
+                b[:, j:] -= torch.einsum("rd,rdfc->rfc", blocks.mean[j].squeeze(1), raw)
+                for f in range(j, split) if weights else ():
+                    raw_w[f][:, lo:hi] = raw[:, :, f - j]
+            parts.append((0, logits, raw_w, b))
+            del blocks
+        if split < n_heads:
+            grams = _Grams(x, columns[rows], ks[split:], tw)
+            a, b, kernel_logits = _dual_agd(grams, onehot, tw, settings)
+            raw_w, b = grams.raw_heads(x, columns[rows], a, b, weights)
+            parts.append((split, kernel_logits.transpose(1, 2), raw_w, b))
+            del grams
+        for first, logits, raw_w, b in parts:
+            heads = range(first, first + b.shape[1])
+            biases[rows, first:first + b.shape[1]] = b
+            for f in heads if weights else ():
+                out_w[f][rows] = raw_w[f - first]
+            if acc is not None:
+                pred = logits.argmax(-1)  # [R, n, F']
+                vm = val_mask[rows].to(torch.float64).unsqueeze(2)
+                hit = (pred == labels.view(1, -1, 1)).to(torch.float64)
+                acc[rows, first:first + b.shape[1]] = (hit * vm).sum(1) / vm.sum(1).clamp(min=1.0)
         if progress is not None:
             progress(stage, done + 1, len(chunks))
-    return [(weights[f], biases[:, f]) for f in range(n_heads)], acc
+    heads = [(out_w[f], biases[:, f]) for f in range(n_heads)] if weights else None
+    return heads, acc
 
 
 def retrain_cv_along_f(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tensor, val_mask: torch.Tensor,
@@ -441,12 +469,13 @@ def retrain_cv_along_f(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.
     The largest heads cost the most and, once a head fits every training row, score worst: they are
     the ones this skips."""
     if margin is None or len(ks) == 1:
-        return retrain_heads(x, onehot, train_mask, columns, ks, settings, val_mask, labels, progress, stage)[1]
+        return retrain_heads(x, onehot, train_mask, columns, ks, settings, val_mask, labels, progress, stage,
+                             weights=False)[1]
     parts, best, below, ran = [], None, 0, 0
     for group in _f_groups(len(ks), F_STOP_PATIENCE):
         sizes = [ks[i] for i in group]
         parts.append(retrain_heads(x, onehot, train_mask, columns[:, :sizes[-1]], sizes, settings, val_mask,
-                                   labels)[1])
+                                   labels, weights=False)[1])
         for i in range(parts[-1].shape[1]):
             ran += 1
             if progress is not None:  # one tick per size; a stop completes the stage
@@ -579,6 +608,153 @@ def _nested_agd(blocks: _Blocks, onehot: torch.Tensor, tw: torch.Tensor, setting
     return w, b
 
 
+def _dual_from(n: int, ks: Sequence[int], c: int, settings: PathSettings) -> int:
+    """The first head that retrains in the dual form (len(ks): none), by estimated flops per model.
+
+    A primal head of k columns costs about 4 n k per class per step (logits and gradient), a dual
+    head 2 n^2 (one Gram product), plus, once for the dual heads together, 2 n^2 k_max to build
+    their nested Gram matrices: the dual pays for heads wider than a few hundred columns at n in the
+    low thousands, where a head of 0.5-20% of a large pool reads every column 100 times in the
+    primal. The dual heads' Gram matrices must fit in `settings.gather_bytes` for one model."""
+    if settings.retrain_form != "auto":
+        return 0 if settings.retrain_form == "dual" else len(ks)
+    per_step = settings.retrain_iters * c + _RETRAIN_POWER_ITERS  # GEMM columns over the steps
+    primal = [4 * n * k * per_step for k in ks]
+
+    def cost(s: int) -> float:
+        dual = 0 if s == len(ks) else 2 * n * n * (ks[-1] + (len(ks) - s) * per_step)
+        return sum(primal[:s]) + dual
+
+    fits = [s for s in range(len(ks) + 1) if 4 * _Grams.bytes_per_model(n, len(ks) - s) <= settings.gather_bytes]
+    return min(fits, key=lambda s: (cost(s), -s))
+
+
+class _Grams:
+    """The dual form of R models' nested heads: per head f, K_f = X~ X~^T over the head's columns
+    (standardized over the model's training rows, as `_Blocks`), float32[R, F, n, n], built by
+    streaming column blocks; and X~ 1, the start of the power iteration.
+
+    With W = X~^T A (A: [n, C], zero off the training rows), a primal step W - s (X~^T G + l2 W)
+    on the gradient X~^T G is the step A - s (G + l2 A): a head of k >> n columns then costs n^2
+    per class and step instead of n k (`_dual_agd`)."""
+
+    def __init__(self, x: torch.Tensor, columns: torch.Tensor, ks: list[int], tw: torch.Tensor):
+        r, n = columns.shape[0], x.shape[0]
+        self.ks, self.edges = ks, _Grams._edges(ks, r, n)
+        self.gram = torch.empty(r, len(ks), n, n, device=x.device, dtype=x.dtype)
+        self.row_sums = torch.empty(r, len(ks), n, device=x.device, dtype=x.dtype)
+        self.mean = torch.empty(r, ks[-1], device=x.device, dtype=x.dtype)
+        self.scale = torch.empty(r, ks[-1], device=x.device, dtype=x.dtype)
+        gram = torch.zeros(r, n, n, device=x.device, dtype=x.dtype)
+        row_sums = torch.zeros(r, n, device=x.device, dtype=x.dtype)
+        for lo, hi in self.edges:
+            block = self._standardized(x, columns, lo, hi, tw)
+            gram.baddbmm_(block, block.transpose(1, 2))
+            row_sums += block.sum(2)
+            if hi in ks:
+                f = ks.index(hi)
+                self.gram[:, f], self.row_sums[:, f] = gram, row_sums
+        del gram
+
+    @staticmethod
+    def bytes_per_model(n: int, n_heads: int) -> int:
+        """float32 elements per model: the Gram matrices, the running sum and a few [n, n] temporaries."""
+        return (n_heads + 2) * n * n if n_heads else 0
+
+    @staticmethod
+    def _edges(ks: list[int], r: int, n: int) -> list[tuple[int, int]]:
+        """Column blocks of at most ~64 MiB for R models, split at every head's edge."""
+        width = max(64, (64 << 20) // (4 * max(r * n, 1)))
+        out = []
+        for lo, hi in itertools.pairwise([0, *ks]):
+            out += [(a, min(hi, a + width)) for a in range(lo, hi, width)]
+        return out
+
+    def _standardized(self, x: torch.Tensor, columns: torch.Tensor, lo: int, hi: int, tw: torch.Tensor,
+                      ) -> torch.Tensor:
+        """float32[R, n, hi - lo]: the columns lo:hi centred and scaled over each model's training
+        rows (stats kept in self.mean / self.scale, reused when they are known)."""
+        r, n = columns.shape[0], x.shape[0]
+        block = torch.empty(r, n, hi - lo, device=x.device, dtype=x.dtype)
+        for i in range(r):
+            torch.index_select(x, 1, columns[i, lo:hi], out=block[i])
+        mean = torch.bmm(tw.transpose(1, 2), block)  # [R, 1, dk]
+        block -= mean
+        scale = torch.bmm(tw.transpose(1, 2), block * block).sqrt_()
+        scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
+        block /= scale
+        self.mean[:, lo:hi], self.scale[:, lo:hi] = mean.squeeze(1), scale.squeeze(1)
+        return block
+
+    def raw_heads(self, x: torch.Tensor, columns: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: bool,
+                  ) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
+        """(per head float32[R, k, C] raw weights W = (X~^T A) / scale, or None without `weights`;
+        the raw bias b - mean . W [R, F, C]) from the dual coefficients a: [R, F, n, C]."""
+        if not weights:  # the accuracy only: the centred intercept is what the logits used
+            return None, b
+        r, c = a.shape[0], a.shape[3]
+        out = [torch.empty(r, k, c, device=a.device, dtype=a.dtype) for k in self.ks]
+        b = b.clone()
+        for lo, hi in self.edges:
+            block = torch.empty(r, x.shape[0], hi - lo, device=x.device, dtype=x.dtype)
+            for i in range(r):
+                torch.index_select(x, 1, columns[i, lo:hi], out=block[i])
+            block = (block - self.mean[:, lo:hi].unsqueeze(1)) / self.scale[:, lo:hi].unsqueeze(1)
+            first = next(f for f, k in enumerate(self.ks) if k >= hi)  # the heads that hold this block
+            for f in range(first, len(self.ks)):
+                raw = torch.bmm(block.transpose(1, 2), a[:, f]) / self.scale[:, lo:hi].unsqueeze(2)  # [R, dk, C]
+                out[f][:, lo:hi] = raw
+                b[:, f] -= torch.einsum("rd,rdc->rc", self.mean[:, lo:hi], raw)
+        return out, b
+
+
+def _dual_curvature(grams: _Grams, tw: torch.Tensor) -> torch.Tensor:
+    """float32[R, F]: `_nested_curvature`'s estimate, on the Gram matrices. Its iterates are
+    v_t = X~^T u_t: v_1 = X~^T (tw * X~ 1 / sqrt(k)), u_{t+1} = tw * K u_t / ||v_t||, with
+    ||v_t||^2 = u_t^T K u_t, so it is the same estimate (the same start, the same steps)."""
+    k = torch.tensor(grams.ks, device=tw.device, dtype=tw.dtype).view(1, -1, 1)
+    weight = tw.transpose(1, 2)  # [R, 1, n]
+    u = weight * grams.row_sums / k.sqrt()
+    for _ in range(_RETRAIN_POWER_ITERS - 1):
+        ku = torch.matmul(grams.gram, u.unsqueeze(3)).squeeze(3)
+        u = weight * ku / (u * ku).sum(2, keepdim=True).clamp_(min=0.0).sqrt_().clamp_(min=_TINY)
+    ku = torch.matmul(grams.gram, u.unsqueeze(3)).squeeze(3)
+    return 0.5 * _LIP_SAFETY * (u * ku).sum(2).clamp_(min=0.0).sqrt_()
+
+
+def _dual_agd(grams: _Grams, onehot: torch.Tensor, tw: torch.Tensor, settings: PathSettings):
+    """`_nested_agd` in the dual form: the same steps, restarts and result, W = X~^T A.
+
+    Keeps A and K A for the iterate and the extrapolated point; one Gram product K G per step
+    (K A_new = K Z - s (K G + l2 K Z)), and the restart test <Z - A_new, K (A_new - A)>.
+    Returns (a: [R, F, n, C], b: [R, F, C] centred intercepts, logits: [R, F, n, C])."""
+    gram = grams.gram
+    r, n_heads, n = gram.shape[:3]
+    c, l2 = onehot.shape[1], settings.retrain_l2
+    lw = _dual_curvature(grams, tw).clamp_(min=1e-12) + l2  # [R, F]
+    step = (1.0 / lw).view(r, n_heads, 1, 1)
+    b = torch.log((tw * onehot).sum(1).clamp(min=1e-12)).unsqueeze(1).repeat(1, n_heads, 1)  # [R, F, C]
+    a = torch.zeros(r, n_heads, n, c, device=tw.device, dtype=gram.dtype)
+    ka = torch.zeros_like(a)
+    z_a, kz, z_b = a, ka, b
+    t = torch.ones(r, n_heads, device=tw.device)
+    target, weight = onehot.view(1, 1, n, c), tw.view(r, 1, n, 1)
+    for _ in range(settings.retrain_iters):
+        res = _residual(kz + z_b.unsqueeze(2), target, weight)  # [R, F, n, C]
+        a_new = z_a - step * (res + l2 * z_a)
+        ka_new = kz - step * (torch.matmul(gram, res) + l2 * kz)
+        b_new = z_b - res.sum(2) / _LB
+        dot = _LB * ((z_b - b_new) * (b_new - b)).sum(2) + lw * ((z_a - a_new) * (ka_new - ka)).sum((2, 3))
+        t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+        beta = torch.where(dot > 0, torch.zeros_like(t), (t - 1.0) / t_new)
+        t = torch.where(dot > 0, torch.ones_like(t), t_new)
+        beta_w = beta.view(r, n_heads, 1, 1)
+        z_a, kz = a_new + beta_w * (a_new - a), ka_new + beta_w * (ka_new - ka)
+        z_b = b_new + beta.unsqueeze(2) * (b_new - b)
+        a, ka, b = a_new, ka_new, b_new
+    return a, b, ka + b.unsqueeze(2)
+
+
 # ----------------------------------------------------------------------------- the estimator
 
 
@@ -590,12 +766,24 @@ def _with_keep(ranked: torch.Tensor, keep: torch.Tensor, extra: int) -> torch.Te
     return torch.cat([keep.expand(ranked.shape[0], -1), ranked.gather(1, position)], dim=1)
 
 
+def _path_key(x: torch.Tensor, train_mask: torch.Tensor, lambdas: Sequence[float], ks: Sequence[int],
+              settings: PathSettings, stage: str) -> tuple:
+    """What a path depends on: its matrix (shape and float64 column sums), the models' training
+    rows, the lambdas, the top-k sizes of its stopping check and the solver settings (not
+    cv_every, which only picks the points CV retrains)."""
+    sums = x.double().sum(0).cpu().numpy().tobytes()
+    rows = train_mask.to(torch.uint8).cpu().numpy().tobytes()
+    solver = dataclasses.replace(settings, cv_every=1)
+    return (stage, tuple(x.shape), hashlib.blake2b(sums + rows, digest_size=16).hexdigest(), tuple(lambdas),
+            tuple(ks), solver)
+
+
 @cpu_training_mode()
 def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPER,
                       progress: Progress | None = None, keep: np.ndarray | None = None, *,
                       device: str | torch.device = "cpu", settings: PathSettings = DEFAULT_SETTINGS,
                       stats: dict | None = None, taps: TapPlan | None = None, rung: bool = False,
-                      n_columns: int | None = None) -> dict[str, FitResult]:
+                      n_columns: int | None = None, memo: dict | None = None) -> dict[str, FitResult]:
     """HEAD2TOE (and HEAD2TOE+LINEAR when `keep` is given) from group-lasso paths, with the contract
     and return shape of `fit_head2toe_variants` (module docstring: the method).
 
@@ -615,11 +803,16 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     config the best CV row's.
     n_columns: what the fractions count against when features are a screened pool of a larger
     matrix (`estimators._streamed`; None: D).
+    memo: a dict the caller keeps for one feature matrix: the CV path is left in it, and a later
+    call with the same CV rows, folds, pool and path (`_path_key`: shapes, column sums, lambdas,
+    top-k sizes, settings) takes it from there instead of solving it again. A rung solves its path
+    with the full grid's top-k sizes, so the full fit after it reuses the rung's path.
     Returns {"HEAD2TOE": FitResult[, "HEAD2TOE+LINEAR": FitResult]}; fit_seconds is the shared
     total. CV rows and configs carry l21 (the path point's lambda), fraction and n_features, with
     lr and steps None (this engine has neither); configs add engine="path" and its settings.
     """
     start = time.perf_counter()
+    all_fractions = grid.fractions  # the path's top-k check serves every size, also in a rung (`memo`)
     if rung:
         grid, keep = grid.rung(), None
         settings = dataclasses.replace(settings, cv_every=settings.n_lambdas)
@@ -637,6 +830,8 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
     train_mask = (~val_mask).float()
     k_of = {f: n_selected(n_columns or dim, f) for f in grid.fractions}
     screen = screen_candidates(cv, train_mask.cpu(), grid.max_candidates)
+    path_ks = sorted({k for k in (n_selected(n_columns or dim, f) for f in all_fractions)
+                      if screen is None or k <= screen.budget})
     fractions = [f for f in grid.fractions if screen is None or k_of[f] <= screen.budget]
     if not fractions:
         raise FitError(f"every fraction in SearchGrid.fractions keeps more than max_candidates="
@@ -661,9 +856,15 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
         all columns): (path, allowed, pool)."""
         t0 = time.perf_counter()
         allowed = None if scr is None else scr.col_mask.to(dev) != 0
-        path = group_lasso_path(xs if scr is None else scr.x.to(dev), oh, mask, lams, allowed=allowed,
-                                ks=sorted({k_of[f] for f in fractions}), settings=settings, progress=progress,
-                                stage=stage)
+        xp = xs if scr is None else scr.x.to(dev)
+        key = _path_key(xp, mask, lams, path_ks, settings, stage) if memo is not None else None
+        if key is not None and memo.get("key") == key:
+            path = memo["path"]
+        else:
+            path = group_lasso_path(xp, oh, mask, lams, allowed=allowed, ks=path_ks, settings=settings,
+                                    progress=progress, stage=stage)
+            if key is not None and stage == "path cv":
+                memo.update(key=key, path=path)
         seconds[stage] = time.perf_counter() - t0
         return path, allowed, None if scr is None else scr.pool.to(dev)
 

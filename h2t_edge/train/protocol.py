@@ -191,17 +191,19 @@ def fit_target_sizes(caches: dict[int, FeatureCache], out: str | Path, *, grid=N
             candidates.append(c)
             cv_rows[c.key] = head.report["cv_table"]
 
-    rungs = run_rungs(caches, out, grid, task=task, guard=guard, progress=progress, log=log, allowed_taps=allowed_taps)
+    memos: dict[int, dict] = {t: {} for t in caches}  # a rung's CV path, for the full fit at its T
+    rungs = run_rungs(caches, out, grid, task=task, guard=guard, progress=progress, log=log, allowed_taps=allowed_taps,
+                      memos=memos)
     advanced = {r["target_size"] for r in rungs if r["advanced"]} if rungs else set(caches)
+    for t in set(memos) - advanced:
+        memos.pop(t)
     for t in sorted(advanced):
         cache = caches[t]
-        columns = cache.layout.pre_logits_columns()
 
-        def fit_h2t(cache=cache, columns=columns):
+        def fit_h2t(cache=cache, memo=memos.get(t)):
             x, y = cache.column_source()  # large pools are screened in streamed blocks
-            keep = np.arange(columns.start, columns.stop) if guard else None
-            results = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, keep=keep,
-                                            taps=TapPlan.of(cache.layout, allowed_taps=allowed_taps))
+            results = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, keep=_guard_columns(cache, guard),
+                                            taps=TapPlan.of(cache.layout, allowed_taps=allowed_taps), memo=memo)
             return {m: (r, 0) for m, r in results.items()}
 
         kept_or_fit(f"T{t}", cache, fit_h2t)
@@ -238,13 +240,22 @@ def advance(rungs: Sequence[dict], margin: float) -> set[int]:
     return {r["target_size"] for r in rungs if round(r["cv_accuracy"], 9) >= floor}
 
 
+def _guard_columns(cache: FeatureCache, guard: bool) -> np.ndarray | None:
+    """The columns HEAD2TOE+LINEAR keeps (the pre-logits) when `guard`, else None."""
+    columns = cache.layout.pre_logits_columns()
+    return np.arange(columns.start, columns.stop) if guard else None
+
+
 def run_rungs(caches: dict[int, FeatureCache], out: Path, grid: SearchGrid, *, task: str, guard: bool,
-              progress: Progress | None, log: Log, allowed_taps: Sequence[str] | None) -> list[dict]:
+              progress: Progress | None, log: Log, allowed_taps: Sequence[str] | None,
+              memos: dict[int, dict] | None = None) -> list[dict]:
     """Successive halving over T (`SearchGrid.halving`): a cheap rung per T (HEAD2TOE, one path
     point, F up to `RUNG_MAX_FRACTION`: `fit_head2toe_path(rung=True)`), kept in
     OUT/candidates/T<t>/rung.json like a fit. Returns one row per T: target_size, cv_accuracy,
     cv_se, fraction, n_features, seconds, advanced (whether it gets the full fit: `advance`).
     [] (every T gets the full fit) with halving None, one T, or the paper solver.
+    memos: {T: dict} in which each rung leaves its CV path for the full fit at its T (the rung is
+    given the guard's kept columns, so that a streamed pool is the one the full fit screens).
 
     Why: at large T a head of a few hundred columns already fits every training row, and the
     CV retraining of wide heads, most of a large-T fit, goes to the candidates that score worst; a
@@ -262,6 +273,7 @@ def run_rungs(caches: dict[int, FeatureCache], out: Path, grid: SearchGrid, *, t
             start = time.perf_counter()
             x, y = cache.column_source()
             result = fit_head2toe_variants(x, y, len(cache.classes), grid, progress, rung=True,
+                                           keep=_guard_columns(cache, guard), memo=(memos or {}).get(t),
                                            taps=TapPlan.of(cache.layout, allowed_taps=allowed_taps))[HEAD2TOE]
             del x
             row = chosen_row(result.cv_table, result.config)

@@ -52,9 +52,33 @@ def test_rung_cross_validates_one_point_at_small_fractions_without_a_refit():
     last = fit_head2toe_path(x, y, 3, grid)["HEAD2TOE"].cv_table  # the full fit's rows at the last point
     assert {row["l21"] for row in result.cv_table} == {min(row["l21"] for row in last)}
     full = {(r["l21"], r["fraction"]): r["val_acc_mean"] for r in last}
-    for row in result.cv_table:  # the heads of the full fit at that point (its path stops on more top-k sets)
+    for row in result.cv_table:  # the full fit's heads at that point (the same path; up to float summation order)
         assert row["val_acc_mean"] == pytest.approx(full[(row["l21"], row["fraction"])], abs=0.02)
     assert result.config["fraction"] in (0.005, 0.02) and 0.0 < result.config["n_features"] <= 8
+
+
+def test_a_rungs_cv_path_serves_the_full_fit_and_only_that_fit(monkeypatch):
+    """The rung leaves its CV path in the memo; the full fit on the same matrix takes it (no second
+    CV path) and gives the result it gives alone; other data or folds solve their own."""
+    x, y = synthetic(150, dim=400, seed=2, signal=2.0)
+    grid = SearchGrid(fractions=(0.005, 0.02, 0.1, 0.25), folds=3)
+    stages = []
+    real = path_mod.group_lasso_path
+    monkeypatch.setattr(path_mod, "group_lasso_path", lambda *a, **k: stages.append(k["stage"]) or real(*a, **k))
+    memo: dict = {}
+    fit_head2toe_path(x, y, 3, grid, rung=True, memo=memo)
+    reused = fit_head2toe_path(x, y, 3, grid, keep=np.arange(5), memo=memo)
+    assert stages == ["path cv", "path refit"]
+    alone = fit_head2toe_path(x, y, 3, grid, keep=np.arange(5))
+    assert stages[2:] == ["path cv", "path refit"]
+    for name, result in alone.items():
+        assert reused[name].cv_table == result.cv_table
+        np.testing.assert_array_equal(reused[name].head.features, result.head.features)
+        np.testing.assert_allclose(reused[name].head.weight, result.head.weight, rtol=1e-5, atol=1e-6)
+    stages.clear()
+    fit_head2toe_path(x * 2.0, y, 3, grid, rung=True, memo=memo)  # other features
+    fit_head2toe_path(x, y, 3, SearchGrid(fractions=grid.fractions, folds=3, seed=1), rung=True, memo=memo)  # folds
+    assert stages == ["path cv", "path cv"]
 
 
 def _cv_problem(n=90, dim=300):
@@ -92,7 +116,7 @@ def test_stop_rule_needs_patience_sizes_clearly_below_the_best(monkeypatch, scor
     """Scripted accuracies (3 folds, one point; fold spread +-0.05 around the score: SE 0.05)."""
     calls = []
 
-    def scripted(x, onehot, mask, columns, ks, settings, val_mask, labels, *args):
+    def scripted(x, onehot, mask, columns, ks, settings, val_mask, labels, *args, **kwargs):
         calls.append(list(ks))
         return None, torch.tensor([[scores[k - 1] + d for k in ks] for d in (-0.05 * 1.5 ** 0.5, 0.0,
                                                                               0.05 * 1.5 ** 0.5)], dtype=torch.float64)

@@ -20,6 +20,7 @@ from h2t_edge.selection import (
     predict_logits,
     stratified_folds,
 )
+from h2t_edge.selection import path as path_mod
 from h2t_edge.selection.path import (
     group_lasso_objective,
     group_lasso_path,
@@ -190,6 +191,58 @@ def test_nested_retraining_equals_retraining_each_prefix_alone():
         (alone,), _ = retrain_heads(xt, onehot, masks, columns[:, :k], [k], settings)
         torch.testing.assert_close(heads[f][0], alone[0], atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(heads[f][1], alone[1], atol=1e-4, rtol=1e-3)
+
+
+def _wide_problem(n=120, dim=400, n_classes=4, models=3, seed=6):
+    """More columns than rows (the dual form's case), columns of very different scales and offsets,
+    a few informative ones, and models with different training rows and column orders."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, n_classes, (n,), generator=gen)
+    x = torch.randn(n, dim, generator=gen) * torch.rand(dim, generator=gen) * 4 + torch.randn(dim, generator=gen)
+    x[:, :20] += torch.nn.functional.one_hot(y, n_classes).float() @ torch.randn(n_classes, 20, generator=gen)
+    folds = torch.arange(n) % models
+    val = folds.unsqueeze(0) == torch.arange(models).unsqueeze(1)
+    columns = torch.stack([torch.randperm(dim, generator=gen) for _ in range(models)])
+    return x, y, torch.nn.functional.one_hot(y, n_classes).float(), (~val).float(), val, columns
+
+
+@pytest.mark.parametrize("ks", [[5, 60, 250, 400], [400]])
+def test_dual_retraining_gives_the_primal_heads(ks):
+    """The dual form (Gram matrices, A with W = X~^T A) takes the primal's steps: the same weights,
+    intercepts and validation accuracy, up to float32 summation order."""
+    x, y, onehot, train, val, columns = _wide_problem()
+    out = {form: retrain_heads(x, onehot, train, columns, ks, PathSettings(retrain_iters=80, retrain_form=form),
+                               val, y) for form in ("primal", "dual")}
+    (primal, acc_p), (dual, acc_d) = out["primal"], out["dual"]
+    torch.testing.assert_close(acc_d, acc_p, atol=1.5 / val.sum(1).min().item(), rtol=0)  # a borderline row at most
+    assert float(acc_p.mean()) > 1.5 / onehot.shape[1]  # the heads learned something
+    for (wp, bp), (wd, bd) in zip(primal, dual):
+        torch.testing.assert_close(wd, wp, atol=2e-3 * float(wp.abs().max()), rtol=0)
+        torch.testing.assert_close(bd, bp, atol=2e-3 * float(bp.abs().max()) + 1e-4, rtol=0)
+
+
+def test_auto_form_splits_narrow_primal_from_wide_dual_heads():
+    x, y, onehot, train, val, columns = _wide_problem(n=60, dim=2000)
+    ks = [4, 30, 500, 2000]
+    split = path_mod._dual_from(60, ks, 4, PathSettings())
+    assert 0 < split < len(ks)  # narrow heads primal, wide heads dual
+    assert path_mod._dual_from(60, ks, 4, PathSettings(retrain_form="primal")) == len(ks)
+    assert path_mod._dual_from(60, ks, 4, PathSettings(retrain_form="dual")) == 0
+    assert path_mod._dual_from(50_000, ks, 4, PathSettings()) == len(ks)  # n x n Gram matrices: too big
+    auto = retrain_heads(x, onehot, train, columns, ks, PathSettings(retrain_iters=40), val, y)
+    primal = retrain_heads(x, onehot, train, columns, ks, PathSettings(retrain_iters=40, retrain_form="primal"), val, y)
+    for (wa, ba), (wp, bp) in zip(auto[0], primal[0]):
+        torch.testing.assert_close(wa, wp, atol=2e-3 * float(wp.abs().max()), rtol=0)
+    torch.testing.assert_close(auto[1], primal[1], atol=1.5 / val.sum(1).min().item(), rtol=0)
+
+
+def test_retraining_without_weights_gives_the_same_accuracy():
+    x, y, onehot, train, val, columns = _wide_problem()
+    settings = PathSettings(retrain_iters=30)
+    heads, acc = retrain_heads(x, onehot, train, columns, [10, 400], settings, val, y)
+    none, acc_only = retrain_heads(x, onehot, train, columns, [10, 400], settings, val, y, weights=False)
+    assert none is None and heads is not None
+    torch.testing.assert_close(acc_only, acc)
 
 
 def test_retraining_converges_to_the_standardized_ridge_optimum():
