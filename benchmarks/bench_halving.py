@@ -7,7 +7,7 @@ once with its defaults (successive halving over T, the stop along F) and once wi
 
     flock /tmp/h2t-bench.lock python benchmarks/bench_halving.py [--seeds 0,1,2] [--tasks dspr_loc,...]
 
-Records go to benchmarks/results/halving.json as each run ends (a rerun skips finished ones, seed
+Records (with the commit that ran them) go to benchmarks/results/halving.json as each run ends (a rerun skips finished ones, seed
 by seed over every task, so a partial run covers every task first); halving.md is rewritten from
 it: per task, the test accuracy of the default's choice minus the full search's (mean over seeds,
 its standard error), how often the choice changed, and the fit seconds of both.
@@ -61,7 +61,19 @@ def run_one(task: str, seed: int, variant: str, work: Path) -> dict:
             "candidates": {k: {"cv_accuracy": v["cv_accuracy"], "cv_se": v.get("cv_se"),
                                "test_accuracy": v.get("test_accuracy"), "n_features": v["n_features"],
                                "fit_seconds": v.get("fit_seconds")} for k, v in report["candidates"].items()},
-            "rungs": selection.get("rungs", []), "load_end": os.getloadavg()[0], **measured_on()}
+            "rungs": selection.get("rungs", []), "load_end": os.getloadavg()[0], "commit": _commit(), **measured_on()}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with "+" when it has uncommitted changes), beside every record."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
