@@ -148,19 +148,20 @@ def fit_head2toe(features, labels, n_classes: int, grid: SearchGrid = SearchGrid
 
 
 def _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung=False,
-                         memo=None) -> dict[str, FitResult]:
+                         memo=None, path_settings=None) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on the columns of taps.allowed, heads mapped back to all columns."""
     columns = taps.allowed_columns()
     sub = features.restrict(columns) if isinstance(features, ColumnSource) else np.asarray(features)[:, columns]
     results = _fit_on_columns(sub, columns, len(taps.column_tap), labels, n_classes, grid, progress, keep, taps, rung,
-                              outside="the kept columns (pre-logits) lie outside the allowed taps", memo=memo)
+                              outside="the kept columns (pre-logits) lie outside the allowed taps", memo=memo,
+                              path_settings=path_settings)
     for result in results.values():
         result.config["allowed_taps"] = [n for n, ok in zip(taps.names, taps.allowed) if ok]
     return results
 
 
 def _streamed(source: ColumnSource, labels, n_classes, grid, progress, keep, taps, rung,
-              memo=None) -> dict[str, FitResult]:
+              memo=None, path_settings=None) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on a pool too large to hold: one streamed pass over its column blocks
     (`stream_screen`) finds every CV fold's and the refit's top grid.max_candidates columns by the
     strong rule; the fit then sees only their union (and the kept columns), float32[n, P].
@@ -181,12 +182,12 @@ def _streamed(source: ColumnSource, labels, n_classes, grid, progress, keep, tap
     top = stream_screen(source, onehot, subsets, grid.max_candidates, device=grid.device, progress=progress)
     pool = np.union1d(top.numpy().ravel(), np.zeros(0, np.int64) if keep is None else np.asarray(keep, np.int64))
     return _fit_on_columns(source.gather(pool), pool, dim, labels, n_classes, grid, progress, keep, taps, rung,
-                           n_columns=dim, memo=memo)
+                           n_columns=dim, memo=memo, path_settings=path_settings)
 
 
 def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, grid, progress, keep, taps, rung,
                     n_columns: int | None = None, outside: str = "internal: kept columns outside the pool",
-                    memo=None) -> dict[str, FitResult]:
+                    memo=None, path_settings=None) -> dict[str, FitResult]:
     """`fit_head2toe_variants` on features = the columns `columns` (int64, sorted) of a D = dim
     matrix; keep (ids of all D) must lie among them (else FitError `outside`); heads and scores are
     mapped back to all D columns. n_columns: what fractions count against (None: len(columns))."""
@@ -198,7 +199,7 @@ def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, 
         keep = inside
     results = fit_head2toe_variants(features, labels, n_classes, grid, progress, keep,
                                     None if taps is None else taps.restrict(columns), rung=rung, n_columns=n_columns,
-                                    memo=memo)
+                                    memo=memo, path_settings=path_settings)
     for result in results.values():
         if result.head is not None:  # None: a rung (CV only)
             result.head.features = columns[result.head.features]
@@ -212,7 +213,8 @@ def _fit_on_columns(features, columns: np.ndarray, dim: int, labels, n_classes, 
 def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = SearchGrid.paper(),
                           progress: Progress | None = None,
                           keep: np.ndarray | None = None, taps=None, rung: bool = False,
-                          n_columns: int | None = None, memo: dict | None = None) -> dict[str, FitResult]:
+                          n_columns: int | None = None, memo: dict | None = None,
+                          path_settings=None) -> dict[str, FitResult]:
     """HEAD2TOE and, when `keep` is given, HEAD2TOE+LINEAR from one group-lasso run per CV model.
 
     features: float[n, D]; keep: int[K] columns (e.g. the pre-logits) that HEAD2TOE+LINEAR always
@@ -224,6 +226,7 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
     rung: CV only, for successive halving over T (`fit_head2toe_path`'s rung; the path solver only).
     memo: a dict kept by the caller for one feature matrix, in which a rung leaves its CV path for
     the full fit (`fit_head2toe_path`); give the rung the same `keep`, so that both fit one pool.
+    path_settings: the path engine's `PathSettings` (None: its defaults).
     features may be a `ColumnSource` (a feature cache's memmap): the path solver then screens it in
     streamed column blocks and holds only the screened pool (`_streamed`); n_columns: what the
     fractions count against when features are a subset of the columns (None: all of them).
@@ -231,18 +234,20 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
     shared total.
     """
     if taps is not None and not taps.allowed.all():  # --taps-from: fit on the allowed taps' columns only
-        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung, memo)
+        return _within_allowed_taps(features, labels, n_classes, grid, progress, keep, taps, rung, memo,
+                                    path_settings)
     if getattr(features, "ndim", None) == 2:  # large data: a smaller screening budget (README "Large data")
         grid = grid.for_rows(features.shape[0])
     if isinstance(features, ColumnSource):
         if grid.solver == "path" and grid.max_candidates is not None and features.shape[1] > grid.max_candidates:
-            return _streamed(features, labels, n_classes, grid, progress, keep, taps, rung, memo)
+            return _streamed(features, labels, n_classes, grid, progress, keep, taps, rung, memo, path_settings)
         features = np.asarray(features)  # nothing to screen: the whole matrix is the pool
     if grid.solver == "path":  # the group-lasso path engine, same contract
         from h2t_edge.selection.path import fit_head2toe_path
 
         return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device, taps=taps,
-                                 rung=rung, n_columns=n_columns, memo=memo)
+                                 rung=rung, n_columns=n_columns, memo=memo,
+                                 **({} if path_settings is None else {"settings": path_settings}))
     if rung or n_columns is not None:
         raise FitError("successive-halving rungs and streamed pools need the path solver (SearchGrid.solver='path')")
     start = time.perf_counter()

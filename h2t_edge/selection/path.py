@@ -771,7 +771,7 @@ def _path_key(x: torch.Tensor, train_mask: torch.Tensor, lambdas: Sequence[float
     """What a path depends on: its matrix (shape and float64 column sums), the models' training
     rows, the lambdas, the top-k sizes of its stopping check and the solver settings (not
     cv_every, which only picks the points CV retrains)."""
-    sums = x.double().sum(0).cpu().numpy().tobytes()
+    sums = torch.sum(x, 0, dtype=torch.float64).cpu().numpy().tobytes()
     rows = train_mask.to(torch.uint8).cpu().numpy().tobytes()
     solver = dataclasses.replace(settings, cv_every=1)
     return (stage, tuple(x.shape), hashlib.blake2b(sums + rows, digest_size=16).hexdigest(), tuple(lambdas),
