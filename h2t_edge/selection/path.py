@@ -508,6 +508,25 @@ def _f_groups(n: int, size: int) -> list[range]:
     return [range(0, first)] + [range(lo, lo + size) for lo in range(first, n, size)]
 
 
+def _gathered(x: torch.Tensor, columns: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """float32[R, n, hi - lo]: each model's columns[r, lo:hi] of x [n, D]."""
+    block = torch.empty(columns.shape[0], x.shape[0], hi - lo, device=x.device, dtype=x.dtype)
+    for i in range(columns.shape[0]):
+        torch.index_select(x, 1, columns[i, lo:hi], out=block[i])
+    return block
+
+
+def _standardized(block: torch.Tensor, tw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(block centred and scaled in place over each model's training rows, mean [R, 1, dk], scale
+    [R, 1, dk]) for weights tw [R, n, 1] summing to 1 per model; a column constant there gets scale 1."""
+    mean = torch.bmm(tw.transpose(1, 2), block)
+    block -= mean
+    scale = torch.bmm(tw.transpose(1, 2), block * block).sqrt_()
+    scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
+    block /= scale
+    return block, mean, scale
+
+
 class _Blocks:
     """The standardized columns of R models' nested heads, in blocks that the heads share.
 
@@ -520,17 +539,9 @@ class _Blocks:
     def __init__(self, x: torch.Tensor, columns: torch.Tensor, ks: list[int], tw: torch.Tensor):
         self.edges = [0, *ks]
         self.n_heads = len(ks)
-        r, n = columns.shape[0], x.shape[0]
         self.x, self.xt, self.mean, self.scale = [], [], [], []
         for lo, hi in itertools.pairwise(self.edges):
-            block = torch.empty(r, n, hi - lo, device=x.device, dtype=x.dtype)
-            for i in range(r):
-                torch.index_select(x, 1, columns[i, lo:hi], out=block[i])
-            mean = torch.bmm(tw.transpose(1, 2), block)  # [R, 1, dk]
-            block -= mean
-            scale = torch.bmm(tw.transpose(1, 2), block * block).sqrt_()
-            scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
-            block /= scale
+            block, mean, scale = _standardized(_gathered(x, columns, lo, hi), tw)
             self.x.append(block)
             self.xt.append(block.transpose(1, 2).contiguous())
             self.mean.append(mean)
@@ -648,7 +659,8 @@ class _Grams:
         gram = torch.zeros(r, n, n, device=x.device, dtype=x.dtype)
         row_sums = torch.zeros(r, n, device=x.device, dtype=x.dtype)
         for lo, hi in self.edges:
-            block = self._standardized(x, columns, lo, hi, tw)
+            block, mean, scale = _standardized(_gathered(x, columns, lo, hi), tw)
+            self.mean[:, lo:hi], self.scale[:, lo:hi] = mean.squeeze(1), scale.squeeze(1)
             gram.baddbmm_(block, block.transpose(1, 2))
             row_sums += block.sum(2)
             if hi in ks:
@@ -670,22 +682,6 @@ class _Grams:
             out += [(a, min(hi, a + width)) for a in range(lo, hi, width)]
         return out
 
-    def _standardized(self, x: torch.Tensor, columns: torch.Tensor, lo: int, hi: int, tw: torch.Tensor,
-                      ) -> torch.Tensor:
-        """float32[R, n, hi - lo]: the columns lo:hi centred and scaled over each model's training
-        rows (stats kept in self.mean / self.scale, reused when they are known)."""
-        r, n = columns.shape[0], x.shape[0]
-        block = torch.empty(r, n, hi - lo, device=x.device, dtype=x.dtype)
-        for i in range(r):
-            torch.index_select(x, 1, columns[i, lo:hi], out=block[i])
-        mean = torch.bmm(tw.transpose(1, 2), block)  # [R, 1, dk]
-        block -= mean
-        scale = torch.bmm(tw.transpose(1, 2), block * block).sqrt_()
-        scale = torch.where(scale > 1e-12, scale, torch.ones_like(scale))
-        block /= scale
-        self.mean[:, lo:hi], self.scale[:, lo:hi] = mean.squeeze(1), scale.squeeze(1)
-        return block
-
     def raw_heads(self, x: torch.Tensor, columns: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weights: bool,
                   ) -> tuple[list[torch.Tensor] | None, torch.Tensor]:
         """(per head float32[R, k, C] raw weights W = (X~^T A) / scale, or None without `weights`;
@@ -696,10 +692,8 @@ class _Grams:
         out = [torch.empty(r, k, c, device=a.device, dtype=a.dtype) for k in self.ks]
         b = b.clone()
         for lo, hi in self.edges:
-            block = torch.empty(r, x.shape[0], hi - lo, device=x.device, dtype=x.dtype)
-            for i in range(r):
-                torch.index_select(x, 1, columns[i, lo:hi], out=block[i])
-            block = (block - self.mean[:, lo:hi].unsqueeze(1)) / self.scale[:, lo:hi].unsqueeze(1)
+            mean, scale = self.mean[:, lo:hi].unsqueeze(1), self.scale[:, lo:hi].unsqueeze(1)
+            block = (_gathered(x, columns, lo, hi) - mean) / scale
             first = next(f for f, k in enumerate(self.ks) if k >= hi)  # the heads that hold this block
             for f in range(first, len(self.ks)):
                 raw = torch.bmm(block.transpose(1, 2), a[:, f]) / self.scale[:, lo:hi].unsqueeze(2)  # [R, dk, C]

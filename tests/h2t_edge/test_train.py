@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from h2t_edge.selection import methods as methods_mod
+from h2t_edge.selection import path as path_mod
 from h2t_edge.steps import export as export_mod
 from h2t_edge.train import protocol as train_mod
 from h2t_edge.core.artifacts import TaskHead
@@ -202,7 +203,11 @@ def test_halving_fits_only_the_t_that_advance_and_reports_the_rungs(trained, tmp
     train_root = next(p for p in features.iterdir() if p.name.startswith("train"))
     grid = SearchGrid(**{**TINY.to_dict(), "halving": 0.0})
     out = tmp_path / "fit"
+    stages = []
+    solve = path_mod.group_lasso_path
+    monkeypatch.setattr(path_mod, "group_lasso_path", lambda *a, **k: stages.append(k["stage"]) or solve(*a, **k))
     selection = train_mod.fit_caches([train_root], out, grid=grid)
+    monkeypatch.undo()
     rungs = {r["target_size"]: r for r in selection.rungs}
     assert sorted(rungs) == list(SIZES) and all(0.0 <= r["cv_accuracy"] <= 1.0 for r in rungs.values())
     advanced = {t for t, r in rungs.items() if r["advanced"]}
@@ -210,6 +215,8 @@ def test_halving_fits_only_the_t_that_advance_and_reports_the_rungs(trained, tmp
     fitted = {c.target_size for c in selection.candidates if c.method != "LINEAR"}
     assert fitted == advanced  # a T that did not advance has no candidate ...
     assert not any((out / "candidates" / f"T{t}" / "fit.json").exists() for t in set(SIZES) - advanced)
+    # ... and the full fit of a T that did takes its rung's fold paths: one CV path per T in all
+    assert stages.count("path cv") == len(SIZES) and stages.count("path refit") == len(advanced)
     report = json.loads((out / "report.json").read_text())
     assert {k: v["advanced"] for k, v in report["rungs"].items()} == {f"T{t}": t in advanced for t in SIZES}
     page = (out / "report.html").read_text()
