@@ -243,11 +243,10 @@ def fit_head2toe_variants(features, labels, n_classes: int, grid: SearchGrid = S
             return _streamed(features, labels, n_classes, grid, progress, keep, taps, rung, memo, path_settings)
         features = np.asarray(features)  # nothing to screen: the whole matrix is the pool
     if grid.solver == "path":  # the group-lasso path engine, same contract
-        from h2t_edge.selection.path import fit_head2toe_path
+        from h2t_edge.selection.path import DEFAULT_SETTINGS, fit_head2toe_path
 
         return fit_head2toe_path(features, labels, n_classes, grid, progress, keep, device=grid.device, taps=taps,
-                                 rung=rung, n_columns=n_columns, memo=memo,
-                                 **({} if path_settings is None else {"settings": path_settings}))
+                                 rung=rung, n_columns=n_columns, memo=memo, settings=path_settings or DEFAULT_SETTINGS)
     if rung or n_columns is not None:
         raise FitError("successive-halving rungs and streamed pools need the path solver (SearchGrid.solver='path')")
     start = time.perf_counter()

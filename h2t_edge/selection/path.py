@@ -408,7 +408,7 @@ def retrain_heads(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tenso
     r_all, n_heads = columns.shape[0], len(ks)
     dev = x.device
     split = _dual_from(n, ks, c, settings)  # heads ks[split:] run in the dual form
-    per_model = max(2 * n * (ks[split - 1] if split else 0), _Grams.bytes_per_model(n, n_heads - split)) * 4
+    per_model = max(2 * n * (ks[split - 1] if split else 0), _Grams.elements_per_model(n, n_heads - split)) * 4
     per_chunk = max(1, settings.gather_bytes // per_model)
     out_w = [torch.empty(r_all, k, c, device=dev) for k in ks] if weights else None
     biases = torch.empty(r_all, n_heads, c, device=dev)
@@ -424,10 +424,10 @@ def retrain_heads(x: torch.Tensor, onehot: torch.Tensor, train_mask: torch.Tenso
             w, b = _nested_agd(blocks, onehot, tw, settings)  # standardized columns, centred intercept
             logits = blocks.logits(w, b) if acc is not None else None
             raw_w = [torch.empty(w[0].shape[0], k, c, device=dev) for k in ks[:split]] if weights else None
-            for j, (lo, hi) in enumerate(itertools.pairwise(blocks.edges)):  # raw weights; the centring -> bias
+            for j, (lo, hi) in enumerate(itertools.pairwise(blocks.edges) if weights else ()):  # the centring -> bias
                 raw = w[j] / blocks.scale[j].transpose(1, 2).unsqueeze(3)  # [R, dk, F - j, C]
                 b[:, j:] -= torch.einsum("rd,rdfc->rfc", blocks.mean[j].squeeze(1), raw)
-                for f in range(j, split) if weights else ():
+                for f in range(j, split):
                     raw_w[f][:, lo:hi] = raw[:, :, f - j]
             parts.append((0, logits, raw_w, b))
             del blocks
@@ -636,7 +636,7 @@ def _dual_from(n: int, ks: Sequence[int], c: int, settings: PathSettings) -> int
         dual = 0 if s == len(ks) else 2 * n * n * (ks[-1] + (len(ks) - s) * per_step)
         return sum(primal[:s]) + dual
 
-    fits = [s for s in range(len(ks) + 1) if 4 * _Grams.bytes_per_model(n, len(ks) - s) <= settings.gather_bytes]
+    fits = [s for s in range(len(ks) + 1) if 4 * _Grams.elements_per_model(n, len(ks) - s) <= settings.gather_bytes]
     return min(fits, key=lambda s: (cost(s), -s))
 
 
@@ -669,7 +669,7 @@ class _Grams:
         del gram
 
     @staticmethod
-    def bytes_per_model(n: int, n_heads: int) -> int:
+    def elements_per_model(n: int, n_heads: int) -> int:
         """float32 elements per model: the Gram matrices, the running sum and a few [n, n] temporaries."""
         return (n_heads + 2) * n * n if n_heads else 0
 
@@ -851,13 +851,13 @@ def fit_head2toe_path(features, labels, n_classes: int, grid: SearchGrid = _PAPE
         t0 = time.perf_counter()
         allowed = None if scr is None else scr.col_mask.to(dev) != 0
         xp = xs if scr is None else scr.x.to(dev)
-        key = _path_key(xp, mask, lams, path_ks, settings, stage) if memo is not None else None
+        key = _path_key(xp, mask, lams, path_ks, settings, stage) if memo is not None and stage == "path cv" else None
         if key is not None and memo.get("key") == key:
             path = memo["path"]
         else:
             path = group_lasso_path(xp, oh, mask, lams, allowed=allowed, ks=path_ks, settings=settings,
                                     progress=progress, stage=stage)
-            if key is not None and stage == "path cv":
+            if key is not None:
                 memo.update(key=key, path=path)
         seconds[stage] = time.perf_counter() - t0
         return path, allowed, None if scr is None else scr.pool.to(dev)
